@@ -1,0 +1,236 @@
+"""Wire protocol v1 of the FIRM reward server: one pydantic model per message.
+
+The server validates requests with these classes and the client parses responses with them,
+so this module is the single source of truth for the API. It depends on nothing of ours.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = "v1"
+
+# Hard caps of the protocol. A server may be configured stricter, never looser.
+MAX_ITEMS_PER_REQUEST = 256
+MAX_GROUP_SIZE = 64
+MAX_ID_CHARS = 128
+MAX_INSTRUCTION_CHARS = 4_000
+MAX_PROMPT_CHARS = 8_000
+# 64 MiB of base64 text is 48 MiB of image bytes; servers cap far lower by default.
+MAX_IMAGE_CHARS = 64 * 1024 * 1024
+
+ScoreMode = Literal["argmax", "expected"]
+
+ImageData = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_IMAGE_CHARS,
+        description="PNG, JPEG or WebP bytes as a base64 string or a data:image/...;base64, URL.",
+    ),
+]
+ItemId = Annotated[str, Field(max_length=MAX_ID_CHARS, description="Echoed back with the item's result.")]
+
+ItemErrorCode = Literal[
+    "invalid_image",
+    "parse_error",
+    "no_score_probabilities",
+    "engine_error",
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RewardWeights(_Message):
+    """Weights of a gated reward R = P * (w1 + w2 * S); w1 + w2 must lie in (0, 1]."""
+
+    w1: float = Field(ge=0.0, le=1.0)
+    w2: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum_in_range(self) -> RewardWeights:
+        total = self.w1 + self.w2
+        if not 0.0 < total <= 1.0 + 1e-9:
+            raise ValueError(f"w1 + w2 must be in (0, 1], got {total:g}")
+        return self
+
+
+class _ScoringOptions(_Message):
+    weights: RewardWeights | None = Field(
+        default=None, description="Reward weights for this request; the server's defaults when absent."
+    )
+    score_mode: ScoreMode | None = Field(
+        default=None,
+        description="'argmax' feeds the written 1-5 score to the reward, 'expected' the probability-weighted "
+        "mean over the score tokens. The server's default when absent.",
+    )
+    return_reasoning: bool = Field(default=False, description="Include the judge's written reasoning.")
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class EditItem(_Message):
+    id: ItemId | None = None
+    source: ImageData
+    edited: ImageData
+    instruction: str = Field(min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+
+
+class EditScoreRequest(_ScoringOptions):
+    items: list[EditItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+
+
+class EditGroupRequest(_ScoringOptions):
+    """A GRPO group: one source image and instruction, several edited candidates."""
+
+    id: ItemId | None = None
+    source: ImageData
+    instruction: str = Field(min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+    candidates: list[ImageData] = Field(min_length=1, max_length=MAX_GROUP_SIZE)
+
+
+class GenItem(_Message):
+    id: ItemId | None = None
+    image: ImageData
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    requirement: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS)
+
+
+class GenScoreRequest(_ScoringOptions):
+    items: list[GenItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+
+
+class GenGroupRequest(_ScoringOptions):
+    """A GRPO group: one prompt, several generated images."""
+
+    id: ItemId | None = None
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    requirement: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS)
+    images: list[ImageData] = Field(min_length=1, max_length=MAX_GROUP_SIZE)
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class ItemError(_Message):
+    code: ItemErrorCode
+    message: str
+    field: str | None = Field(default=None, description="The request field at fault, when there is one.")
+
+
+class DimensionScore(_Message):
+    score: int | None = Field(default=None, ge=1, le=5, description="The integer the judge wrote.")
+    expected: float | None = Field(
+        default=None, ge=1.0, le=5.0, description="Probability-weighted mean over the score tokens."
+    )
+    normalized: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="(s - 1) / 4 of the score that feeds the reward."
+    )
+    reasoning: str | None = None
+
+
+class QualitySubscores(_Message):
+    aesthetics: int = Field(ge=1, le=5)
+    technical_quality: int = Field(ge=1, le=5)
+    structure_texture: int = Field(ge=1, le=5)
+
+
+class QualityScore(DimensionScore):
+    """Image quality: the minimum of the three subscores."""
+
+    subscores: QualitySubscores | None = None
+
+
+class EditResult(_Message):
+    id: str
+    execution: DimensionScore | None = None
+    consistency: DimensionScore | None = None
+    reward: float | None = Field(description="CME reward in [0, 1]; null when the item failed, never 0.")
+    error: ItemError | None = None
+
+
+class GenResult(_Message):
+    id: str
+    instruction_following: DimensionScore | None = None
+    quality: QualityScore | None = None
+    reward: float | None = Field(description="QMA reward in [0, 1]; null when the item failed, never 0.")
+    error: ItemError | None = None
+
+
+class ModelRef(_Message):
+    name: str
+    revision: str | None = None
+
+
+class GroupStats(_Message):
+    mean: float | None = Field(description="Mean reward over the scored candidates.")
+    std: float | None = Field(description="Population standard deviation over the scored candidates.")
+    advantages: list[float | None] = Field(description="(r - mean) / (std + eps); null for failed candidates.")
+    scored: int = Field(description="How many candidates have a reward.")
+
+
+class _ScoreResponse(_Message):
+    model: ModelRef
+    score_mode: ScoreMode
+    weights: RewardWeights
+
+
+class EditScoreResponse(_ScoreResponse):
+    results: list[EditResult]
+
+
+class EditGroupResponse(_ScoreResponse):
+    id: str | None = None
+    results: list[EditResult]
+    group: GroupStats
+
+
+class GenScoreResponse(_ScoreResponse):
+    results: list[GenResult]
+
+
+class GenGroupResponse(_ScoreResponse):
+    id: str | None = None
+    results: list[GenResult]
+    group: GroupStats
+
+
+Task = Literal["edit", "gen"]
+
+
+class ModelCard(_Message):
+    task: Task
+    name: str
+    revision: str | None = None
+    engine: str
+    dimensions: list[str]
+    reward: Literal["CME", "QMA"]
+
+
+class ModelsResponse(_Message):
+    models: list[ModelCard]
+
+
+class HealthResponse(_Message):
+    status: Literal["ok"] = "ok"
+
+
+class ReadinessResponse(_Message):
+    ready: bool
+    models: dict[str, str] = Field(description="State of each task's model: loading, ready, failed, disabled.")
+    detail: str | None = None
+
+
+class ErrorBody(_Message):
+    code: str
+    message: str
+    limit: int | None = Field(default=None, description="The limit that was exceeded, for 413 errors.")
+
+
+class ErrorResponse(_Message):
+    error: ErrorBody

@@ -1,0 +1,85 @@
+"""Build the scoring service that the settings describe."""
+
+from __future__ import annotations
+
+import logging
+
+from clients.protocol import Task
+from server.batching import DirectRunner, MicroBatcher, Runner
+from server.engines import Engine, create_engine
+from server.judges import SCORE_TOKENS, load_judges
+from server.metrics import Metrics
+from server.scoring import ScoringService, TaskModel
+from server.settings import DISABLED, Settings
+
+log = logging.getLogger(__name__)
+
+TASK_JUDGES: dict[Task, tuple[str, ...]] = {
+    "edit": ("edit_execution", "edit_consistency"),
+    "gen": ("gen_instruction_following", "gen_quality"),
+}
+
+
+def model_sources(settings: Settings) -> dict[Task, tuple[str, str | None]]:
+    """(checkpoint, revision) of each enabled task."""
+    if settings.tiny:
+        from server.tiny import ensure_tiny_checkpoint
+
+        path = str(ensure_tiny_checkpoint(settings.cache_dir))
+        log.warning("SERVING A TINY RANDOM CRITIC from %s: its scores are meaningless (smoke test only)", path)
+        return {"edit": (path, None), "gen": (path, None)}
+    sources: dict[Task, tuple[str, str | None]] = {}
+    if settings.edit_model != DISABLED:
+        sources["edit"] = (settings.edit_model, settings.edit_revision)
+    if settings.gen_model != DISABLED:
+        sources["gen"] = (settings.gen_model, settings.gen_revision)
+    return sources
+
+
+def _runner(engine: Engine, settings: Settings, metrics: Metrics, label: str) -> Runner:
+    if engine.batches_itself:
+        return DirectRunner(engine, metrics, label)
+    return MicroBatcher(
+        engine, metrics, label, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
+    )
+
+
+def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
+    """Engines are created here but load their weights in `ScoringService.start`.
+
+    Tasks served by the same checkpoint and revision share one engine (and so one batch queue).
+    """
+    judges = load_judges(settings.template_overrides())
+    sources = model_sources(settings)
+    shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
+    models: dict[Task, TaskModel] = {}
+    for task, source in sources.items():
+        if source not in shared:
+            label = "+".join(t for t, s in sources.items() if s == source)
+            engine = create_engine(
+                settings.engine,
+                source[0],
+                SCORE_TOKENS,
+                revision=source[1],
+                device=settings.device,
+                dtype=settings.dtype,
+            )
+            shared[source] = (engine, _runner(engine, settings, metrics, label))
+        engine, runner = shared[source]
+        models[task] = TaskModel(
+            task=task,
+            name="tiny-random" if settings.tiny else source[0],
+            engine=engine,
+            runner=runner,
+            judges=tuple(judges[name] for name in TASK_JUDGES[task]),
+        )
+    return ScoringService(
+        models,
+        metrics,
+        limits=settings.image_limits(),
+        max_items=settings.max_items_per_request,
+        max_new_tokens=settings.max_new_tokens,
+        score_mode=settings.score_mode,
+        cme_weights=settings.cme_weights(),
+        qma_weights=settings.qma_weights(),
+    )

@@ -1,0 +1,80 @@
+"""The engine interface: chat prompts with images in, text and score-token probabilities out.
+
+An engine knows nothing of FIRM, judges or rewards. It gets one user turn per request (images
+and text in order), decodes greedily, and reports, for each generated token that is one of the
+`watch_tokens` it was built with, where that token starts in the text and the probabilities the
+model gave every watched token at that step. Judges use this to compute an expected score.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from PIL import Image
+
+PromptPart = Image.Image | str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    parts: tuple[PromptPart, ...]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class WatchedStep:
+    offset: int  # where the generated token starts in `GenerationResult.text`
+    token: str  # the watched token that was generated
+    probs: dict[str, float]  # probability of every watched token at this step
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    watched: tuple[WatchedStep, ...] = field(default=())
+    finished: bool = True  # False when max_new_tokens cut the answer short
+
+    def step_at(self, offset: int) -> WatchedStep | None:
+        """The watched step whose token starts at `offset` in the text, if any."""
+        for step in self.watched:
+            if step.offset == offset:
+                return step
+        return None
+
+
+class EngineError(RuntimeError):
+    """The engine failed to produce an answer."""
+
+
+class Engine(abc.ABC):
+    """Base class of every engine, built-in or loaded with `--engine package.module:Class`.
+
+    `batches_itself` says whether the engine schedules concurrent requests by itself (vLLM,
+    a remote server): then the server hands it each request's calls directly. When False the
+    server puts a micro-batcher in front that gathers concurrent calls into one `generate`.
+    """
+
+    batches_itself: ClassVar[bool] = False
+    name: ClassVar[str] = "engine"
+
+    def __init__(self, model: str, watch_tokens: Sequence[str]) -> None:
+        self.model = model
+        self.watch_tokens = tuple(watch_tokens)
+
+    @property
+    def revision(self) -> str | None:
+        """The model revision that scored, echoed in every response."""
+        return None
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load weights or open connections. Called once before the first `generate`."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    @abc.abstractmethod
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Answer a batch; the result list has one entry per request, in order."""

@@ -1,0 +1,179 @@
+"""In-process engine on Hugging Face transformers: batched greedy `generate`, CPU or GPU.
+
+Loads any Qwen3-VL style checkpoint (hub id or local folder) through AutoProcessor and
+AutoModelForImageTextToText. Score-token probabilities are recorded by a logits processor
+that keeps only the watched tokens at each step, so memory stays small even for a large vocab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    WatchedStep,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+class _WatchRecorder:
+    """A logits processor that records the probabilities of the watched tokens at each step."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.steps: list[Any] = []  # one [batch, len(token_ids)] tensor per generated token
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(scores.float(), dim=-1)[:, self.token_ids]
+        self.steps.append(probs.cpu())
+        return scores
+
+
+class TransformersEngine(Engine):
+    batches_itself: ClassVar[bool] = False
+    name: ClassVar[str] = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        watch_tokens: Sequence[str],
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        super().__init__(model, watch_tokens)
+        self._revision = revision
+        self.device = resolve_device(device)
+        self.dtype_name = dtype
+        self._model: Any = None
+        self._processor: Any = None
+        self._watch_ids: list[int] = []
+        self._lock = asyncio.Lock()
+
+    @property
+    def revision(self) -> str | None:
+        if self._revision:
+            return self._revision
+        return getattr(getattr(self._model, "config", None), "_commit_hash", None)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        log.info("loading %s on %s", self.model, self.device)
+        processor = AutoProcessor.from_pretrained(self.model, revision=self._revision)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.model, revision=self._revision, dtype=resolve_dtype(self.dtype_name, self.device)
+        )
+        model.to(self.device).eval()
+        watch_ids = []
+        for token in self.watch_tokens:
+            ids = processor.tokenizer.encode(token, add_special_tokens=False)
+            if len(ids) != 1:
+                raise EngineError(f"watched token {token!r} is not a single token for {self.model}")
+            watch_ids.append(ids[0])
+        self._processor, self._model, self._watch_ids = processor, model, watch_ids
+        torch.set_grad_enabled(False)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if self._model is None:
+            raise EngineError("engine is not started")
+        async with self._lock:  # one batch at a time on the model
+            return await asyncio.to_thread(self._generate, list(requests))
+
+    def _inputs(self, requests: list[GenerationRequest]) -> Any:
+        texts, images = [], []
+        for request in requests:
+            content: list[dict[str, str]] = []
+            for part in request.parts:
+                if isinstance(part, Image.Image):
+                    content.append({"type": "image"})
+                    images.append(part)
+                else:
+                    content.append({"type": "text", "text": part})
+            texts.append(
+                self._processor.apply_chat_template(
+                    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+                )
+            )
+        return self._processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device)
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        from transformers import GenerationConfig
+
+        inputs = self._inputs(requests)
+        tokenizer = self._processor.tokenizer
+        recorder = _WatchRecorder(self._watch_ids)
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            eos_token_id=list(eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.inference_mode():
+            sequences = self._model.generate(**inputs, generation_config=config, logits_processor=[recorder])
+        generated = sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        return [
+            self._result(row, ids[: request.max_new_tokens], recorder, eos_ids)
+            for row, (ids, request) in enumerate(zip(generated, requests, strict=True))
+        ]
+
+    def _result(self, row: int, ids: list[int], recorder: _WatchRecorder, eos_ids: set[int]) -> GenerationResult:
+        tokenizer = self._processor.tokenizer
+        finished = False
+        for end, token_id in enumerate(ids):
+            if token_id in eos_ids:
+                ids, finished = ids[:end], True
+                break
+        watched = []
+        for step, token_id in enumerate(ids):
+            if token_id in self._watch_ids:
+                offset = len(tokenizer.decode(ids[:step], skip_special_tokens=True))
+                probs = recorder.steps[step][row].tolist()
+                watched.append(
+                    WatchedStep(
+                        offset=offset,
+                        token=self.watch_tokens[self._watch_ids.index(token_id)],
+                        probs=dict(zip(self.watch_tokens, probs, strict=True)),
+                    )
+                )
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        return GenerationResult(text=text, watched=tuple(watched), finished=finished)

@@ -1,0 +1,142 @@
+"""The four FIRM judges: a prompt template (a data file) and a parser each.
+
+Templates use `$name` placeholders (string.Template), so JSON braces in a rubric need no
+escaping. Any template can be replaced from configuration with a file of the user's own.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+from server.engines.base import GenerationResult, PromptPart
+from server.judges.parsing import (
+    ParsedAnswer,
+    ParseError,
+    parse_boxed_score,
+    parse_json_score,
+    parse_quality_scores,
+)
+
+SCORE_TOKENS = ("1", "2", "3", "4", "5")
+
+__all__ = [
+    "JUDGES",
+    "SCORE_TOKENS",
+    "Judge",
+    "JudgeOutcome",
+    "ParseError",
+    "TemplateError",
+    "expected_score",
+    "load_judges",
+]
+
+
+class TemplateError(ValueError):
+    """A prompt template is missing a placeholder its judge fills in."""
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    name: str
+    task: str
+    fields: tuple[str, ...]
+    parse: Callable[[str], ParsedAnswer]
+
+
+# The order of `fields` is the order of the placeholders the template must contain.
+JUDGES: dict[str, JudgeSpec] = {
+    spec.name: spec
+    for spec in (
+        JudgeSpec("edit_execution", "edit", ("instruction",), parse_json_score),
+        JudgeSpec("edit_consistency", "edit", ("instruction",), parse_json_score),
+        JudgeSpec("gen_instruction_following", "gen", ("prompt", "requirement"), parse_boxed_score),
+        JudgeSpec("gen_quality", "gen", (), parse_quality_scores),
+    )
+}
+
+
+@dataclass(frozen=True)
+class JudgeOutcome:
+    """One judge's verdict: the written scores and their expected values (None when unknown)."""
+
+    scores: dict[str, int]
+    expected: dict[str, float | None]
+    reasoning: str | None
+
+
+def expected_score(probs: Mapping[str, float]) -> float | None:
+    """Probability-weighted mean of the 1-5 score tokens, renormalised over them.
+
+    >>> expected_score({"1": 0.0, "2": 0.0, "3": 0.5, "4": 0.5, "5": 0.0})
+    3.5
+    """
+    total = sum(probs.get(t, 0.0) for t in SCORE_TOKENS)
+    if total <= 0.0:
+        return None
+    return sum(int(t) * probs.get(t, 0.0) for t in SCORE_TOKENS) / total
+
+
+@dataclass(frozen=True)
+class Judge:
+    spec: JudgeSpec
+    template: string.Template
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def prompt(self, images: tuple[Image.Image, ...], **fields: str) -> tuple[PromptPart, ...]:
+        """One user turn: the images first (they and the rubric form a shared prefix), then the text."""
+        return (*images, self.template.substitute(fields))
+
+    def judge(self, result: GenerationResult) -> JudgeOutcome:
+        """Parse an answer; raises ParseError when it holds no valid score."""
+        parsed = self.spec.parse(result.text)
+        expected: dict[str, float | None] = {}
+        for key, match in parsed.scores.items():
+            step = result.step_at(match.offset)
+            expected[key] = expected_score(step.probs) if step is not None else None
+        return JudgeOutcome(
+            scores={k: m.value for k, m in parsed.scores.items()},
+            expected=expected,
+            reasoning=parsed.reasoning,
+        )
+
+
+def default_template_text(name: str) -> str:
+    return resources.files("server.judges").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8")
+
+
+def _checked_template(spec: JudgeSpec, text: str, origin: str) -> string.Template:
+    template = string.Template(text)
+    if not template.is_valid():
+        raise TemplateError(f"{origin}: invalid '$' placeholder (write '$$' for a literal '$')")
+    found = set(template.get_identifiers())
+    missing = [f for f in spec.fields if f not in found]
+    unknown = sorted(found - set(spec.fields))
+    if missing or unknown:
+        raise TemplateError(
+            f"{origin}: template for {spec.name} must use placeholders {['$' + f for f in spec.fields]}; "
+            f"missing {['$' + f for f in missing]}, unknown {['$' + f for f in unknown]}"
+        )
+    return template
+
+
+def load_judges(overrides: Mapping[str, Path | None] | None = None) -> dict[str, Judge]:
+    """Build every judge from its packaged template or from the user's file for it."""
+    overrides = overrides or {}
+    judges = {}
+    for name, spec in JUDGES.items():
+        path = overrides.get(name)
+        if path is not None:
+            text, origin = Path(path).read_text(encoding="utf-8"), str(path)
+        else:
+            text, origin = default_template_text(name), f"built-in {name}.txt"
+        judges[name] = Judge(spec, _checked_template(spec, text, origin))
+    return judges

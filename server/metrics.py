@@ -1,0 +1,61 @@
+"""Prometheus series of the service, on a registry of its own per app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_SCORE_BUCKETS = (1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "firm_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "firm_request_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter(
+            "firm_items",
+            "Scored items by task and outcome (ok or an error code).",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.parse_failures = Counter(
+            "firm_parse_failures", "Judge answers that held no valid score.", ["judge"], registry=r
+        )
+        self.engine_batch_size = Histogram(
+            "firm_engine_batch_size",
+            "Judge calls per engine batch.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.engine_batch_seconds = Histogram(
+            "firm_engine_batch_seconds",
+            "Time per engine batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_failures = Counter("firm_engine_failures", "Engine batches that failed.", ["model"], registry=r)
+        self.queue_depth = Gauge("firm_queue_depth", "Judge calls waiting for an engine batch.", ["model"], registry=r)
+        self.scores = Histogram(
+            "firm_judge_score",
+            "Scores each judge dimension gave.",
+            ["dimension"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )

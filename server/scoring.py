@@ -1,0 +1,385 @@
+"""The scoring service: decoded images -> judge calls -> parsed scores -> rewards.
+
+Every judge call of a request (both dimensions of every item, every candidate of a group) is
+submitted to the engine at once so they can share a batch. A failure stays with its item: an
+undecodable image, an engine error or an unparsable answer gives that item `reward: null` and
+an `error`, never a 0, and is counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from clients.protocol import (
+    DimensionScore,
+    EditGroupRequest,
+    EditGroupResponse,
+    EditResult,
+    EditScoreRequest,
+    EditScoreResponse,
+    GenGroupRequest,
+    GenGroupResponse,
+    GenResult,
+    GenScoreRequest,
+    GenScoreResponse,
+    ItemError,
+    ModelCard,
+    ModelRef,
+    QualityScore,
+    QualitySubscores,
+    RewardWeights,
+    ScoreMode,
+    Task,
+)
+from server import rewards
+from server.batching import Runner
+from server.engines.base import Engine, GenerationRequest, GenerationResult
+from server.errors import ModelDisabled, NotReady, TooLarge
+from server.images import ImageLimits, InvalidImage, decode_image
+from server.judges import Judge, JudgeOutcome, ParseError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+LOADING, READY, FAILED, DISABLED = "loading", "ready", "failed", "disabled"
+
+
+@dataclass
+class TaskModel:
+    """One task's critic: the engine that serves it, how calls reach it, and its judges."""
+
+    task: Task
+    name: str
+    engine: Engine
+    runner: Runner
+    judges: tuple[Judge, ...]
+    state: str = LOADING
+
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, revision=self.engine.revision)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An item ready for judging: its images in prompt order and the template fields."""
+
+    images: tuple[Image.Image, ...]
+    fields: dict[str, str]
+
+
+@dataclass
+class Judged:
+    outcomes: dict[str, JudgeOutcome] = field(default_factory=dict)
+    error: ItemError | None = None
+
+
+def _decode_all(images: Sequence[tuple[str, str]], limits: ImageLimits) -> list[Image.Image | ItemError]:
+    """Decode (field, data) pairs; an undecodable image becomes an ItemError, a too-large one raises."""
+    decoded: list[Image.Image | ItemError] = []
+    for name, data in images:
+        try:
+            decoded.append(decode_image(data, name, limits))
+        except InvalidImage as exc:
+            decoded.append(ItemError(code="invalid_image", message=str(exc), field=exc.field))
+    return decoded
+
+
+class ScoringService:
+    def __init__(
+        self,
+        models: dict[Task, TaskModel],
+        metrics: Metrics,
+        *,
+        limits: ImageLimits,
+        max_items: int,
+        max_new_tokens: int,
+        score_mode: ScoreMode,
+        cme_weights: RewardWeights,
+        qma_weights: RewardWeights,
+    ) -> None:
+        self.models, self.metrics, self.limits = models, metrics, limits
+        self.max_items, self.max_new_tokens, self.score_mode = max_items, max_new_tokens, score_mode
+        self.cme_weights, self.qma_weights = cme_weights, qma_weights
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _runners(self) -> list[TaskModel]:
+        """Task models with distinct engines (a shared engine is started once)."""
+        seen: dict[int, TaskModel] = {}
+        for model in self.models.values():
+            seen.setdefault(id(model.engine), model)
+        return list(seen.values())
+
+    async def start(self) -> None:
+        for first in self._runners():
+            sharing = [m for m in self.models.values() if m.engine is first.engine]
+            try:
+                await first.engine.start()
+                await first.runner.start()
+            except Exception:
+                log.exception("failed to load %s", first.name)
+                for model in sharing:
+                    model.state = FAILED
+                continue
+            for model in sharing:
+                model.state = READY
+                log.info("%s model %s is ready (engine %s)", model.task, model.name, model.engine.name)
+
+    async def close(self) -> None:
+        for model in self._runners():
+            await model.runner.close()
+            await model.engine.close()
+
+    def states(self) -> dict[str, str]:
+        return {task: self.models[task].state if task in self.models else DISABLED for task in ("edit", "gen")}
+
+    def cards(self) -> list[ModelCard]:
+        return [
+            ModelCard(
+                task=m.task,
+                name=m.name,
+                revision=m.engine.revision,
+                engine=m.engine.name,
+                dimensions=[j.name for j in m.judges],
+                reward="CME" if m.task == "edit" else "QMA",
+            )
+            for m in self.models.values()
+        ]
+
+    def _model(self, task: Task) -> TaskModel:
+        model = self.models.get(task)
+        if model is None:
+            route = "/v1/edit/*" if task == "edit" else "/v1/gen/*"
+            raise ModelDisabled(f"the {task} model is switched off on this server, so {route} is unavailable")
+        if model.state != READY:
+            raise NotReady(f"the {task} model is {model.state}", retry_after=10 if model.state == LOADING else 60)
+        return model
+
+    def _check_count(self, count: int, what: str) -> None:
+        if count > self.max_items:
+            raise TooLarge(
+                f"{count} {what} in one request; this server accepts at most {self.max_items}",
+                limit=self.max_items,
+            )
+
+    # ------------------------------------------------------------------ judging
+
+    async def _judge(self, model: TaskModel, items: Sequence[Prepared | ItemError]) -> list[Judged]:
+        calls: list[tuple[int, Judge]] = []
+        requests: list[GenerationRequest] = []
+        for index, item in enumerate(items):
+            if isinstance(item, Prepared):
+                for judge in model.judges:
+                    calls.append((index, judge))
+                    parts = judge.prompt(item.images, **item.fields)
+                    requests.append(GenerationRequest(parts=parts, max_new_tokens=self.max_new_tokens))
+        outcomes = await model.runner.submit(requests) if requests else []
+        judged = [Judged(error=item if isinstance(item, ItemError) else None) for item in items]
+        for (index, judge), outcome in zip(calls, outcomes, strict=True):
+            self._record(judged[index], judge, outcome)
+        return judged
+
+    def _record(self, judged: Judged, judge: Judge, outcome: GenerationResult | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            judged.error = judged.error or ItemError(code="engine_error", message=str(outcome))
+            return
+        try:
+            verdict = judge.judge(outcome)
+        except ParseError as exc:
+            self.metrics.parse_failures.labels(judge=judge.name).inc()
+            cut = "" if outcome.finished else " (the answer was cut off at max_new_tokens)"
+            judged.error = judged.error or ItemError(
+                code="parse_error", message=f"{judge.name}: {exc}{cut}", field=judge.name
+            )
+            return
+        judged.outcomes[judge.name] = verdict
+        for key, value in verdict.scores.items():
+            dimension = judge.name if key == "score" else f"{judge.name}.{key}"
+            self.metrics.scores.labels(dimension=dimension).observe(value)
+
+    def _dimension(
+        self, outcome: JudgeOutcome | None, key: str, mode: ScoreMode, reasoning: bool
+    ) -> tuple[DimensionScore | None, float | None]:
+        """The response's view of one dimension and the 1-5 value that feeds the reward."""
+        if outcome is None:
+            return None, None
+        score, expected = outcome.scores[key], outcome.expected[key]
+        value = float(score) if mode == "argmax" else expected
+        dim = DimensionScore(
+            score=score,
+            expected=expected,
+            normalized=None if value is None else rewards.normalize(value),
+            reasoning=outcome.reasoning if reasoning else None,
+        )
+        return dim, value
+
+    def _reward(
+        self,
+        judged: Judged,
+        values: tuple[float | None, float | None],
+        combine: Callable[[float, float], float],
+    ) -> float | None:
+        if judged.error is not None:
+            return None
+        primary, secondary = values
+        if primary is None or secondary is None:
+            judged.error = ItemError(
+                code="no_score_probabilities",
+                message="score_mode 'expected' needs the score-token probabilities, which the engine did not give",
+            )
+            return None
+        return combine(primary, secondary)
+
+    def _count(self, task: Task, judged: Sequence[Judged]) -> None:
+        for item in judged:
+            self.metrics.items.labels(task=task, outcome=item.error.code if item.error else "ok").inc()
+
+    # ------------------------------------------------------------------ editing
+
+    def _edit_results(
+        self,
+        ids: Sequence[str],
+        judged: Sequence[Judged],
+        mode: ScoreMode,
+        weights: RewardWeights,
+        reasoning: bool,
+    ) -> list[EditResult]:
+        results = []
+        for item_id, item in zip(ids, judged, strict=True):
+            execution, e = self._dimension(item.outcomes.get("edit_execution"), "score", mode, reasoning)
+            consistency, c = self._dimension(item.outcomes.get("edit_consistency"), "score", mode, reasoning)
+            reward = self._reward(item, (e, c), lambda p, s: rewards.cme_reward(p, s, weights))
+            results.append(
+                EditResult(id=item_id, execution=execution, consistency=consistency, reward=reward, error=item.error)
+            )
+        self._count("edit", judged)
+        return results
+
+    async def score_edits(self, request: EditScoreRequest) -> EditScoreResponse:
+        model = self._model("edit")
+        self._check_count(len(request.items), "items")
+        fields = []
+        for i, item in enumerate(request.items):
+            fields += [(f"items[{i}].source", item.source), (f"items[{i}].edited", item.edited)]
+        images = await asyncio.to_thread(_decode_all, fields, self.limits)
+        prepared: list[Prepared | ItemError] = []
+        for i, item in enumerate(request.items):
+            source, edited = images[2 * i], images[2 * i + 1]
+            bad = next((x for x in (source, edited) if isinstance(x, ItemError)), None)
+            prepared.append(bad or Prepared((source, edited), {"instruction": item.instruction}))  # type: ignore[arg-type]
+        judged = await self._judge(model, prepared)
+        mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
+        ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
+        results = self._edit_results(ids, judged, mode, weights, request.return_reasoning)
+        return EditScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
+
+    async def score_edit_group(self, request: EditGroupRequest) -> EditGroupResponse:
+        model = self._model("edit")
+        self._check_count(len(request.candidates), "candidates")
+        fields = [("source", request.source)] + [(f"candidates[{i}]", c) for i, c in enumerate(request.candidates)]
+        source, *candidates = await asyncio.to_thread(_decode_all, fields, self.limits)
+        prepared: list[Prepared | ItemError] = [
+            source
+            if isinstance(source, ItemError)
+            else c
+            if isinstance(c, ItemError)
+            else Prepared((source, c), {"instruction": request.instruction})
+            for c in candidates
+        ]
+        judged = await self._judge(model, prepared)
+        mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
+        ids = [str(i) for i in range(len(candidates))]
+        results = self._edit_results(ids, judged, mode, weights, request.return_reasoning)
+        group = rewards.group_stats([r.reward for r in results])
+        return EditGroupResponse(
+            model=model.ref(), score_mode=mode, weights=weights, id=request.id, results=results, group=group
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def _gen_results(
+        self,
+        ids: Sequence[str],
+        judged: Sequence[Judged],
+        mode: ScoreMode,
+        weights: RewardWeights,
+        reasoning: bool,
+    ) -> list[GenResult]:
+        results = []
+        for item_id, item in zip(ids, judged, strict=True):
+            following, i = self._dimension(item.outcomes.get("gen_instruction_following"), "score", mode, reasoning)
+            quality, q = self._quality(item.outcomes.get("gen_quality"), mode, reasoning)
+            reward = self._reward(item, (i, q), lambda p, s: rewards.qma_reward(p, s, weights))
+            results.append(
+                GenResult(
+                    id=item_id,
+                    instruction_following=following,
+                    quality=quality,
+                    reward=reward,
+                    error=item.error,
+                )
+            )
+        self._count("gen", judged)
+        return results
+
+    def _quality(
+        self, outcome: JudgeOutcome | None, mode: ScoreMode, reasoning: bool
+    ) -> tuple[QualityScore | None, float | None]:
+        """Quality is the weakest of the three subscores (and so is its expected value)."""
+        if outcome is None:
+            return None, None
+        expected_parts = list(outcome.expected.values())
+        expected = None if None in expected_parts else min(e for e in expected_parts if e is not None)
+        score = min(outcome.scores.values())
+        value = float(score) if mode == "argmax" else expected
+        quality = QualityScore(
+            score=score,
+            expected=expected,
+            normalized=None if value is None else rewards.normalize(value),
+            reasoning=outcome.reasoning if reasoning else None,
+            subscores=QualitySubscores(**outcome.scores),
+        )
+        return quality, value
+
+    @staticmethod
+    def _gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
+        return {"prompt": prompt, "requirement": requirement or "none"}
+
+    async def score_generations(self, request: GenScoreRequest) -> GenScoreResponse:
+        model = self._model("gen")
+        self._check_count(len(request.items), "items")
+        fields = [(f"items[{i}].image", item.image) for i, item in enumerate(request.items)]
+        images = await asyncio.to_thread(_decode_all, fields, self.limits)
+        prepared: list[Prepared | ItemError] = [
+            image if isinstance(image, ItemError) else Prepared((image,), self._gen_fields(it.prompt, it.requirement))
+            for image, it in zip(images, request.items, strict=True)
+        ]
+        judged = await self._judge(model, prepared)
+        mode, weights = request.score_mode or self.score_mode, request.weights or self.qma_weights
+        ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
+        results = self._gen_results(ids, judged, mode, weights, request.return_reasoning)
+        return GenScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
+
+    async def score_generation_group(self, request: GenGroupRequest) -> GenGroupResponse:
+        model = self._model("gen")
+        self._check_count(len(request.images), "images")
+        fields = [(f"images[{i}]", image) for i, image in enumerate(request.images)]
+        images = await asyncio.to_thread(_decode_all, fields, self.limits)
+        text = self._gen_fields(request.prompt, request.requirement)
+        prepared: list[Prepared | ItemError] = [
+            image if isinstance(image, ItemError) else Prepared((image,), text) for image in images
+        ]
+        judged = await self._judge(model, prepared)
+        mode, weights = request.score_mode or self.score_mode, request.weights or self.qma_weights
+        results = self._gen_results(
+            [str(i) for i in range(len(images))], judged, mode, weights, request.return_reasoning
+        )
+        group = rewards.group_stats([r.reward for r in results])
+        return GenGroupResponse(
+            model=model.ref(), score_mode=mode, weights=weights, id=request.id, results=results, group=group
+        )
