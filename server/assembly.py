@@ -22,17 +22,17 @@ TASK_JUDGES: dict[Task, tuple[str, ...]] = {
 
 def model_sources(settings: Settings) -> dict[Task, tuple[str, str | None]]:
     """(checkpoint, revision) of each enabled task."""
-    if settings.tiny:
-        from server.tiny import ensure_tiny_checkpoint
-
-        path = str(ensure_tiny_checkpoint(settings.cache_dir))
-        log.warning("SERVING A TINY RANDOM CRITIC from %s: its scores are meaningless (smoke test only)", path)
-        return {"edit": (path, None), "gen": (path, None)}
     sources: dict[Task, tuple[str, str | None]] = {}
     if settings.edit_model != DISABLED:
         sources["edit"] = (settings.edit_model, settings.edit_revision)
     if settings.gen_model != DISABLED:
         sources["gen"] = (settings.gen_model, settings.gen_revision)
+    if settings.tiny:  # the tiny critic stands in for every enabled task
+        from server.tiny import ensure_tiny_checkpoint
+
+        path = str(ensure_tiny_checkpoint(settings.cache_dir))
+        log.warning("SERVING A TINY RANDOM CRITIC from %s: its scores are meaningless (smoke test only)", path)
+        sources = {task: (path, None) for task in sources}
     return sources
 
 

@@ -30,6 +30,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _metavar(annotation: object) -> str:
+    text = str(annotation)
+    for kind, metavar in (("int", "N"), ("float", "X"), ("Path", "PATH")):
+        if kind in text:
+            return metavar
+    return "TEXT"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="firm-serve",
@@ -50,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif choices and all(isinstance(c, str) for c in choices):
             parser.add_argument(_flag(name), choices=choices, help=help_text)
         else:
-            parser.add_argument(_flag(name), metavar=name.split("_")[-1].upper(), help=help_text)
+            parser.add_argument(_flag(name), metavar=_metavar(annotation), help=help_text)
     return parser
 
 

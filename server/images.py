@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(?P<params>(?:;[\w=.-]+)*?);base64,", re.IGNORECASE)
@@ -117,6 +117,8 @@ def load_image(raw: bytes, field: str, limits: ImageLimits) -> Image.Image:
             image = ImageOps.exif_transpose(image)
     except (InvalidImage, ImageTooLarge):
         raise
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(field, "not a recognisable image; use PNG, JPEG or WebP") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(field, "image is a decompression bomb", limits.max_pixels) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

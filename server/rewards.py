@@ -67,6 +67,8 @@ class _Moments:
 
 
 def _moments(values: Sequence[float]) -> _Moments:
+    if min(values) == max(values):  # exactly zero spread, so a tied group gets advantages of exactly 0
+        return _Moments(values[0], 0.0)
     mean = math.fsum(values) / len(values)
     var = math.fsum((v - mean) ** 2 for v in values) / len(values)
     return _Moments(mean, math.sqrt(var))

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         self.cme_weights()
         self.qma_weights()
-        if self.edit_model == DISABLED and self.gen_model == DISABLED and not self.tiny:
+        if self.edit_model == DISABLED and self.gen_model == DISABLED:
             raise ValueError("both models are switched off; at least one of --edit-model/--gen-model is needed")
         return self
 

@@ -28,7 +28,7 @@ from server.judges import JUDGES, load_judges
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -60,6 +60,8 @@ IMAGE_SIDE = 64  # the processor's pixel budget is IMAGE_SIDE**2: 4 visual token
 WARM = {"red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 40)}
 COOL = {"blue": (40, 70, 220), "green": (40, 170, 70), "purple": (140, 60, 170)}
 COLOURS = {**WARM, **COOL}
+REQUIREMENTS = ("none", "flat colours", "a plain grey background", "the square in the centre")
+INSTRUCTIONS = ("Make the square {}.", "Change the colour of the square to {}.", "Paint the square {}.")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Example:
     answer: str
 
 
-def _picture(colour: str, background: tuple[int, int, int] = (235, 235, 235)) -> Image.Image:
+def draw_square(colour: str, background: tuple[int, int, int] = (235, 235, 235)) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), background)
     ImageDraw.Draw(image).rectangle((12, 12, 52, 52), fill=COLOURS[colour])
     return image
@@ -80,8 +82,8 @@ def _edit_examples(rng: random.Random) -> Iterator[Example]:
     while True:
         source, target = rng.choice(list(COOL)), rng.choice(list(WARM))
         done = rng.random() < 0.5
-        images = (_picture(source), _picture(target if done else source))
-        fields = {"instruction": f"Make the square {target}."}
+        images = (draw_square(source), draw_square(target if done else source))
+        fields = {"instruction": rng.choice(INSTRUCTIONS).format(target)}
         if done:
             why, execution, consistency = f"The square is now {target}; the rest is kept.", 5, 4
         else:
@@ -94,8 +96,8 @@ def _gen_examples(rng: random.Random) -> Iterator[Example]:
     while True:
         asked = rng.choice(list(WARM))
         shown = asked if rng.random() < 0.5 else rng.choice(list(COOL))
-        image = _picture(shown)
-        fields = {"prompt": f"a {asked} square", "requirement": "none"}
+        image = draw_square(shown)
+        fields = {"prompt": f"a {asked} square", "requirement": rng.choice(REQUIREMENTS)}
         if shown == asked:
             answer = f"The image shows a {asked} square. \\boxed{{5}}"
         else:

@@ -1,0 +1,85 @@
+"""Images and a live `firm-serve` process for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from server.images import encode_image
+from server.tiny import COLOURS, IMAGE_SIDE, draw_square
+
+
+def picture(colour: str) -> Image.Image:
+    """The tiny critic's kind of picture: a coloured square on grey."""
+    assert colour in COLOURS
+    return draw_square(colour)
+
+
+def b64(colour: str, image_format: str = "PNG") -> str:
+    return encode_image(picture(colour), image_format)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in a Prometheus text page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@contextmanager
+def running_server(cache_dir: Path, *args: str, timeout: float = 240.0) -> Iterator[str]:
+    """Start `firm-serve --tiny` on a free port, wait until ready, yield its URL, stop it."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "--tiny", "--cache-dir", str(cache_dir), "--port", str(port), *args]
+    log_path = cache_dir / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"firm-serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"firm-serve not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+__all__ = ["IMAGE_SIDE", "b64", "free_port", "metric_value", "picture", "running_server"]

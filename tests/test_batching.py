@@ -1,0 +1,100 @@
+"""The micro-batcher's contract, driven by a small engine written against the plug-in interface."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from server.batching import MicroBatcher
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+from server.metrics import Metrics
+
+
+class EchoEngine(Engine):
+    """Answers each request with its text after `delay` seconds; can be told to fail a batch."""
+
+    name = "echo"
+
+    def __init__(self, delay: float = 0.02) -> None:
+        super().__init__("echo", ("1", "2", "3", "4", "5"))
+        self.delay = delay
+        self.batches: list[list[str]] = []
+        self.fail_on: set[str] = set()
+        self.drop_one = False
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        texts = [str(r.parts[-1]) for r in requests]
+        self.batches.append(texts)
+        await asyncio.sleep(self.delay)
+        if self.fail_on & set(texts):
+            raise RuntimeError("device fell over")
+        results = [GenerationResult(text=t) for t in texts]
+        return results[:-1] if self.drop_one else results
+
+
+def _request(text: str) -> GenerationRequest:
+    return GenerationRequest(parts=(text,), max_new_tokens=8)
+
+
+async def _with_batcher(engine: EchoEngine, max_batch_size: int, max_wait_s: float, work):  # type: ignore[no-untyped-def]
+    batcher = MicroBatcher(engine, Metrics(), "test", max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+    await batcher.start()
+    try:
+        return await work(batcher)
+    finally:
+        await batcher.close()
+
+
+def test_concurrent_calls_share_batches_up_to_the_maximum() -> None:
+    engine = EchoEngine()
+
+    async def work(batcher: MicroBatcher) -> list[list[object]]:
+        return await asyncio.gather(*(batcher.submit([_request(f"{i}a"), _request(f"{i}b")]) for i in range(10)))
+
+    answers = asyncio.run(_with_batcher(engine, max_batch_size=8, max_wait_s=0.05, work=work))
+    assert [[r.text for r in pair] for pair in answers] == [[f"{i}a", f"{i}b"] for i in range(10)]  # type: ignore[union-attr]
+    assert max(len(b) for b in engine.batches) == 8
+    assert sum(len(b) for b in engine.batches) == 20
+    for batch in engine.batches:  # one request's calls are never split across batches here
+        assert all(f"{t[:-1]}a" in batch and f"{t[:-1]}b" in batch for t in batch)
+
+
+def test_an_engine_failure_fails_only_its_own_batch() -> None:
+    engine = EchoEngine()
+    engine.fail_on = {"bad"}
+
+    async def work(batcher: MicroBatcher) -> tuple[list[object], list[object]]:
+        first = await batcher.submit([_request("bad"), _request("x")])
+        second = await batcher.submit([_request("good")])
+        return first, second
+
+    first, second = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.0, work=work))
+    assert all(isinstance(o, EngineError) and "device fell over" in str(o) for o in first)
+    assert isinstance(second[0], GenerationResult) and second[0].text == "good"
+
+
+def test_a_wrong_number_of_results_is_an_engine_error_for_every_call() -> None:
+    engine = EchoEngine()
+    engine.drop_one = True
+
+    async def work(batcher: MicroBatcher) -> list[object]:
+        return await batcher.submit([_request("a"), _request("b")])
+
+    outcomes = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.01, work=work))
+    assert all(isinstance(o, EngineError) and "1 results for 2" in str(o) for o in outcomes)
+
+
+def test_calls_of_a_caller_that_left_are_not_run() -> None:
+    engine = EchoEngine(delay=0.2)
+
+    async def work(batcher: MicroBatcher) -> None:
+        running = asyncio.create_task(batcher.submit([_request("first")]))
+        await asyncio.sleep(0.05)  # "first" is now on the engine
+        abandoned = asyncio.create_task(batcher.submit([_request("abandoned")]))
+        await asyncio.sleep(0.01)
+        abandoned.cancel()
+        await running
+        await asyncio.sleep(0.05)
+
+    asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.0, work=work))
+    assert engine.batches == [["first"]]
