@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_of(loc: tuple[int | str, ...]) -> str:
+    return f"{_flag('_'.join(str(p) for p in loc))}: " if loc else ""
+
+
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
     args: dict[str, Any] = vars(build_parser().parse_args(argv))
     return Settings(**args)
@@ -71,9 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  --{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "\n".join(f"  {_flag_of(e['loc'])}{e['msg']}" for e in exc.errors())
         sys.exit(f"firm-serve: invalid settings:\n{problems}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn

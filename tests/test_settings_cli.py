@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.cli import load_settings
+from server.settings import Settings
+
+
+def test_defaults_serve_both_firm_critics_on_loopback() -> None:
+    settings = load_settings([])
+    assert (settings.edit_model, settings.gen_model) == ("VisionXLab/FIRM-Edit-8B", "VisionXLab/FIRM-Gen-8B")
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert (settings.score_mode, settings.max_new_tokens) == ("argmax", 256)
+    assert (settings.cme_w1, settings.cme_w2, settings.qma_w1, settings.qma_w2) == (0.6, 0.4, 0.4, 0.6)
+
+
+def test_environment_variables_set_values_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIRM_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("FIRM_PORT", "9100")
+    monkeypatch.setenv("FIRM_GEN_MODEL", "none")
+    settings = load_settings(["--port", "9200", "--score-mode", "expected"])
+    assert settings.max_batch_size == 32
+    assert settings.port == 9200
+    assert settings.gen_model == "none"
+    assert settings.score_mode == "expected"
+
+
+def test_boolean_flags(tmp_path: Path) -> None:
+    assert load_settings(["--tiny", "--cache-dir", str(tmp_path)]).tiny is True
+    assert load_settings(["--no-tiny"]).tiny is False
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"cme_w1": 0.9, "cme_w2": 0.9},
+        {"qma_w1": -0.1},
+        {"edit_model": "none", "gen_model": "none"},
+        {"max_batch_size": 0},
+        {"unknown_setting": 1},
+    ],
+)
+def test_invalid_settings_are_refused(values: dict) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**values)
+
+
+def _firm_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_help_explains_every_flag_and_its_environment_variable() -> None:
+    result = _firm_serve("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for flag, env in (("--edit-model", "FIRM_EDIT_MODEL"), ("--max-wait-ms", "FIRM_MAX_WAIT_MS")):
+        assert flag in text and env in text
+    assert "CME" in text and "QMA" in text
+
+
+def test_bad_values_exit_with_a_message_naming_the_flag() -> None:
+    result = _firm_serve("--cme-w1", "0.9", "--cme-w2", "0.9")
+    assert result.returncode != 0
+    assert "w1 + w2 must be in (0, 1]" in result.stderr
+    result = _firm_serve("--max-batch-size", "0")
+    assert result.returncode != 0 and "--max-batch-size" in result.stderr
+
+
+def test_a_template_without_its_placeholder_stops_startup(tmp_path: Path) -> None:
+    template = tmp_path / "execution.txt"
+    template.write_text("Rate the edit from 1 to 5.")
+    result = _firm_serve("--edit-execution-template", str(template), "--port", "0")
+    assert result.returncode != 0
+    assert "missing ['$instruction']" in result.stderr and "Traceback" not in result.stderr
