@@ -30,6 +30,15 @@ class Runner(Protocol):
 
 
 async def _run_engine(engine: Engine, requests: list[GenerationRequest], metrics: Metrics, label: str) -> list[Outcome]:
+    """One engine batch; if it fails, each call is retried alone so one bad input fails only itself."""
+    outcomes = await _run_batch(engine, requests, metrics, label)
+    if len(requests) > 1 and all(isinstance(o, BaseException) for o in outcomes):
+        log.warning("retrying the %d calls of a failed batch one by one on %s", len(requests), label)
+        outcomes = [(await _run_batch(engine, [r], metrics, label))[0] for r in requests]
+    return outcomes
+
+
+async def _run_batch(engine: Engine, requests: list[GenerationRequest], metrics: Metrics, label: str) -> list[Outcome]:
     metrics.engine_batch_size.labels(model=label).observe(len(requests))
     started = time.perf_counter()
     try:

@@ -44,6 +44,7 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000  # refused before decoding: a bomb never reaches memory
     pixel_budget: int = 1024 * 1024  # larger images are downscaled to this many pixels
+    max_aspect_ratio: float = 200.0  # Qwen vision processors refuse anything more elongated
 
 
 def _strip_data_url(data: str, field: str) -> str:
@@ -113,6 +114,8 @@ def load_image(raw: bytes, field: str, limits: ImageLimits) -> Image.Image:
                     f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}",
                     limits.max_pixels,
                 )
+            if max(w, h) > limits.max_aspect_ratio * min(w, h):
+                raise InvalidImage(field, f"aspect ratio of {w}x{h} is over {limits.max_aspect_ratio:g}:1")
             image.load()
             image = ImageOps.exif_transpose(image)
     except (InvalidImage, ImageTooLarge):

@@ -59,7 +59,7 @@ def test_concurrent_calls_share_batches_up_to_the_maximum() -> None:
         assert all(f"{t[:-1]}a" in batch and f"{t[:-1]}b" in batch for t in batch)
 
 
-def test_an_engine_failure_fails_only_its_own_batch() -> None:
+def test_a_call_that_breaks_its_batch_fails_alone() -> None:
     engine = EchoEngine()
     engine.fail_on = {"bad"}
 
@@ -69,8 +69,21 @@ def test_an_engine_failure_fails_only_its_own_batch() -> None:
         return first, second
 
     first, second = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.0, work=work))
-    assert all(isinstance(o, EngineError) and "device fell over" in str(o) for o in first)
+    assert isinstance(first[0], EngineError) and "device fell over" in str(first[0])
+    assert isinstance(first[1], GenerationResult) and first[1].text == "x"  # retried alone, it succeeds
     assert isinstance(second[0], GenerationResult) and second[0].text == "good"
+    assert engine.batches == [["bad", "x"], ["bad"], ["x"], ["good"]]
+
+
+def test_an_engine_that_is_down_fails_every_call_with_engine_error() -> None:
+    engine = EchoEngine()
+    engine.fail_on = {"a", "b"}
+
+    async def work(batcher: MicroBatcher) -> list[object]:
+        return await batcher.submit([_request("a"), _request("b")])
+
+    outcomes = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.0, work=work))
+    assert all(isinstance(o, EngineError) for o in outcomes)
 
 
 def test_a_wrong_number_of_results_is_an_engine_error_for_every_call() -> None:
@@ -81,7 +94,7 @@ def test_a_wrong_number_of_results_is_an_engine_error_for_every_call() -> None:
         return await batcher.submit([_request("a"), _request("b")])
 
     outcomes = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.01, work=work))
-    assert all(isinstance(o, EngineError) and "1 results for 2" in str(o) for o in outcomes)
+    assert all(isinstance(o, EngineError) and "0 results for 1" in str(o) for o in outcomes)
 
 
 def test_calls_of_a_caller_that_left_are_not_run() -> None:

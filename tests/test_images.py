@@ -120,3 +120,8 @@ def test_large_images_are_downscaled_to_the_pixel_budget_keeping_aspect() -> Non
 def test_encode_then_decode_round_trips() -> None:
     image = Image.new("RGB", (12, 9), (1, 2, 3))
     assert decode_image(encode_image(image), "image", LIMITS).tobytes() == image.tobytes()
+
+
+def test_extremely_elongated_images_fail_the_item() -> None:
+    with pytest.raises(InvalidImage, match="aspect ratio of 3x900 is over 200:1"):
+        decode_image(_encoded(Image.new("RGB", (3, 900)), "PNG"), "image", LIMITS)

@@ -91,7 +91,6 @@ class TransformersEngine(Engine):
         await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         log.info("loading %s on %s", self.model, self.device)
@@ -108,7 +107,6 @@ class TransformersEngine(Engine):
                 raise EngineError(f"watched token {token!r} is not a single token for {self.model}")
             watch_ids.append(ids[0])
         self._processor, self._model, self._watch_ids = processor, model, watch_ids
-        torch.set_grad_enabled(False)
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if self._model is None:
