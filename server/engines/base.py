@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -60,14 +60,17 @@ class Engine(abc.ABC):
     batches_itself: ClassVar[bool] = False
     name: ClassVar[str] = "engine"
 
-    def __init__(self, model: str, watch_tokens: Sequence[str]) -> None:
+    def __init__(self, model: str, watch_tokens: Sequence[str], *, revision: str | None = None, **options: Any) -> None:
+        """`options` holds the server's engine settings (device, dtype, ...); take what you need."""
         self.model = model
         self.watch_tokens = tuple(watch_tokens)
+        self._revision = revision
+        self.options = options
 
     @property
     def revision(self) -> str | None:
         """The model revision that scored, echoed in every response."""
-        return None
+        return self._revision
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open connections. Called once before the first `generate`."""

@@ -72,8 +72,7 @@ class TransformersEngine(Engine):
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
-        super().__init__(model, watch_tokens)
-        self._revision = revision
+        super().__init__(model, watch_tokens, revision=revision)
         self.device = resolve_device(device)
         self.dtype_name = dtype
         self._model: Any = None
