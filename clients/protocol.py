@@ -208,6 +208,7 @@ class ModelCard(_Message):
     name: str
     revision: str | None = None
     engine: str
+    engine_reason: str | None = Field(default=None, description="Why this engine serves the model.")
     dimensions: list[str]
     reward: Literal["CME", "QMA"]
 
@@ -222,7 +223,9 @@ class HealthResponse(_Message):
 
 class ReadinessResponse(_Message):
     ready: bool
-    models: dict[str, str] = Field(description="State of each task's model: loading, ready, failed, disabled.")
+    models: dict[str, str] = Field(
+        description="State of each task's model: loading, ready, sleeping, failed or disabled."
+    )
     detail: str | None = None
 
 
@@ -234,3 +237,7 @@ class ErrorBody(_Message):
 
 class ErrorResponse(_Message):
     error: ErrorBody
+
+
+class AdminResponse(_Message):
+    models: dict[str, str] = Field(description="State of each task's model after the action.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clients.protocol import (
+    AdminResponse,
     EditGroupRequest,
     EditGroupResponse,
     EditScoreRequest,
@@ -33,9 +35,9 @@ from clients.protocol import (
     ReadinessResponse,
 )
 from server.assembly import build_service
-from server.errors import error_response, install_error_handlers
+from server.errors import AdminOff, Unauthorized, error_response, install_error_handlers
 from server.metrics import Metrics
-from server.scoring import READY, ScoringService
+from server.scoring import DISABLED, READY, ScoringService
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         404: "The model for this route is switched off.",
         413: "The body, an image or the item count is over a limit.",
         422: "The request does not match the schema.",
-        503: "The model is still loading or has failed; see Retry-After.",
+        503: "The model is loading, asleep or has failed; see Retry-After.",
     }.items()
+}
+_ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong admin key."},
+    404: {"model": ErrorResponse, "description": "Admin routes are off (no admin key set)."},
+    409: {"model": ErrorResponse, "description": "The engine cannot sleep."},
 }
 
 
@@ -147,6 +154,15 @@ def _service(request: Request) -> ScoringService:
     return request.app.state.service
 
 
+def _check_admin(request: Request) -> None:
+    key = request.app.state.settings.admin_key
+    if key is None:
+        raise AdminOff("admin routes are off on this server; start it with --admin-key to use them")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("admin routes need 'Authorization: Bearer <admin key>'")
+
+
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/edit/score", response_model=EditScoreResponse, responses=_ERRORS, tags=["edit"])
     async def score_edits(body: EditScoreRequest, request: Request) -> EditScoreResponse:
@@ -168,6 +184,18 @@ def _add_routes(app: FastAPI) -> None:
         """Score a GRPO group of images for one prompt; adds group mean, std and advantages."""
         return await _service(request).score_generation_group(body)
 
+    @app.post("/v1/admin/sleep", response_model=AdminResponse, responses=_ADMIN_ERRORS, tags=["admin"])
+    async def sleep(request: Request) -> AdminResponse:
+        """Offload the critics' weights to free the GPU for a trainer; scoring answers 503 until wake."""
+        _check_admin(request)
+        return AdminResponse(models=await _service(request).sleep())
+
+    @app.post("/v1/admin/wake", response_model=AdminResponse, responses=_ADMIN_ERRORS, tags=["admin"])
+    async def wake(request: Request) -> AdminResponse:
+        """Load the weights back after sleep."""
+        _check_admin(request)
+        return AdminResponse(models=await _service(request).wake())
+
     @app.get("/v1/models", response_model=ModelsResponse, tags=["status"])
     async def models(request: Request) -> ModelsResponse:
         """The served critics, their revisions and engines."""
@@ -187,7 +215,7 @@ def _add_routes(app: FastAPI) -> None:
     async def readyz(request: Request) -> JSONResponse:
         """Every enabled model is loaded and its engine healthy."""
         states = _service(request).states()
-        ready = all(state in (READY, "disabled") for state in states.values())
+        ready = all(state in (READY, DISABLED) for state in states.values())
         body = ReadinessResponse(ready=ready, models=states)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 

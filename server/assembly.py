@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from clients.protocol import Task
 from server.batching import DirectRunner, MicroBatcher, Runner
-from server.engines import Engine, create_engine
+from server.engines import Engine, create_engine, resolve_engine_name
 from server.judges import SCORE_TOKENS, load_judges
 from server.metrics import Metrics
 from server.scoring import ScoringService, TaskModel
@@ -14,6 +15,7 @@ from server.settings import DISABLED, Settings
 
 log = logging.getLogger(__name__)
 
+IMAGES_PER_PROMPT: dict[Task, int] = {"edit": 2, "gen": 1}
 TASK_JUDGES: dict[Task, tuple[str, ...]] = {
     "edit": ("edit_execution", "edit_consistency"),
     "gen": ("gen_instruction_following", "gen_quality"),
@@ -44,6 +46,31 @@ def _runner(engine: Engine, settings: Settings, metrics: Metrics, label: str) ->
     )
 
 
+def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
+    """Every engine setting, for the tasks one engine serves; each engine takes what it needs."""
+    served = {"edit": settings.openai_edit_model, "gen": settings.openai_gen_model}
+    memory = {"edit": settings.edit_gpu_memory_utilization, "gen": settings.gen_gpu_memory_utilization}
+    return {
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "seed": settings.seed,
+        "max_model_len": settings.max_model_len,
+        "gpu_memory_utilization": sum(memory[t] for t in tasks) if len(tasks) > 1 else memory[tasks[0]],
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "images_per_prompt": max(IMAGES_PER_PROMPT[t] for t in tasks),
+        "pixel_budget": settings.image_pixel_budget,
+        "prefix_caching": settings.prefix_caching,
+        "sleep_mode": settings.sleep_mode,
+        "enforce_eager": settings.enforce_eager,
+        "base_urls": settings.base_urls(),
+        "api_key": settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+        "served_model": served[tasks[0]],
+        "timeout_s": settings.openai_timeout_s,
+        "max_retries": settings.openai_max_retries,
+        "max_connections": settings.openai_max_connections,
+    }
+
+
 def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     """Engines are created here but load their weights in `ScoringService.start`.
 
@@ -51,20 +78,18 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     """
     judges = load_judges(settings.template_overrides())
     sources = model_sources(settings)
+    engine_name, reason = resolve_engine_name(settings.engine)
+    log.info("engine %s (%s)", engine_name, reason)
     shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
     models: dict[Task, TaskModel] = {}
     for task, source in sources.items():
         if source not in shared:
-            label = "+".join(t for t, s in sources.items() if s == source)
-            engine = create_engine(
-                settings.engine,
-                source[0],
-                SCORE_TOKENS,
-                revision=source[1],
-                device=settings.device,
-                dtype=settings.dtype,
-            )
-            shared[source] = (engine, _runner(engine, settings, metrics, label))
+            tasks = [t for t, s in sources.items() if s == source]
+            options = engine_options(settings, tasks)
+            engine = create_engine(engine_name, source[0], SCORE_TOKENS, revision=source[1], **options)
+            if settings.structured_outputs and not engine.supports_constraints:
+                raise ValueError(f"--structured-outputs needs an engine that supports it, not {engine.name}")
+            shared[source] = (engine, _runner(engine, settings, metrics, "+".join(tasks)))
         engine, runner = shared[source]
         models[task] = TaskModel(
             task=task,
@@ -72,6 +97,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             engine=engine,
             runner=runner,
             judges=tuple(judges[name] for name in TASK_JUDGES[task]),
+            engine_reason=reason,
         )
     return ScoringService(
         models,
@@ -82,4 +108,5 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         score_mode=settings.score_mode,
         cme_weights=settings.cme_weights(),
         qma_weights=settings.qma_weights(),
+        structured_outputs=settings.structured_outputs,
     )

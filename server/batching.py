@@ -53,7 +53,11 @@ async def _run_batch(engine: Engine, requests: list[GenerationRequest], metrics:
         metrics.engine_failures.labels(model=label).inc()
         error = EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
         return [error] * len(requests)
-    return list(results)
+    return [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
+
+
+def _wrong_type(result: object) -> EngineError:
+    return EngineError(f"engine returned a {type(result).__name__}, not a GenerationResult")
 
 
 class DirectRunner:

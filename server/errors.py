@@ -38,6 +38,18 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class AdminOff(ServiceError):
+    status, code = 404, "admin_off"
+
+
+class Unsupported(ServiceError):
+    status, code = 409, "unsupported"
+
+
 class TooLarge(ServiceError):
     status, code = 413, "too_large"
 

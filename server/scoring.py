@@ -39,14 +39,15 @@ from clients.protocol import (
 from server import rewards
 from server.batching import Runner
 from server.engines.base import Engine, GenerationRequest, GenerationResult
-from server.errors import ModelDisabled, NotReady, TooLarge
+from server.errors import ModelDisabled, NotReady, TooLarge, Unsupported
 from server.images import ImageLimits, InvalidImage, decode_image
 from server.judges import Judge, JudgeOutcome, ParseError
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-LOADING, READY, FAILED, DISABLED = "loading", "ready", "failed", "disabled"
+LOADING, READY, FAILED, DISABLED, SLEEPING = "loading", "ready", "failed", "disabled", "sleeping"
+_RETRY_AFTER = {LOADING: 10.0, SLEEPING: 30.0, FAILED: 60.0}
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TaskModel:
     engine: Engine
     runner: Runner
     judges: tuple[Judge, ...]
+    engine_reason: str | None = None
     state: str = LOADING
 
     def ref(self) -> ModelRef:
@@ -101,8 +103,10 @@ class ScoringService:
         score_mode: ScoreMode,
         cme_weights: RewardWeights,
         qma_weights: RewardWeights,
+        structured_outputs: bool = False,
     ) -> None:
         self.models, self.metrics, self.limits = models, metrics, limits
+        self.structured_outputs = structured_outputs
         self.max_items, self.max_new_tokens, self.score_mode = max_items, max_new_tokens, score_mode
         self.cme_weights, self.qma_weights = cme_weights, qma_weights
 
@@ -130,6 +134,36 @@ class ScoringService:
                 model.state = READY
                 log.info("%s model %s is ready (engine %s)", model.task, model.name, model.engine.name)
 
+    async def sleep(self) -> dict[str, str]:
+        """Offload every engine's weights; scoring answers 503 until `wake`."""
+        self._check_sleep_support()
+        for first in self._runners():
+            sharing = [m for m in self.models.values() if m.engine is first.engine]
+            if first.state != READY:
+                continue
+            for model in sharing:
+                model.state = SLEEPING
+            await first.engine.sleep()
+            log.info("%s is asleep", "+".join(m.task for m in sharing))
+        return self.states()
+
+    async def wake(self) -> dict[str, str]:
+        self._check_sleep_support()
+        for first in self._runners():
+            sharing = [m for m in self.models.values() if m.engine is first.engine]
+            if first.state != SLEEPING:
+                continue
+            await first.engine.wake()
+            for model in sharing:
+                model.state = READY
+            log.info("%s is awake", "+".join(m.task for m in sharing))
+        return self.states()
+
+    def _check_sleep_support(self) -> None:
+        for model in self.models.values():
+            if not model.engine.supports_sleep:
+                raise Unsupported(f"the {model.engine.name} engine of the {model.task} model cannot sleep")
+
     async def close(self) -> None:
         for model in self._runners():
             await model.runner.close()
@@ -145,6 +179,7 @@ class ScoringService:
                 name=m.name,
                 revision=m.engine.revision,
                 engine=m.engine.name,
+                engine_reason=m.engine_reason,
                 dimensions=[j.name for j in m.judges],
                 reward="CME" if m.task == "edit" else "QMA",
             )
@@ -157,7 +192,7 @@ class ScoringService:
             route = "/v1/edit/*" if task == "edit" else "/v1/gen/*"
             raise ModelDisabled(f"the {task} model is switched off on this server, so {route} is unavailable")
         if model.state != READY:
-            raise NotReady(f"the {task} model is {model.state}", retry_after=10 if model.state == LOADING else 60)
+            raise NotReady(f"the {task} model is {model.state}", retry_after=_RETRY_AFTER.get(model.state, 30.0))
         return model
 
     def _check_count(self, count: int, what: str) -> None:
@@ -177,7 +212,8 @@ class ScoringService:
                 for judge in model.judges:
                     calls.append((index, judge))
                     parts = judge.prompt(item.images, **item.fields)
-                    requests.append(GenerationRequest(parts=parts, max_new_tokens=self.max_new_tokens))
+                    constraint = judge.spec.constraint if self.structured_outputs else None
+                    requests.append(GenerationRequest(parts, self.max_new_tokens, constraint))
         outcomes = await model.runner.submit(requests) if requests else []
         judged = [Judged(error=item if isinstance(item, ItemError) else None) for item in items]
         for (index, judge), outcome in zip(calls, outcomes, strict=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode
@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     # engine
     engine: str = Field(
         "auto",
-        description="Inference engine: 'auto' (the best available), 'transformers', or a plug-in engine "
-        "given as 'package.module:ClassName'.",
+        description="Inference engine: 'auto' (vllm when installed and CUDA is present, else transformers), "
+        "'transformers', 'vllm', 'openai' (a remote OpenAI-compatible server), or a plug-in engine given as "
+        "'package.module:ClassName'.",
     )
     device: str = Field("auto", description="Device for the transformers engine: auto, cpu, cuda, cuda:1 ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -61,6 +62,54 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(
         10.0, ge=0.0, le=10_000.0, description="Longest a judge call waits for others to fill its batch."
+    )
+
+    seed: int = Field(0, description="Sampling seed passed to the engine (decoding is greedy; the seed pins the rest).")
+    structured_outputs: bool = Field(
+        False,
+        description="Constrain answers to each judge's format (JSON schema or regex) so they always parse; "
+        "vllm and openai engines only.",
+    )
+
+    # vllm engine
+    max_model_len: int = Field(16384, ge=512, description="vllm: longest prompt + answer, in tokens.")
+    edit_gpu_memory_utilization: float = Field(
+        0.42, gt=0.0, le=0.95, description="vllm: share of GPU memory for the edit critic (both fit one GPU)."
+    )
+    gen_gpu_memory_utilization: float = Field(
+        0.42, gt=0.0, le=0.95, description="vllm: share of GPU memory for the gen critic."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs each critic is split across.")
+    prefix_caching: bool = Field(
+        True, description="vllm: reuse the shared prompt prefix (images + rubric) across a GRPO group."
+    )
+    sleep_mode: bool = Field(
+        False,
+        description="vllm: allow POST /v1/admin/sleep to offload weights and free the GPU; turns the "
+        "multimodal processor cache off, which would otherwise give stale inputs after a wake-up.",
+    )
+    enforce_eager: bool = Field(False, description="vllm: skip CUDA graph capture (faster start, slower runs).")
+
+    # openai engine
+    openai_base_urls: str | None = Field(
+        None,
+        description="openai: comma-separated base URLs of OpenAI-compatible servers, e.g. "
+        "http://gpu1:8001/v1,http://gpu2:8001/v1; calls go to the one with the fewest in flight.",
+    )
+    openai_api_key: SecretStr | None = Field(None, description="openai: bearer key for those servers.")
+    openai_edit_model: str | None = Field(
+        None, description="openai: model name the remote server serves the edit critic as (default: --edit-model)."
+    )
+    openai_gen_model: str | None = Field(
+        None, description="openai: model name the remote server serves the gen critic as (default: --gen-model)."
+    )
+    openai_timeout_s: float = Field(120.0, gt=0.0, description="openai: time limit of one call.")
+    openai_max_retries: int = Field(2, ge=0, le=10, description="openai: retries of a failed call, on other URLs.")
+    openai_max_connections: int = Field(64, ge=1, description="openai: connection pool size.")
+
+    # admin
+    admin_key: SecretStr | None = Field(
+        None, description="Bearer key for /v1/admin/* (sleep and wake); admin routes are off without one."
     )
 
     # scoring
@@ -109,6 +158,9 @@ class Settings(BaseSettings):
         if self.edit_model == DISABLED and self.gen_model == DISABLED:
             raise ValueError("both models are switched off; at least one of --edit-model/--gen-model is needed")
         return self
+
+    def base_urls(self) -> list[str]:
+        return [u.strip() for u in (self.openai_base_urls or "").split(",") if u.strip()]
 
     def cme_weights(self) -> RewardWeights:
         return RewardWeights(w1=self.cme_w1, w2=self.cme_w2)

@@ -50,10 +50,13 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def running_server(cache_dir: Path, *args: str, timeout: float = 240.0) -> Iterator[str]:
-    """Start `firm-serve --tiny` on a free port, wait until ready, yield its URL, stop it."""
+def running_server(cache_dir: Path, *args: str, tiny: bool = True, timeout: float = 240.0) -> Iterator[str]:
+    """Start `firm-serve` (on the tiny critic unless told otherwise) on a free port, wait until ready,
+    yield its URL, stop it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--tiny", "--cache-dir", str(cache_dir), "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "server.cli", "--cache-dir", str(cache_dir), "--port", str(port), *args]
+    if tiny:
+        cmd.append("--tiny")
     log_path = cache_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(

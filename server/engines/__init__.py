@@ -7,26 +7,47 @@ import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
-from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, WatchedStep
+from server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    OutputConstraint,
+    WatchedStep,
+)
 
 __all__ = [
+    "BUILT_IN",
     "Engine",
     "EngineError",
     "GenerationRequest",
     "GenerationResult",
+    "OutputConstraint",
     "WatchedStep",
     "create_engine",
     "resolve_engine_name",
 ]
 
-BUILT_IN = ("transformers",)
+BUILT_IN = ("transformers", "vllm", "openai")
 
 
-def resolve_engine_name(name: str) -> str:
-    """'auto' picks the best engine this machine has; other names pass through."""
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_engine_name(name: str) -> tuple[str, str]:
+    """The engine to use and why: 'auto' picks vLLM when it is installed and CUDA is present."""
     if name != "auto":
-        return name
-    return "transformers"
+        return name, "chosen in the settings"
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers", "auto: vllm is not installed"
+    if not _cuda_available():
+        return "transformers", "auto: vllm is installed but no CUDA device is visible"
+    return "vllm", "auto: vllm is installed and CUDA is available"
 
 
 def _load_plugin(spec: str) -> type[Engine]:
@@ -42,11 +63,23 @@ def _load_plugin(spec: str) -> type[Engine]:
     return cls
 
 
-def create_engine(name: str, model: str, watch_tokens: Sequence[str], **options: Any) -> Engine:
-    """Build an engine by name; `options` (revision, device, dtype) go to its constructor."""
-    name = resolve_engine_name(name)
+def engine_class(name: str) -> type[Engine]:
+    """The class behind an engine name (already resolved from 'auto'). vllm is imported only here."""
     if name == "transformers":
         from server.engines.transformers import TransformersEngine
 
-        return TransformersEngine(model, watch_tokens, **options)
-    return _load_plugin(name)(model, watch_tokens, **options)
+        return TransformersEngine
+    if name == "vllm":
+        from server.engines.vllm import VLLMEngine
+
+        return VLLMEngine
+    if name == "openai":
+        from server.engines.openai import OpenAIEngine
+
+        return OpenAIEngine
+    return _load_plugin(name)
+
+
+def create_engine(name: str, model: str, watch_tokens: Sequence[str], **options: Any) -> Engine:
+    """Build an engine by resolved name; `options` (revision, device, ...) go to its constructor."""
+    return engine_class(name)(model, watch_tokens, **options)

@@ -19,9 +19,18 @@ PromptPart = Image.Image | str
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output: the answer must match this JSON schema, or this regular expression."""
+
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     parts: tuple[PromptPart, ...]
     max_new_tokens: int
+    constraint: OutputConstraint | None = None  # honoured by engines with supports_constraints
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class Engine(abc.ABC):
     """
 
     batches_itself: ClassVar[bool] = False
+    supports_constraints: ClassVar[bool] = False
+    supports_sleep: ClassVar[bool] = False
     name: ClassVar[str] = "engine"
 
     def __init__(self, model: str, watch_tokens: Sequence[str], *, revision: str | None = None, **options: Any) -> None:
@@ -78,6 +89,18 @@ class Engine(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
+    async def sleep(self) -> None:
+        """Free the accelerator for someone else (weights offloaded) until `wake`."""
+        raise EngineError(f"the {self.name} engine cannot sleep")
+
+    async def wake(self) -> None:
+        """Undo `sleep`."""
+        raise EngineError(f"the {self.name} engine cannot sleep")
+
     @abc.abstractmethod
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Answer a batch; the result list has one entry per request, in order."""
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
+        """Answer a batch: one entry per request, in order.
+
+        An entry may be an EngineError for a request that failed on its own; raising fails the
+        whole batch (the server then retries its requests one by one).
+        """

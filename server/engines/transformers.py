@@ -12,15 +12,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from PIL import Image
-
-from server.engines.base import (
-    Engine,
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-    WatchedStep,
-)
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +54,7 @@ class _WatchRecorder:
 
 class TransformersEngine(Engine):
     batches_itself: ClassVar[bool] = False
+    supports_sleep: ClassVar[bool] = True
     name: ClassVar[str] = "transformers"
 
     def __init__(
@@ -71,8 +65,9 @@ class TransformersEngine(Engine):
         revision: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        **options: Any,
     ) -> None:
-        super().__init__(model, watch_tokens, revision=revision)
+        super().__init__(model, watch_tokens, revision=revision, **options)
         self.device = resolve_device(device)
         self.dtype_name = dtype
         self._model: Any = None
@@ -99,15 +94,26 @@ class TransformersEngine(Engine):
             self.model, revision=self._revision, dtype=resolve_dtype(self.dtype_name, self.device)
         )
         model.to(self.device).eval()
-        watch_ids = []
-        for token in self.watch_tokens:
-            ids = processor.tokenizer.encode(token, add_special_tokens=False)
-            if len(ids) != 1:
-                raise EngineError(f"watched token {token!r} is not a single token for {self.model}")
-            watch_ids.append(ids[0])
+        watch_ids = single_token_ids(processor.tokenizer, self.watch_tokens, self.model)
         self._processor, self._model, self._watch_ids = processor, model, watch_ids
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    async def sleep(self) -> None:
+        """Move the weights to host memory so a trainer on the same GPU can use it."""
+        async with self._lock:
+            await asyncio.to_thread(self._place, "cpu")
+
+    async def wake(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._place, self.device)
+
+    def _place(self, device: str) -> None:
+        import torch
+
+        self._model.to(device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
         if self._model is None:
             raise EngineError("engine is not started")
         async with self._lock:  # one batch at a time on the model
@@ -116,13 +122,8 @@ class TransformersEngine(Engine):
     def _inputs(self, requests: list[GenerationRequest]) -> Any:
         texts, images = [], []
         for request in requests:
-            content: list[dict[str, str]] = []
-            for part in request.parts:
-                if isinstance(part, Image.Image):
-                    content.append({"type": "image"})
-                    images.append(part)
-                else:
-                    content.append({"type": "text", "text": part})
+            content, request_images = chat_content(request.parts)
+            images += request_images
             texts.append(
                 self._processor.apply_chat_template(
                     [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -160,17 +161,8 @@ class TransformersEngine(Engine):
             if token_id in eos_ids:
                 ids, finished = ids[:end], True
                 break
-        watched = []
-        for step, token_id in enumerate(ids):
-            if token_id in self._watch_ids:
-                offset = len(tokenizer.decode(ids[:step], skip_special_tokens=True))
-                probs = recorder.steps[step][row].tolist()
-                watched.append(
-                    WatchedStep(
-                        offset=offset,
-                        token=self.watch_tokens[self._watch_ids.index(token_id)],
-                        probs=dict(zip(self.watch_tokens, probs, strict=True)),
-                    )
-                )
+        watched = watched_steps(
+            tokenizer, ids, self._watch_ids, self.watch_tokens, lambda step: recorder.steps[step][row].tolist()
+        )
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        return GenerationResult(text=text, watched=tuple(watched), finished=finished)
+        return GenerationResult(text=text, watched=watched, finished=finished)

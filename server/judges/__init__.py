@@ -14,8 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from server.engines.base import GenerationResult, PromptPart
+from server.engines.base import GenerationResult, OutputConstraint, PromptPart
 from server.judges.parsing import (
+    QUALITY_KEYS,
     ParsedAnswer,
     ParseError,
     parse_boxed_score,
@@ -47,16 +48,42 @@ class JudgeSpec:
     task: str
     fields: tuple[str, ...]
     parse: Callable[[str], ParsedAnswer]
+    constraint: OutputConstraint  # the answer format, for engines with structured outputs
+
+
+_SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
+JSON_SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "reasoning": {"type": "string", "maxLength": 1200},
+        "score": {"type": "array", "items": _SCORE, "minItems": 1, "maxItems": 1},
+    },
+    "required": ["reasoning", "score"],
+    "additionalProperties": False,
+}
+QUALITY_SCHEMA = {
+    "type": "object",
+    "properties": {key: _SCORE for key in QUALITY_KEYS},
+    "required": list(QUALITY_KEYS),
+    "additionalProperties": False,
+}
+BOXED_REGEX = r"[^\\]{0,1500}\\boxed\{[1-5]\}"
 
 
 # The order of `fields` is the order of the placeholders the template must contain.
 JUDGES: dict[str, JudgeSpec] = {
     spec.name: spec
     for spec in (
-        JudgeSpec("edit_execution", "edit", ("instruction",), parse_json_score),
-        JudgeSpec("edit_consistency", "edit", ("instruction",), parse_json_score),
-        JudgeSpec("gen_instruction_following", "gen", ("prompt", "requirement"), parse_boxed_score),
-        JudgeSpec("gen_quality", "gen", (), parse_quality_scores),
+        JudgeSpec("edit_execution", "edit", ("instruction",), parse_json_score, OutputConstraint(JSON_SCORE_SCHEMA)),
+        JudgeSpec("edit_consistency", "edit", ("instruction",), parse_json_score, OutputConstraint(JSON_SCORE_SCHEMA)),
+        JudgeSpec(
+            "gen_instruction_following",
+            "gen",
+            ("prompt", "requirement"),
+            parse_boxed_score,
+            OutputConstraint(regex=BOXED_REGEX),
+        ),
+        JudgeSpec("gen_quality", "gen", (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA)),
     )
 }
 

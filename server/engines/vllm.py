@@ -1,0 +1,153 @@
+"""In-process vLLM engine: `AsyncLLM` with continuous batching across concurrent requests.
+
+Each judge call is submitted on its own and vLLM schedules them together, so no micro-batcher
+sits in front. Decoding is greedy with an explicit seed; the probabilities of the watched
+tokens come from `logprob_token_ids` at every step. Prefix caching is on by default: the
+images and the rubric open every prompt, so a GRPO group reuses its shared source image.
+vllm is imported in `start`, never at module import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+from server.engines.tokens import chat_content, single_token_ids, watched_steps
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine(Engine):
+    batches_itself: ClassVar[bool] = True
+    supports_constraints: ClassVar[bool] = True
+    supports_sleep: ClassVar[bool] = True
+    name: ClassVar[str] = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        watch_tokens: Sequence[str],
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int = 16384,
+        gpu_memory_utilization: float = 0.42,
+        tensor_parallel_size: int = 1,
+        images_per_prompt: int = 2,
+        pixel_budget: int = 1024 * 1024,
+        prefix_caching: bool = True,
+        sleep_mode: bool = False,
+        enforce_eager: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(model, watch_tokens, revision=revision, **options)
+        self.engine_args: dict[str, Any] = {
+            "model": model,
+            "revision": revision,
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "limit_mm_per_prompt": {"image": images_per_prompt, "video": 0},
+            "mm_processor_kwargs": {"max_pixels": pixel_budget},
+            "enable_prefix_caching": prefix_caching,
+            "enable_sleep_mode": sleep_mode,
+            "enforce_eager": enforce_eager,
+            "disable_log_stats": True,
+        }
+        if sleep_mode:
+            # The multimodal processor cache can hand back stale entries after a wake-up, which
+            # silently changes scores; with sleep on it is switched off.
+            self.engine_args["mm_processor_cache_gb"] = 0
+        self.seed = seed
+        self._llm: Any = None
+        self._processor: Any = None
+        self._watch_ids: list[int] = []
+
+    async def start(self) -> None:
+        from transformers import AutoProcessor
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        log.info("starting vLLM for %s: %s", self.model, self.engine_args)
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        # The checkpoint's own chat template renders the prompt, as the transformers engine does.
+        self._processor = await asyncio.to_thread(
+            AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]
+        )
+        self._watch_ids = single_token_ids(self._llm.get_tokenizer(), self.watch_tokens, self.model)
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def sleep(self) -> None:
+        await self._llm.sleep(level=1)
+
+    async def wake(self) -> None:
+        await self._llm.wake_up()
+        await self._llm.reset_prefix_cache()
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = None
+        if request.constraint is not None:
+            c = request.constraint
+            structured = (
+                StructuredOutputsParams(json=c.json_schema)
+                if c.json_schema is not None
+                else StructuredOutputsParams(regex=c.regex)
+            )
+        return SamplingParams(
+            temperature=0.0,
+            seed=self.seed,
+            max_tokens=request.max_new_tokens,
+            logprob_token_ids=self._watch_ids,
+            structured_outputs=structured,
+        )
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, request: GenerationRequest) -> GenerationResult | EngineError:
+        content, images = chat_content(request.parts)
+        prompt = self._processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        inputs: dict[str, Any] = {"prompt": prompt}
+        if images:
+            inputs["multi_modal_data"] = {"image": images}
+        final = None
+        try:
+            async for output in self._llm.generate(inputs, self._sampling_params(request), request_id=uuid.uuid4().hex):
+                final = output
+        except (ValueError, RuntimeError) as exc:  # a request vLLM refuses (too long, bad image) fails alone
+            return EngineError(f"vllm refused the request: {exc}")
+        if final is None or not final.outputs:
+            return EngineError("vllm returned no output")
+        completion = final.outputs[0]
+        ids = list(completion.token_ids)
+        steps = completion.logprobs or []
+
+        def probs_at(step: int) -> list[float]:
+            entry = steps[step] if step < len(steps) else {}
+            return [math.exp(entry[i].logprob) if i in entry else 0.0 for i in self._watch_ids]
+
+        tokenizer = self._llm.get_tokenizer()
+        return GenerationResult(
+            text=completion.text,
+            watched=watched_steps(tokenizer, ids, self._watch_ids, self.watch_tokens, probs_at),
+            finished=completion.finish_reason != "length",
+        )
