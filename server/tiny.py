@@ -28,7 +28,7 @@ from server.judges import JUDGES, load_judges
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -168,7 +168,28 @@ def _processor(tokenizer: Any) -> Any:
     )
 
 
-def _model(tokenizer: Any, seed: int) -> Any:
+@dataclass(frozen=True)
+class TinyShape:
+    """Layer sizes. The default is the smallest that learns the formats on a CPU in under a minute;
+    `VLLM_SHAPE` uses 64-wide attention heads, which vLLM's attention kernels support."""
+
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
+    vision_hidden: int = 32
+    vision_heads: int = 2
+
+
+CPU_SHAPE = TinyShape()
+VLLM_SHAPE = TinyShape(
+    hidden=128, heads=2, kv_heads=1, head_dim=64, mrope_section=(8, 12, 12), vision_hidden=128, vision_heads=2
+)
+SHAPES = {"cpu": CPU_SHAPE, "vllm": VLLM_SHAPE}
+
+
+def _model(tokenizer: Any, seed: int, shape: TinyShape) -> Any:
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -176,26 +197,30 @@ def _model(tokenizer: Any, seed: int) -> Any:
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            "hidden_size": shape.hidden,
+            "intermediate_size": 2 * shape.hidden,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "num_attention_heads": shape.heads,
+            "num_key_value_heads": shape.kv_heads,
+            "head_dim": shape.head_dim,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": list(shape.mrope_section),
+            },
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
+            "hidden_size": shape.vision_hidden,
+            "intermediate_size": 2 * shape.vision_hidden,
+            "num_heads": shape.vision_heads,
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "out_hidden_size": 64,
+            "out_hidden_size": shape.hidden,
             "num_position_embeddings": 64,
             "deepstack_visual_indexes": [1],
         },
@@ -238,17 +263,18 @@ def _batch(processor: Any, examples: list[Example], prompts: dict[str, Any]) -> 
     return dict(inputs)
 
 
-def _teach(model: Any, processor: Any, examples: list[Example], steps: int, seed: int) -> float:
+def _teach(model: Any, processor: Any, examples: list[Example], steps: int, seed: int, device: str) -> float:
     import torch
 
     prompts = load_judges()
+    model.to(device)
     rng = random.Random(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     loss_value = float("nan")
     for step in range(steps):
-        batch = _batch(processor, rng.sample(examples, 8), prompts)
+        batch = {k: v.to(device) for k, v in _batch(processor, rng.sample(examples, 8), prompts).items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -258,12 +284,15 @@ def _teach(model: Any, processor: Any, examples: list[Example], steps: int, seed
         loss_value = loss.item()
         if step % 50 == 0:
             log.info("tiny critic: step %d/%d, loss %.4f", step, steps, loss_value)
-    model.eval()
+    model.to("cpu").eval()
     return loss_value
 
 
-def build_tiny_checkpoint(path: Path, *, steps: int = 300, seed: int = 0) -> Path:
-    """Build, teach and save the tiny critic in `path` (created; must not exist)."""
+def build_tiny_checkpoint(path: Path, *, steps: int = 300, seed: int = 0, shape: str = "cpu") -> Path:
+    """Build, teach and save the tiny critic in `path` (created; must not exist).
+
+    `shape` is "cpu" (the default, taught on the CPU) or "vllm" (taught on a GPU when there is one).
+    """
     import torch
 
     torch.manual_seed(seed)
@@ -272,13 +301,14 @@ def build_tiny_checkpoint(path: Path, *, steps: int = 300, seed: int = 0) -> Pat
     corpus = [judges[e.judge].prompt((), **e.fields)[-1] + " " + e.answer for e in examples]
     tokenizer = _train_tokenizer(corpus, vocab_size=1024)
     processor = _processor(tokenizer)
-    model = _model(tokenizer, seed)
-    loss = _teach(model, processor, examples, steps, seed)
+    model = _model(tokenizer, seed, SHAPES[shape])
+    device = "cuda" if shape != "cpu" and torch.cuda.is_available() else "cpu"
+    loss = _teach(model, processor, examples, steps, seed, device)
     path.mkdir(parents=True)
     model.save_pretrained(path)
     processor.tokenizer.padding_side = "left"
     processor.save_pretrained(path)
-    card = {"version": TINY_VERSION, "final_loss": loss, "steps": steps, "judges": sorted(JUDGES)}
+    card = {"version": TINY_VERSION, "shape": shape, "final_loss": loss, "steps": steps, "judges": sorted(JUDGES)}
     (path / "tiny_critic.json").write_text(json.dumps(card, indent=2))
     (path / "README.md").write_text(
         "Tiny randomly initialised Qwen3-VL critic built by firm-reward-server for tests.\n"
@@ -288,15 +318,16 @@ def build_tiny_checkpoint(path: Path, *, steps: int = 300, seed: int = 0) -> Pat
     return path
 
 
-def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
+def ensure_tiny_checkpoint(cache_dir: Path, shape: str = "cpu") -> Path:
     """The tiny critic in `cache_dir`, built on first use (atomically, so a crash leaves no half copy)."""
-    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_VERSION}"
+    suffix = "" if shape == "cpu" else f"-{shape}"
+    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_VERSION}{suffix}"
     if (target / "tiny_critic.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_checkpoint(staging / "model")
+        build_tiny_checkpoint(staging / "model", shape=shape)
         try:
             os.replace(staging / "model", target)
         except OSError:
