@@ -6,6 +6,7 @@ so this module is the single source of truth for the API. It depends on nothing 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,6 +39,7 @@ ItemErrorCode = Literal[
     "parse_error",
     "no_score_probabilities",
     "engine_error",
+    "request_failed",  # set by the client when the request carrying the item failed after its retries
 ]
 
 
@@ -178,6 +180,18 @@ class _ScoreResponse(_Message):
     model: ModelRef
     score_mode: ScoreMode
     weights: RewardWeights
+
+    def rewards(self) -> list[float]:
+        """Rewards in item order, NaN where an item failed (never 0)."""
+        return [math.nan if r.reward is None else r.reward for r in self.results]  # type: ignore[attr-defined]
+
+    def mask(self) -> list[bool]:
+        """True where the item has a reward; use it to leave failed items out of a loss."""
+        return [r.reward is not None for r in self.results]  # type: ignore[attr-defined]
+
+    def errors(self) -> list[tuple[str, str]]:
+        """(id, reason) of every failed item."""
+        return [(r.id, f"{r.error.code}: {r.error.message}") for r in self.results if r.error]  # type: ignore[attr-defined]
 
 
 class EditScoreResponse(_ScoreResponse):

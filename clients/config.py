@@ -1,0 +1,68 @@
+"""Client settings from arguments or FIRM_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from clients.retry import RetryPolicy
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client reaches the reward service.
+
+    base_urls: one or more servers of the same critics (FIRM_URLS, comma-separated, or FIRM_URL).
+    api_key: bearer key (FIRM_API_KEY). timeout_s: the deadline of one call, retries included
+    (FIRM_TIMEOUT_S). chunk_size: items per request (FIRM_CHUNK_SIZE); max_in_flight: requests
+    one call keeps open at once (FIRM_MAX_IN_FLIGHT). strict: raise when an item fails instead of
+    returning a NaN reward (FIRM_STRICT). image_format / jpeg_quality: how images are encoded.
+    """
+
+    base_urls: tuple[str, ...] = (DEFAULT_URL,)
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    chunk_size: int = 32
+    max_in_flight: int = 4
+    strict: bool = False
+    image_format: str = "PNG"
+    jpeg_quality: int = 90
+    cooldown_s: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if not self.base_urls:
+            raise ValueError("at least one base URL is needed")
+        if self.chunk_size < 1 or self.max_in_flight < 1:
+            raise ValueError("chunk_size and max_in_flight must be at least 1")
+        if self.image_format.upper() not in ("PNG", "JPEG", "WEBP"):
+            raise ValueError("image_format must be PNG, JPEG or WEBP")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ClientConfig:
+        """Settings from FIRM_* variables; keyword arguments win over them."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        urls = env.get("FIRM_URLS") or env.get("FIRM_URL")
+        if urls:
+            values["base_urls"] = _split(urls)
+        if env.get("FIRM_API_KEY"):
+            values["api_key"] = env["FIRM_API_KEY"]
+        for name, cast in (("timeout_s", float), ("chunk_size", int), ("max_in_flight", int)):
+            if env.get(f"FIRM_{name.upper()}"):
+                values[name] = cast(env[f"FIRM_{name.upper()}"])
+        if env.get("FIRM_STRICT"):
+            values["strict"] = env["FIRM_STRICT"].lower() in ("1", "true", "yes")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("base_urls"), str):
+            values["base_urls"] = _split(values["base_urls"])  # type: ignore[arg-type]
+        elif isinstance(values.get("base_urls"), Sequence):
+            values["base_urls"] = tuple(values["base_urls"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _split(urls: str) -> tuple[str, ...]:
+    return tuple(u.strip().rstrip("/") for u in urls.split(",") if u.strip())

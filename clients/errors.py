@@ -1,0 +1,78 @@
+"""The client's exceptions, one hierarchy mirroring the server's error responses."""
+
+from __future__ import annotations
+
+
+class FirmError(Exception):
+    """Base of every error the client raises."""
+
+
+class RequestFailed(FirmError):
+    """A call failed after its retries (connection errors, overload, server deadline)."""
+
+
+class DeadlineExceeded(RequestFailed):
+    """The call's deadline passed before an answer came."""
+
+
+class NoServerAvailable(RequestFailed):
+    """No base URL is reachable and ready."""
+
+
+class ServerError(FirmError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class BadRequest(ServerError):
+    """422: the request does not match the protocol (a bug in the caller, never retried)."""
+
+
+class Unauthorized(ServerError):
+    """401/403: missing, wrong or insufficient API key."""
+
+
+class NotFound(ServerError):
+    """404: the route's model is switched off on this server."""
+
+
+class PayloadTooLarge(ServerError):
+    """413: the body, an image or the item count is over a server limit."""
+
+
+class Overloaded(ServerError):
+    """429/503: the server is busy, loading or asleep; retried, honouring Retry-After."""
+
+
+class ServerTimeout(ServerError):
+    """504: the server's own deadline passed; retried."""
+
+
+class ItemsFailed(FirmError):
+    """Strict mode: some items came back without a reward."""
+
+    def __init__(self, failures: list[tuple[str, str]]) -> None:
+        shown = "; ".join(f"{item_id}: {why}" for item_id, why in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        super().__init__(f"{len(failures)} item(s) failed: {shown}{more}")
+        self.failures = failures
+
+
+_BY_STATUS: dict[int, type[ServerError]] = {
+    401: Unauthorized,
+    403: Unauthorized,
+    404: NotFound,
+    413: PayloadTooLarge,
+    422: BadRequest,
+    429: Overloaded,
+    503: Overloaded,
+    504: ServerTimeout,
+}
+RETRYABLE = (Overloaded, ServerTimeout)
+
+
+def error_for(status: int, code: str, message: str, retry_after: float | None) -> ServerError:
+    return _BY_STATUS.get(status, ServerError)(status, code, message, retry_after)
