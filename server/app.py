@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
@@ -35,12 +34,17 @@ from clients.protocol import (
     ReadinessResponse,
 )
 from server.assembly import build_service
-from server.errors import AdminOff, Unauthorized, error_response, install_error_handlers
+from server.errors import error_response, install_error_handlers
+from server.idempotency import RecentAnswers
+from server.logs import RequestContext
 from server.metrics import Metrics
 from server.scoring import DISABLED, READY, ScoringService
+from server.security import Authentication
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -53,6 +57,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin key."},
+    403: {"model": ErrorResponse, "description": "A scoring key used on an admin route."},
     404: {"model": ErrorResponse, "description": "Admin routes are off (no admin key set)."},
     409: {"model": ErrorResponse, "description": "The engine cannot sleep."},
 }
@@ -142,10 +147,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.answers = RecentAnswers(settings.idempotency_window_s)
     install_error_handlers(app)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost, so refusals are counted too
+    app.add_middleware(Authentication, keys=settings.key_ring())  # before the body is read
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outside the refusals, so they are counted too
+    app.add_middleware(RequestContext)  # outermost: every log line of the request carries its id
     _add_routes(app)
     return app
 
@@ -154,46 +162,45 @@ def _service(request: Request) -> ScoringService:
     return request.app.state.service
 
 
-def _check_admin(request: Request) -> None:
-    key = request.app.state.settings.admin_key
-    if key is None:
-        raise AdminOff("admin routes are off on this server; start it with --admin-key to use them")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise Unauthorized("admin routes need 'Authorization: Bearer <admin key>'")
+async def _once(request: Request, score: Callable[[T], Awaitable[R]], body: T) -> R:
+    """Score, unless this is a retry (same X-Request-ID and route) of a request already answered."""
+    client_id = request.scope.get("state", {}).get("client_request_id")
+    key = f"{request.url.path}:{client_id}" if client_id else None
+    answer, replayed = await request.app.state.answers.once(key, lambda: score(body))
+    if replayed:
+        request.app.state.metrics.replayed.inc()
+    return answer
 
 
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/edit/score", response_model=EditScoreResponse, responses=_ERRORS, tags=["edit"])
     async def score_edits(body: EditScoreRequest, request: Request) -> EditScoreResponse:
         """Score image edits on execution and consistency; reward is CME."""
-        return await _service(request).score_edits(body)
+        return await _once(request, _service(request).score_edits, body)
 
     @app.post("/v1/edit/score_group", response_model=EditGroupResponse, responses=_ERRORS, tags=["edit"])
     async def score_edit_group(body: EditGroupRequest, request: Request) -> EditGroupResponse:
         """Score a GRPO group of edits of one source image; adds group mean, std and advantages."""
-        return await _service(request).score_edit_group(body)
+        return await _once(request, _service(request).score_edit_group, body)
 
     @app.post("/v1/gen/score", response_model=GenScoreResponse, responses=_ERRORS, tags=["gen"])
     async def score_generations(body: GenScoreRequest, request: Request) -> GenScoreResponse:
         """Score generated images on instruction following and quality; reward is QMA."""
-        return await _service(request).score_generations(body)
+        return await _once(request, _service(request).score_generations, body)
 
     @app.post("/v1/gen/score_group", response_model=GenGroupResponse, responses=_ERRORS, tags=["gen"])
     async def score_generation_group(body: GenGroupRequest, request: Request) -> GenGroupResponse:
         """Score a GRPO group of images for one prompt; adds group mean, std and advantages."""
-        return await _service(request).score_generation_group(body)
+        return await _once(request, _service(request).score_generation_group, body)
 
     @app.post("/v1/admin/sleep", response_model=AdminResponse, responses=_ADMIN_ERRORS, tags=["admin"])
     async def sleep(request: Request) -> AdminResponse:
         """Offload the critics' weights to free the GPU for a trainer; scoring answers 503 until wake."""
-        _check_admin(request)
         return AdminResponse(models=await _service(request).sleep())
 
     @app.post("/v1/admin/wake", response_model=AdminResponse, responses=_ADMIN_ERRORS, tags=["admin"])
     async def wake(request: Request) -> AdminResponse:
         """Load the weights back after sleep."""
-        _check_admin(request)
         return AdminResponse(models=await _service(request).wake())
 
     @app.get("/v1/models", response_model=ModelsResponse, tags=["status"])

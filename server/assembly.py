@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from clients.protocol import Task
+from server.audit import AuditLog
 from server.batching import DirectRunner, MicroBatcher, Runner
 from server.engines import Engine, create_engine, resolve_engine_name
 from server.judges import SCORE_TOKENS, load_judges
@@ -40,9 +41,14 @@ def model_sources(settings: Settings) -> dict[Task, tuple[str, str | None]]:
 
 def _runner(engine: Engine, settings: Settings, metrics: Metrics, label: str) -> Runner:
     if engine.batches_itself:
-        return DirectRunner(engine, metrics, label)
+        return DirectRunner(engine, metrics, label, unhealthy_after=settings.unhealthy_after)
     return MicroBatcher(
-        engine, metrics, label, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
+        engine,
+        metrics,
+        label,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        unhealthy_after=settings.unhealthy_after,
     )
 
 
@@ -109,4 +115,8 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         cme_weights=settings.cme_weights(),
         qma_weights=settings.qma_weights(),
         structured_outputs=settings.structured_outputs,
+        request_timeout_s=settings.request_timeout_s,
+        max_queue=settings.max_queue,
+        cache_size=settings.cache_size,
+        audit=AuditLog(settings.audit_log, settings.audit_log_max_bytes) if settings.audit_log else None,
     )

@@ -4,16 +4,18 @@
 waiting at most `max_wait` after the oldest call arrived), runs one batch at a time, and lets
 the event loop keep accepting requests meanwhile. `DirectRunner` is for engines that schedule
 by themselves. Both return, per call, a result or the exception that failed it, so one bad
-batch fails only its own items.
+batch fails only its own items; both know how many calls are pending, how fast calls drain
+(for Retry-After), and whether the engine keeps failing (for readiness). A call whose caller
+left is dropped if it has not started, and flagged as cancelled if it has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
 
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from server.metrics import Metrics
@@ -21,48 +23,37 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Outcome = GenerationResult | BaseException
+RATE_WINDOW_S = 60.0
 
 
-class Runner(Protocol):
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-    async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]: ...
+class Runner:
+    """What both runners share: the engine call with failure isolation, and the bookkeeping."""
 
-
-async def _run_engine(engine: Engine, requests: list[GenerationRequest], metrics: Metrics, label: str) -> list[Outcome]:
-    """One engine batch; if it fails, each call is retried alone so one bad input fails only itself."""
-    outcomes = await _run_batch(engine, requests, metrics, label)
-    if len(requests) > 1 and all(isinstance(o, BaseException) for o in outcomes):
-        log.warning("retrying the %d calls of a failed batch one by one on %s", len(requests), label)
-        outcomes = [(await _run_batch(engine, [r], metrics, label))[0] for r in requests]
-    return outcomes
-
-
-async def _run_batch(engine: Engine, requests: list[GenerationRequest], metrics: Metrics, label: str) -> list[Outcome]:
-    metrics.engine_batch_size.labels(model=label).observe(len(requests))
-    started = time.perf_counter()
-    try:
-        results = await engine.generate(requests)
-    except Exception as exc:  # the engine's failure becomes each item's engine_error
-        log.exception("engine %s failed on a batch of %d", label, len(requests))
-        metrics.engine_failures.labels(model=label).inc()
-        return [EngineError(f"engine failed: {type(exc).__name__}: {exc}")] * len(requests)
-    finally:
-        metrics.engine_batch_seconds.labels(model=label).observe(time.perf_counter() - started)
-    if len(results) != len(requests):
-        metrics.engine_failures.labels(model=label).inc()
-        error = EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
-        return [error] * len(requests)
-    return [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
-
-
-def _wrong_type(result: object) -> EngineError:
-    return EngineError(f"engine returned a {type(result).__name__}, not a GenerationResult")
-
-
-class DirectRunner:
-    def __init__(self, engine: Engine, metrics: Metrics, label: str) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, label: str, *, unhealthy_after: int = 3) -> None:
         self.engine, self.metrics, self.label = engine, metrics, label
+        self.unhealthy_after = unhealthy_after
+        self.consecutive_failures = 0
+        self._done: collections.deque[tuple[float, int]] = collections.deque()  # (finished at, calls)
+        self._running = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.consecutive_failures < self.unhealthy_after
+
+    @property
+    def pending(self) -> int:
+        """Calls accepted and not yet answered."""
+        return self._running
+
+    def drain_rate(self) -> float | None:
+        """Calls answered per second over the last minute, None before the first answer."""
+        now = time.monotonic()
+        while self._done and self._done[0][0] < now - RATE_WINDOW_S:
+            self._done.popleft()
+        if not self._done:
+            return None
+        span = max(now - self._done[0][0], 1.0)
+        return sum(n for _, n in self._done) / span
 
     async def start(self) -> None:
         return None
@@ -71,25 +62,89 @@ class DirectRunner:
         return None
 
     async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
-        return await _run_engine(self.engine, list(requests), self.metrics, self.label)
+        raise NotImplementedError
+
+    async def _run_engine(self, requests: list[GenerationRequest]) -> list[Outcome]:
+        """One engine batch; if it fails whole, each call is retried alone so a bad input fails only itself."""
+        outcomes = await self._run_batch(requests)
+        if len(requests) > 1 and all(isinstance(o, BaseException) for o in outcomes):
+            log.warning("retrying the %d calls of a failed batch one by one on %s", len(requests), self.label)
+            outcomes = [(await self._run_batch([r]))[0] for r in requests]
+        self._done.append((time.monotonic(), len(requests)))
+        return outcomes
+
+    async def _run_batch(self, requests: list[GenerationRequest]) -> list[Outcome]:
+        self.metrics.engine_batch_size.labels(model=self.label).observe(len(requests))
+        started = time.perf_counter()
+        try:
+            results = await self.engine.generate(requests)
+        except Exception as exc:  # the engine's failure becomes each item's engine_error
+            log.exception("engine %s failed on a batch of %d", self.label, len(requests))
+            return self._failed(requests, EngineError(f"engine failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self.metrics.engine_batch_seconds.labels(model=self.label).observe(time.perf_counter() - started)
+        if len(results) != len(requests):
+            return self._failed(
+                requests, EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
+            )
+        self.consecutive_failures = 0
+        return [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
+
+    def _failed(self, requests: list[GenerationRequest], error: EngineError) -> list[Outcome]:
+        self.metrics.engine_failures.labels(model=self.label).inc()
+        self.consecutive_failures += 1
+        if self.consecutive_failures == self.unhealthy_after:
+            log.error("engine %s failed %d batches in a row: readiness is now false", self.label, self.unhealthy_after)
+        return [error] * len(requests)
+
+
+def _wrong_type(result: object) -> EngineError:
+    return EngineError(f"engine returned a {type(result).__name__}, not a GenerationResult")
+
+
+def _cancel(requests: Sequence[GenerationRequest]) -> None:
+    for request in requests:
+        request.cancelled.set()
+
+
+class DirectRunner(Runner):
+    async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+        self._running += len(requests)
+        try:
+            return await self._run_engine(list(requests))
+        except asyncio.CancelledError:
+            _cancel(requests)
+            self.metrics.cancelled_calls.labels(model=self.label).inc(len(requests))
+            raise
+        finally:
+            self._running -= len(requests)
 
 
 _Pending = tuple[GenerationRequest, "asyncio.Future[Outcome]", float]
 
 
-class MicroBatcher:
-    def __init__(self, engine: Engine, metrics: Metrics, label: str, *, max_batch_size: int, max_wait_s: float) -> None:
+class MicroBatcher(Runner):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        label: str,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        unhealthy_after: int = 3,
+    ) -> None:
+        super().__init__(engine, metrics, label, unhealthy_after=unhealthy_after)
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        self.engine, self.metrics, self.label = engine, metrics, label
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def depth(self) -> int:
-        return self._queue.qsize()
+    def pending(self) -> int:
+        return self._queue.qsize() + self._running
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.label}")
@@ -116,8 +171,11 @@ class MicroBatcher:
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:
-            for future in futures:  # the caller left: drop its calls that have not run yet
+            # The caller left: calls not started are dropped, running ones are told to stop.
+            for future in futures:
                 future.cancel()
+            _cancel(requests)
+            self.metrics.cancelled_calls.labels(model=self.label).inc(len(requests))
             raise
 
     def _update_depth(self) -> None:
@@ -145,7 +203,11 @@ class MicroBatcher:
             batch = await self._collect()
             if not batch:
                 continue
-            outcomes = await _run_engine(self.engine, [r for r, _, _ in batch], self.metrics, self.label)
+            self._running = len(batch)
+            try:
+                outcomes = await self._run_engine([r for r, _, _ in batch])
+            finally:
+                self._running = 0
             for (_, future, _), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)

@@ -38,16 +38,16 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-
-
-class AdminOff(ServiceError):
-    status, code = 404, "admin_off"
-
-
 class Unsupported(ServiceError):
     status, code = 409, "unsupported"
+
+
+class Overloaded(ServiceError):
+    status, code = 429, "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
 
 
 class TooLarge(ServiceError):

@@ -51,6 +51,27 @@ class Metrics:
             registry=r,
         )
         self.engine_failures = Counter("firm_engine_failures", "Engine batches that failed.", ["model"], registry=r)
+        self.cancelled_calls = Counter(
+            "firm_cancelled_calls",
+            "Judge calls dropped or stopped because their request went away.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "firm_cache_hits",
+            "Judge calls answered from the cache or shared with an identical call.",
+            ["model"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "firm_rejected_requests",
+            "Requests refused before any work: overload, draining, deadline.",
+            ["reason"],
+            registry=r,
+        )
+        self.replayed = Counter(
+            "firm_replayed_requests", "Retried requests (same X-Request-ID) answered with the first answer.", registry=r
+        )
         self.queue_depth = Gauge("firm_queue_depth", "Judge calls waiting for an engine batch.", ["model"], registry=r)
         self.scores = Histogram(
             "firm_judge_score",

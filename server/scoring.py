@@ -9,9 +9,12 @@ an `error`, never a 0, and is counted in the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -37,16 +40,20 @@ from clients.protocol import (
     Task,
 )
 from server import rewards
+from server.audit import AuditLog
 from server.batching import Runner
 from server.engines.base import Engine, GenerationRequest, GenerationResult
-from server.errors import ModelDisabled, NotReady, TooLarge, Unsupported
+from server.errors import DeadlineExceeded, ModelDisabled, NotReady, Overloaded, TooLarge, Unsupported
 from server.images import ImageLimits, InvalidImage, decode_image
+from server.judge_cache import CallSharing, call_key
 from server.judges import Judge, JudgeOutcome, ParseError
+from server.logs import request_id
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 LOADING, READY, FAILED, DISABLED, SLEEPING = "loading", "ready", "failed", "disabled", "sleeping"
+UNHEALTHY, DRAINING = "unhealthy", "draining"
 _RETRY_AFTER = {LOADING: 10.0, SLEEPING: 30.0, FAILED: 60.0}
 
 
@@ -80,6 +87,21 @@ class Judged:
     error: ItemError | None = None
 
 
+Response = TypeVar("Response", EditScoreResponse, EditGroupResponse, GenScoreResponse, GenGroupResponse)
+
+
+def _without_reasoning(response: Response) -> Response:
+    results = []
+    for result in response.results:
+        dims = {
+            name: value.model_copy(update={"reasoning": None})
+            for name, value in result
+            if isinstance(value, DimensionScore)
+        }
+        results.append(result.model_copy(update=dims))
+    return response.model_copy(update={"results": results})
+
+
 def _decode_all(images: Sequence[tuple[str, str]], limits: ImageLimits) -> list[Image.Image | ItemError]:
     """Decode (field, data) pairs; an undecodable image becomes an ItemError, a too-large one raises."""
     decoded: list[Image.Image | ItemError] = []
@@ -104,9 +126,18 @@ class ScoringService:
         cme_weights: RewardWeights,
         qma_weights: RewardWeights,
         structured_outputs: bool = False,
+        request_timeout_s: float = 300.0,
+        max_queue: int = 1024,
+        cache_size: int = 0,
+        audit: AuditLog | None = None,
     ) -> None:
         self.models, self.metrics, self.limits = models, metrics, limits
         self.structured_outputs = structured_outputs
+        self.request_timeout_s, self.max_queue = request_timeout_s, max_queue
+        self.sharing = CallSharing(cache_size)
+        self.audit = audit
+        self.in_flight = 0
+        self.draining = False
         self.max_items, self.max_new_tokens, self.score_mode = max_items, max_new_tokens, score_mode
         self.cme_weights, self.qma_weights = cme_weights, qma_weights
 
@@ -170,7 +201,51 @@ class ScoringService:
             await model.engine.close()
 
     def states(self) -> dict[str, str]:
-        return {task: self.models[task].state if task in self.models else DISABLED for task in ("edit", "gen")}
+        states = {}
+        for task in ("edit", "gen"):
+            model = self.models.get(task)  # type: ignore[call-overload]
+            state = DISABLED if model is None else model.state
+            if state == READY and not model.runner.healthy:
+                state = UNHEALTHY  # still scoring, so a success can bring it back
+            states[task] = DRAINING if self.draining and state != DISABLED else state
+        return states
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: readiness turns false and new scoring requests are refused."""
+        self.draining = True
+        log.info("draining: %d requests in flight", self.in_flight)
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Every scoring request: refused while draining, counted in flight, bounded by the server deadline."""
+        if self.draining:
+            self.metrics.rejected.labels(reason="draining").inc()
+            raise NotReady("the server is shutting down; retry on another replica", retry_after=5)
+        self.in_flight += 1
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                yield
+        except TimeoutError as exc:
+            self.metrics.rejected.labels(reason="deadline").inc()
+            raise DeadlineExceeded(
+                f"the request took longer than the server deadline of {self.request_timeout_s:g} s; "
+                "its engine work was cancelled"
+            ) from exc
+        finally:
+            self.in_flight -= 1
+
+    def _admit(self, model: TaskModel, calls: int) -> None:
+        """Refuse work the queue cannot take, with a Retry-After from the recent drain rate."""
+        pending = model.runner.pending
+        if calls and pending + calls > self.max_queue:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            rate = model.runner.drain_rate()
+            wait = (pending + calls) / rate if rate else 1.0
+            raise Overloaded(
+                f"{pending} judge calls are already queued for the {model.task} model (limit {self.max_queue})",
+                limit=self.max_queue,
+                retry_after=min(max(wait, 1.0), 60.0),
+            )
 
     def cards(self) -> list[ModelCard]:
         return [
@@ -207,6 +282,8 @@ class ScoringService:
     async def _judge(self, model: TaskModel, items: Sequence[Prepared | ItemError]) -> list[Judged]:
         calls: list[tuple[int, Judge]] = []
         requests: list[GenerationRequest] = []
+        keys: list[str] = []
+        digests: dict[int, str] = {}
         for index, item in enumerate(items):
             if isinstance(item, Prepared):
                 for judge in model.judges:
@@ -214,7 +291,15 @@ class ScoringService:
                     parts = judge.prompt(item.images, **item.fields)
                     constraint = judge.spec.constraint if self.structured_outputs else None
                     requests.append(GenerationRequest(parts, self.max_new_tokens, constraint))
-        outcomes = await model.runner.submit(requests) if requests else []
+                    if self.sharing.enabled:
+                        keys.append(call_key(model.name, model.engine.revision, judge.name, parts, digests))
+        outcomes = await self.sharing.run(
+            model.runner,
+            requests,
+            keys,
+            admit=lambda n: self._admit(model, n),
+            hit=lambda n: self.metrics.cache_hits.labels(model=model.task).inc(n),
+        )
         judged = [Judged(error=item if isinstance(item, ItemError) else None) for item in items]
         for (index, judge), outcome in zip(calls, outcomes, strict=True):
             self._record(judged[index], judge, outcome)
@@ -275,6 +360,19 @@ class ScoringService:
         for item in judged:
             self.metrics.items.labels(task=task, outcome=item.error.code if item.error else "ok").inc()
 
+    # ------------------------------------------------------------------ serving
+
+    async def _serve(self, route: str, request: Any, work: Callable[[Any, bool], Awaitable[Response]]) -> Response:
+        """Run one scoring request under the guard; audit it; leave out reasoning nobody asked for."""
+        started = time.perf_counter()
+        async with self._guard():
+            response = await work(request, request.return_reasoning or self.audit is not None)
+        if self.audit is not None:
+            self.audit.record(route, request_id.get(), response.model, response.results, time.perf_counter() - started)
+            if not request.return_reasoning:
+                response = _without_reasoning(response)
+        return response
+
     # ------------------------------------------------------------------ editing
 
     def _edit_results(
@@ -297,6 +395,9 @@ class ScoringService:
         return results
 
     async def score_edits(self, request: EditScoreRequest) -> EditScoreResponse:
+        return await self._serve("edit/score", request, self._score_edits)
+
+    async def _score_edits(self, request: EditScoreRequest, reasoning: bool) -> EditScoreResponse:
         model = self._model("edit")
         self._check_count(len(request.items), "items")
         fields = []
@@ -311,10 +412,13 @@ class ScoringService:
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
         ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
-        results = self._edit_results(ids, judged, mode, weights, request.return_reasoning)
+        results = self._edit_results(ids, judged, mode, weights, reasoning)
         return EditScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
 
     async def score_edit_group(self, request: EditGroupRequest) -> EditGroupResponse:
+        return await self._serve("edit/score_group", request, self._score_edit_group)
+
+    async def _score_edit_group(self, request: EditGroupRequest, reasoning: bool) -> EditGroupResponse:
         model = self._model("edit")
         self._check_count(len(request.candidates), "candidates")
         fields = [("source", request.source)] + [(f"candidates[{i}]", c) for i, c in enumerate(request.candidates)]
@@ -330,7 +434,7 @@ class ScoringService:
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
         ids = [str(i) for i in range(len(candidates))]
-        results = self._edit_results(ids, judged, mode, weights, request.return_reasoning)
+        results = self._edit_results(ids, judged, mode, weights, reasoning)
         group = rewards.group_stats([r.reward for r in results])
         return EditGroupResponse(
             model=model.ref(), score_mode=mode, weights=weights, id=request.id, results=results, group=group
@@ -387,6 +491,9 @@ class ScoringService:
         return {"prompt": prompt, "requirement": requirement or "none"}
 
     async def score_generations(self, request: GenScoreRequest) -> GenScoreResponse:
+        return await self._serve("gen/score", request, self._score_generations)
+
+    async def _score_generations(self, request: GenScoreRequest, reasoning: bool) -> GenScoreResponse:
         model = self._model("gen")
         self._check_count(len(request.items), "items")
         fields = [(f"items[{i}].image", item.image) for i, item in enumerate(request.items)]
@@ -398,10 +505,13 @@ class ScoringService:
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.qma_weights
         ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
-        results = self._gen_results(ids, judged, mode, weights, request.return_reasoning)
+        results = self._gen_results(ids, judged, mode, weights, reasoning)
         return GenScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
 
     async def score_generation_group(self, request: GenGroupRequest) -> GenGroupResponse:
+        return await self._serve("gen/score_group", request, self._score_generation_group)
+
+    async def _score_generation_group(self, request: GenGroupRequest, reasoning: bool) -> GenGroupResponse:
         model = self._model("gen")
         self._check_count(len(request.images), "images")
         fields = [(f"images[{i}]", image) for i, image in enumerate(request.images)]

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode
 from server.images import ImageLimits
+from server.security import KeyRing, is_loopback, load_keys
 
 DISABLED = "none"
 
@@ -107,9 +108,49 @@ class Settings(BaseSettings):
     openai_max_retries: int = Field(2, ge=0, le=10, description="openai: retries of a failed call, on other URLs.")
     openai_max_connections: int = Field(64, ge=1, description="openai: connection pool size.")
 
-    # admin
+    # security
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys as 'name:key' pairs, comma-separated (keys of 16 characters or more); when set, "
+        "every route but /healthz and /readyz needs 'Authorization: Bearer <key>'.",
+    )
+    api_key_file: Path | None = Field(None, description="File of 'name:key' lines, added to --api-keys.")
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for /v1/admin/* (sleep and wake); admin routes are off without one."
+    )
+    protect_metrics: bool = Field(False, description="Require an API key for /metrics too.")
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback address without API keys (logged as a warning)."
+    )
+
+    # reliability
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="Server deadline per request: past it the request answers 504 and its "
+        "engine work is cancelled. Keep it below the clients' own deadline.",
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="Most judge calls waiting per model; past it requests get 429 with Retry-After."
+    )
+    cache_size: int = Field(
+        10_000, ge=0, description="Judge answers kept for identical calls (same model, judge, images, text); 0 is off."
+    )
+    idempotency_window_s: float = Field(
+        600.0, ge=0.0, description="A repeated X-Request-ID within this many seconds gets the first answer; 0 is off."
+    )
+    drain_timeout_s: float = Field(
+        60.0, ge=0.0, description="On SIGTERM, how long in-flight requests may take before the process exits."
+    )
+    unhealthy_after: int = Field(
+        3, ge=1, description="Consecutive failed engine batches after which readiness turns false until one succeeds."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON (with the request id) or text.")
+    audit_log: Path | None = Field(
+        None, description="JSONL file recording every scored item (ids, scores, rewards, reasoning, latency)."
+    )
+    audit_log_max_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Size at which the audit log rotates (5 old files are kept)."
     )
 
     # scoring
@@ -155,9 +196,19 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         self.cme_weights()
         self.qma_weights()
+        if not is_loopback(self.host) and not (self.api_keys or self.api_key_file) and not self.insecure:
+            raise ValueError(
+                f"binding {self.host} without API keys would let anyone score; set --api-keys or --api-key-file, "
+                "or pass --insecure if the network is trusted"
+            )
         if self.edit_model == DISABLED and self.gen_model == DISABLED:
             raise ValueError("both models are switched off; at least one of --edit-model/--gen-model is needed")
         return self
+
+    def key_ring(self) -> KeyRing:
+        keys = load_keys(self.api_keys.get_secret_value() if self.api_keys else None, self.api_key_file)
+        admin = self.admin_key.get_secret_value() if self.admin_key else None
+        return KeyRing(scoring=keys, admin=admin, protect_metrics=self.protect_metrics)
 
     def base_urls(self) -> list[str]:
         return [u.strip() for u in (self.openai_base_urls or "").split(",") if u.strip()]

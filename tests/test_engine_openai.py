@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def _stats(url: str) -> dict:
 
 
 def _edit_body(n: int = 1) -> dict:
-    item = {"source": b64("blue"), "edited": b64("red"), "instruction": "Make the square red."}
+    # a new instruction each time, so the server's cache of identical calls cannot answer
+    item = {"source": b64("blue"), "edited": b64("red"), "instruction": f"Make the square red ({uuid.uuid4().hex})."}
     return {"items": [{"id": f"i{i}", **item} for i in range(n)]}
 
 

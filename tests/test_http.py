@@ -217,8 +217,8 @@ def test_concurrent_requests_share_engine_batches(client: httpx.Client) -> None:
     before_total, before_small = _batch_histogram(client)
 
     def one(i: int) -> int:
-        colour = ("red", "orange", "yellow")[i % 3]
-        return client.post("/v1/edit/score", json={"items": [_edit(str(i), "blue", colour)]}).status_code
+        item = _edit(str(i), "blue", "red") | {"instruction": f"Make the square red. (request {i})"}  # all distinct
+        return client.post("/v1/edit/score", json={"items": [item]}).status_code
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(one, range(16))) == [200] * 16

@@ -9,6 +9,7 @@ model gave every watched token at that step. Judges use this to compute an expec
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +32,8 @@ class GenerationRequest:
     parts: tuple[PromptPart, ...]
     max_new_tokens: int
     constraint: OutputConstraint | None = None  # honoured by engines with supports_constraints
+    # Set when the caller has gone (deadline passed, client left): an engine may stop early.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,18 @@ class _WatchRecorder:
         return scores
 
 
+class _StopCancelled:
+    """A stopping criterion: rows whose request was cancelled stop generating (all gone: the batch stops)."""
+
+    def __init__(self, requests: list[GenerationRequest]) -> None:
+        self.requests = requests
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.tensor([r.cancelled.is_set() for r in self.requests], device=input_ids.device)
+
+
 class TransformersEngine(Engine):
     batches_itself: ClassVar[bool] = False
     supports_sleep: ClassVar[bool] = True
@@ -147,7 +159,12 @@ class TransformersEngine(Engine):
             pad_token_id=tokenizer.pad_token_id,
         )
         with torch.inference_mode():
-            sequences = self._model.generate(**inputs, generation_config=config, logits_processor=[recorder])
+            sequences = self._model.generate(
+                **inputs,
+                generation_config=config,
+                logits_processor=[recorder],
+                stopping_criteria=[_StopCancelled(requests)],
+            )
         generated = sequences[:, inputs["input_ids"].shape[1] :].tolist()
         return [
             self._result(row, ids[: request.max_new_tokens], recorder, eos_ids)

@@ -1,0 +1,140 @@
+"""API keys: who may score, who may administer, and the middleware that checks them.
+
+Keys are named (the name, never the key, goes to the logs). Every comparison runs in constant
+time and against every key, so timing says nothing about which key was close. `/healthz` and
+`/readyz` are always open; `/metrics` needs a key only when asked to.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import error_response
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/healthz", "/readyz")
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_keys(text: str, origin: str) -> dict[str, str]:
+    """Named keys from 'name:key' entries separated by commas or new lines ('#' starts a comment)."""
+    keys: dict[str, str] = {}
+    entries = [e.strip() for line in text.splitlines() for e in line.split("#", 1)[0].split(",")]
+    for number, entry in enumerate((e for e in entries if e), start=1):
+        name, sep, key = entry.partition(":")
+        if not sep or not name.strip() or not key.strip():
+            raise ValueError(f"{origin}: entry {number} is not 'name:key'")
+        if len(key.strip()) < 16:
+            raise ValueError(f"{origin}: key '{name.strip()}' is shorter than 16 characters")
+        keys[name.strip()] = key.strip()
+    return keys
+
+
+def load_keys(inline: str | None, key_file: Path | None) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    if key_file is not None:
+        keys.update(parse_keys(key_file.read_text(encoding="utf-8"), str(key_file)))
+    if inline:
+        keys.update(parse_keys(inline, "FIRM_API_KEYS"))
+    return keys
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    scoring: Mapping[str, str]  # name -> key
+    admin: str | None = None
+    protect_metrics: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.scoring)
+
+    def match(self, given: str, keys: Iterable[tuple[str, str]]) -> str | None:
+        """The name of the key equal to `given`, comparing against all of them in constant time."""
+        found = None
+        for name, key in keys:
+            if hmac.compare_digest(given.encode(), key.encode()):
+                found = name
+        return found
+
+    def identify(self, given: str) -> tuple[str | None, bool]:
+        """(scoring key name, is the admin key)."""
+        name = self.match(given, self.scoring.items())
+        is_admin = self.admin is not None and self.match(given, [("admin", self.admin)]) is not None
+        return name, is_admin
+
+
+def _bearer(scope: Scope) -> str | None:
+    for header, value in scope["headers"]:
+        if header == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class Authentication:
+    """401 without a valid key, 403 with a key of the wrong scope, 404 for admin routes without an admin key."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        refusal = self._refusal(path, _bearer(scope), scope)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, code, message = refusal
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        response = error_response(status, code, message)
+        if headers:
+            response.headers.update(headers)
+        await response(scope, receive, send)
+
+    def _refusal(self, path: str, token: str | None, scope: Scope) -> tuple[int, str, str] | None:
+        if path in OPEN_PATHS or (path in DOC_PATHS and not self.keys.enabled):
+            return None
+        if path.startswith("/v1/admin/"):
+            if self.keys.admin is None:
+                return 404, "admin_off", "admin routes are off on this server; start it with --admin-key to use them"
+            if token is None:
+                return 401, "unauthorized", "admin routes need 'Authorization: Bearer <admin key>'"
+            name, is_admin = self.keys.identify(token)
+            if is_admin:
+                return None
+            return (
+                (403, "forbidden", "this key may score but not administer")
+                if name
+                else (401, "unauthorized", "unknown key")
+            )
+        if path == "/metrics" and not self.keys.protect_metrics:
+            return None
+        if not self.keys.enabled:
+            return None
+        if token is None:
+            return 401, "unauthorized", "this server needs 'Authorization: Bearer <API key>'"
+        name, is_admin = self.keys.identify(token)
+        if name is None and not is_admin:
+            return 401, "unauthorized", "unknown key"
+        scope.setdefault("state", {})["key_name"] = name or "admin"
+        return None
