@@ -14,6 +14,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from server.logs import configure_logging
 from server.settings import Settings
 
 _EPILOG = """\
@@ -77,18 +78,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         problems = "\n".join(f"  {_flag_of(e['loc'])}{e['msg']}" for e in exc.errors())
         sys.exit(f"firm-serve: invalid settings:\n{problems}")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("firm-serve")
     from server.app import create_app
     from server.judges import TemplateError
+    from server.shutdown import DrainingServer
 
     try:
         app = create_app(settings)
     except (TemplateError, ValueError, OSError) as exc:
         sys.exit(f"firm-serve: {exc}")
-    logging.getLogger(__name__).info("listening on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    if settings.insecure and not settings.key_ring().enabled:
+        log.warning("serving %s WITHOUT API keys (--insecure): anyone who can reach it can score", settings.host)
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    DrainingServer.serve_app(app, settings)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,28 +13,23 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
 from clients.protocol import (
-    DimensionScore,
     EditGroupRequest,
     EditGroupResponse,
-    EditResult,
     EditScoreRequest,
     EditScoreResponse,
     GenGroupRequest,
     GenGroupResponse,
-    GenResult,
     GenScoreRequest,
     GenScoreResponse,
     ItemError,
     ModelCard,
     ModelRef,
-    QualityScore,
-    QualitySubscores,
     RewardWeights,
     ScoreMode,
     Task,
@@ -46,9 +41,10 @@ from server.engines.base import Engine, GenerationRequest, GenerationResult
 from server.errors import DeadlineExceeded, ModelDisabled, NotReady, Overloaded, TooLarge, Unsupported
 from server.images import ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing, call_key
-from server.judges import Judge, JudgeOutcome, ParseError
+from server.judges import Judge, ParseError
 from server.logs import request_id
 from server.metrics import Metrics
+from server.results import Judged, Response, edit_results, gen_results, without_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -79,27 +75,6 @@ class Prepared:
 
     images: tuple[Image.Image, ...]
     fields: dict[str, str]
-
-
-@dataclass
-class Judged:
-    outcomes: dict[str, JudgeOutcome] = field(default_factory=dict)
-    error: ItemError | None = None
-
-
-Response = TypeVar("Response", EditScoreResponse, EditGroupResponse, GenScoreResponse, GenGroupResponse)
-
-
-def _without_reasoning(response: Response) -> Response:
-    results = []
-    for result in response.results:
-        dims = {
-            name: value.model_copy(update={"reasoning": None})
-            for name, value in result
-            if isinstance(value, DimensionScore)
-        }
-        results.append(result.model_copy(update=dims))
-    return response.model_copy(update={"results": results})
 
 
 def _decode_all(images: Sequence[tuple[str, str]], limits: ImageLimits) -> list[Image.Image | ItemError]:
@@ -323,39 +298,6 @@ class ScoringService:
             dimension = judge.name if key == "score" else f"{judge.name}.{key}"
             self.metrics.scores.labels(dimension=dimension).observe(value)
 
-    def _dimension(
-        self, outcome: JudgeOutcome | None, key: str, mode: ScoreMode, reasoning: bool
-    ) -> tuple[DimensionScore | None, float | None]:
-        """The response's view of one dimension and the 1-5 value that feeds the reward."""
-        if outcome is None:
-            return None, None
-        score, expected = outcome.scores[key], outcome.expected[key]
-        value = float(score) if mode == "argmax" else expected
-        dim = DimensionScore(
-            score=score,
-            expected=expected,
-            normalized=None if value is None else rewards.normalize(value),
-            reasoning=outcome.reasoning if reasoning else None,
-        )
-        return dim, value
-
-    def _reward(
-        self,
-        judged: Judged,
-        values: tuple[float | None, float | None],
-        combine: Callable[[float, float], float],
-    ) -> float | None:
-        if judged.error is not None:
-            return None
-        primary, secondary = values
-        if primary is None or secondary is None:
-            judged.error = ItemError(
-                code="no_score_probabilities",
-                message="score_mode 'expected' needs the score-token probabilities, which the engine did not give",
-            )
-            return None
-        return combine(primary, secondary)
-
     def _count(self, task: Task, judged: Sequence[Judged]) -> None:
         for item in judged:
             self.metrics.items.labels(task=task, outcome=item.error.code if item.error else "ok").inc()
@@ -367,32 +309,16 @@ class ScoringService:
         started = time.perf_counter()
         async with self._guard():
             response = await work(request, request.return_reasoning or self.audit is not None)
+        elapsed = time.perf_counter() - started
+        failed = sum(r.reward is None for r in response.results)
+        log.info("%s: %d items, %d failed, %.0f ms", route, len(response.results), failed, 1000 * elapsed)
         if self.audit is not None:
-            self.audit.record(route, request_id.get(), response.model, response.results, time.perf_counter() - started)
+            self.audit.record(route, request_id.get(), response.model, response.results, elapsed)
             if not request.return_reasoning:
-                response = _without_reasoning(response)
+                response = without_reasoning(response)
         return response
 
     # ------------------------------------------------------------------ editing
-
-    def _edit_results(
-        self,
-        ids: Sequence[str],
-        judged: Sequence[Judged],
-        mode: ScoreMode,
-        weights: RewardWeights,
-        reasoning: bool,
-    ) -> list[EditResult]:
-        results = []
-        for item_id, item in zip(ids, judged, strict=True):
-            execution, e = self._dimension(item.outcomes.get("edit_execution"), "score", mode, reasoning)
-            consistency, c = self._dimension(item.outcomes.get("edit_consistency"), "score", mode, reasoning)
-            reward = self._reward(item, (e, c), lambda p, s: rewards.cme_reward(p, s, weights))
-            results.append(
-                EditResult(id=item_id, execution=execution, consistency=consistency, reward=reward, error=item.error)
-            )
-        self._count("edit", judged)
-        return results
 
     async def score_edits(self, request: EditScoreRequest) -> EditScoreResponse:
         return await self._serve("edit/score", request, self._score_edits)
@@ -412,7 +338,8 @@ class ScoringService:
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
         ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
-        results = self._edit_results(ids, judged, mode, weights, reasoning)
+        results = edit_results(ids, judged, mode, weights, reasoning)
+        self._count("edit", judged)
         return EditScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
 
     async def score_edit_group(self, request: EditGroupRequest) -> EditGroupResponse:
@@ -434,57 +361,14 @@ class ScoringService:
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
         ids = [str(i) for i in range(len(candidates))]
-        results = self._edit_results(ids, judged, mode, weights, reasoning)
+        results = edit_results(ids, judged, mode, weights, reasoning)
+        self._count("edit", judged)
         group = rewards.group_stats([r.reward for r in results])
         return EditGroupResponse(
             model=model.ref(), score_mode=mode, weights=weights, id=request.id, results=results, group=group
         )
 
     # ------------------------------------------------------------------ generation
-
-    def _gen_results(
-        self,
-        ids: Sequence[str],
-        judged: Sequence[Judged],
-        mode: ScoreMode,
-        weights: RewardWeights,
-        reasoning: bool,
-    ) -> list[GenResult]:
-        results = []
-        for item_id, item in zip(ids, judged, strict=True):
-            following, i = self._dimension(item.outcomes.get("gen_instruction_following"), "score", mode, reasoning)
-            quality, q = self._quality(item.outcomes.get("gen_quality"), mode, reasoning)
-            reward = self._reward(item, (i, q), lambda p, s: rewards.qma_reward(p, s, weights))
-            results.append(
-                GenResult(
-                    id=item_id,
-                    instruction_following=following,
-                    quality=quality,
-                    reward=reward,
-                    error=item.error,
-                )
-            )
-        self._count("gen", judged)
-        return results
-
-    def _quality(
-        self, outcome: JudgeOutcome | None, mode: ScoreMode, reasoning: bool
-    ) -> tuple[QualityScore | None, float | None]:
-        """Quality is the weakest of the three subscores (and so is its expected value)."""
-        if outcome is None:
-            return None, None
-        expected_parts = list(outcome.expected.values())
-        expected = None if None in expected_parts else min(e for e in expected_parts if e is not None)
-        score = min(outcome.scores.values())
-        value = float(score) if mode == "argmax" else expected
-        quality = QualityScore(
-            score=score,
-            expected=expected,
-            normalized=None if value is None else rewards.normalize(value),
-            reasoning=outcome.reasoning if reasoning else None,
-            subscores=QualitySubscores(**outcome.scores),
-        )
-        return quality, value
 
     @staticmethod
     def _gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
@@ -505,7 +389,8 @@ class ScoringService:
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.qma_weights
         ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
-        results = self._gen_results(ids, judged, mode, weights, reasoning)
+        results = gen_results(ids, judged, mode, weights, reasoning)
+        self._count("gen", judged)
         return GenScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
 
     async def score_generation_group(self, request: GenGroupRequest) -> GenGroupResponse:
@@ -522,9 +407,8 @@ class ScoringService:
         ]
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.qma_weights
-        results = self._gen_results(
-            [str(i) for i in range(len(images))], judged, mode, weights, request.return_reasoning
-        )
+        results = gen_results([str(i) for i in range(len(images))], judged, mode, weights, reasoning)
+        self._count("gen", judged)
         group = rewards.group_stats([r.reward for r in results])
         return GenGroupResponse(
             model=model.ref(), score_mode=mode, weights=weights, id=request.id, results=results, group=group
