@@ -111,3 +111,18 @@ def test_calls_of_a_caller_that_left_are_not_run() -> None:
 
     asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.0, work=work))
     assert engine.batches == [["first"]]
+
+
+def test_repeated_engine_failures_make_the_runner_unhealthy_until_a_success() -> None:
+    engine = EchoEngine(delay=0.0)
+    engine.fail_on = {"bad"}
+
+    async def work(batcher: MicroBatcher) -> list[bool]:
+        seen = []
+        for text in ("bad", "bad", "bad", "good"):
+            await batcher.submit([_request(text)])
+            seen.append(batcher.healthy)
+        return seen
+
+    batcher_health = asyncio.run(_with_batcher(engine, max_batch_size=1, max_wait_s=0.0, work=work))
+    assert batcher_health == [True, True, False, True]
