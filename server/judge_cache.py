@@ -63,12 +63,10 @@ class CallSharing:
         runner: Runner,
         requests: Sequence[GenerationRequest],
         keys: Sequence[str],
-        admit: Callable[[int], None],
         hit: Callable[[int], None],
     ) -> list[Outcome]:
-        """Outcomes for `requests`, computing each distinct key once; `admit(n)` may refuse the n new calls."""
+        """Outcomes for `requests`, computing each distinct key once; `hit(n)` counts the calls spared."""
         if not self.enabled:
-            admit(len(requests))
             return await runner.submit(requests) if requests else []
         known: dict[str, Outcome] = {}
         shared: dict[str, asyncio.Future[Outcome]] = {}
@@ -83,7 +81,6 @@ class CallSharing:
                 shared[key], hits = self._running[key], hits + 1
             else:
                 new[key] = request
-        admit(len(new))
         if hits:
             hit(hits)
         loop = asyncio.get_running_loop()

@@ -113,6 +113,7 @@ class ScoringService:
         self.audit = audit
         self.in_flight = 0
         self.draining = False
+        self._pending_calls: dict[str, int] = {task: 0 for task in models}
         self.max_items, self.max_new_tokens, self.score_mode = max_items, max_new_tokens, score_mode
         self.cme_weights, self.qma_weights = cme_weights, qma_weights
 
@@ -191,12 +192,15 @@ class ScoringService:
         log.info("draining: %d requests in flight", self.in_flight)
 
     @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
-        """Every scoring request: refused while draining, counted in flight, bounded by the server deadline."""
+    async def _guard(self, model: TaskModel, calls: int) -> AsyncIterator[None]:
+        """Every scoring request: refused while draining or when its model's queue is full, counted in
+        flight from arrival (decoding included) to answer, and bounded by the server deadline."""
         if self.draining:
             self.metrics.rejected.labels(reason="draining").inc()
             raise NotReady("the server is shutting down; retry on another replica", retry_after=5)
+        self._admit(model, calls)
         self.in_flight += 1
+        self._pending_calls[model.task] += calls
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 yield
@@ -208,16 +212,18 @@ class ScoringService:
             ) from exc
         finally:
             self.in_flight -= 1
+            self._pending_calls[model.task] -= calls
 
     def _admit(self, model: TaskModel, calls: int) -> None:
-        """Refuse work the queue cannot take, with a Retry-After from the recent drain rate."""
-        pending = model.runner.pending
-        if calls and pending + calls > self.max_queue:
+        """Refuse work the queue cannot take, before any of it is done, with a Retry-After from the
+        recent drain rate. Pending calls are those of every request of this model not yet answered."""
+        pending = self._pending_calls[model.task]
+        if pending + calls > self.max_queue:
             self.metrics.rejected.labels(reason="overloaded").inc()
             rate = model.runner.drain_rate()
             wait = (pending + calls) / rate if rate else 1.0
             raise Overloaded(
-                f"{pending} judge calls are already queued for the {model.task} model (limit {self.max_queue})",
+                f"{pending} judge calls are already pending for the {model.task} model (limit {self.max_queue})",
                 limit=self.max_queue,
                 retry_after=min(max(wait, 1.0), 60.0),
             )
@@ -272,7 +278,6 @@ class ScoringService:
             model.runner,
             requests,
             keys,
-            admit=lambda n: self._admit(model, n),
             hit=lambda n: self.metrics.cache_hits.labels(model=model.task).inc(n),
         )
         judged = [Judged(error=item if isinstance(item, ItemError) else None) for item in items]
@@ -304,11 +309,15 @@ class ScoringService:
 
     # ------------------------------------------------------------------ serving
 
-    async def _serve(self, route: str, request: Any, work: Callable[[Any, bool], Awaitable[Response]]) -> Response:
+    async def _serve(
+        self, route: str, items: int, request: Any, work: Callable[[TaskModel, Any, bool], Awaitable[Response]]
+    ) -> Response:
         """Run one scoring request under the guard; audit it; leave out reasoning nobody asked for."""
         started = time.perf_counter()
-        async with self._guard():
-            response = await work(request, request.return_reasoning or self.audit is not None)
+        model = self._model("edit" if route.startswith("edit") else "gen")
+        self._check_count(items, "items" if route.endswith("/score") else "group members")
+        async with self._guard(model, items * len(model.judges)):
+            response = await work(model, request, request.return_reasoning or self.audit is not None)
         elapsed = time.perf_counter() - started
         failed = sum(r.reward is None for r in response.results)
         log.info("%s: %d items, %d failed, %.0f ms", route, len(response.results), failed, 1000 * elapsed)
@@ -321,11 +330,9 @@ class ScoringService:
     # ------------------------------------------------------------------ editing
 
     async def score_edits(self, request: EditScoreRequest) -> EditScoreResponse:
-        return await self._serve("edit/score", request, self._score_edits)
+        return await self._serve("edit/score", len(request.items), request, self._score_edits)
 
-    async def _score_edits(self, request: EditScoreRequest, reasoning: bool) -> EditScoreResponse:
-        model = self._model("edit")
-        self._check_count(len(request.items), "items")
+    async def _score_edits(self, model: TaskModel, request: EditScoreRequest, reasoning: bool) -> EditScoreResponse:
         fields = []
         for i, item in enumerate(request.items):
             fields += [(f"items[{i}].source", item.source), (f"items[{i}].edited", item.edited)]
@@ -343,11 +350,11 @@ class ScoringService:
         return EditScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
 
     async def score_edit_group(self, request: EditGroupRequest) -> EditGroupResponse:
-        return await self._serve("edit/score_group", request, self._score_edit_group)
+        return await self._serve("edit/score_group", len(request.candidates), request, self._score_edit_group)
 
-    async def _score_edit_group(self, request: EditGroupRequest, reasoning: bool) -> EditGroupResponse:
-        model = self._model("edit")
-        self._check_count(len(request.candidates), "candidates")
+    async def _score_edit_group(
+        self, model: TaskModel, request: EditGroupRequest, reasoning: bool
+    ) -> EditGroupResponse:
         fields = [("source", request.source)] + [(f"candidates[{i}]", c) for i, c in enumerate(request.candidates)]
         source, *candidates = await asyncio.to_thread(_decode_all, fields, self.limits)
         prepared: list[Prepared | ItemError] = [
@@ -375,11 +382,9 @@ class ScoringService:
         return {"prompt": prompt, "requirement": requirement or "none"}
 
     async def score_generations(self, request: GenScoreRequest) -> GenScoreResponse:
-        return await self._serve("gen/score", request, self._score_generations)
+        return await self._serve("gen/score", len(request.items), request, self._score_generations)
 
-    async def _score_generations(self, request: GenScoreRequest, reasoning: bool) -> GenScoreResponse:
-        model = self._model("gen")
-        self._check_count(len(request.items), "items")
+    async def _score_generations(self, model: TaskModel, request: GenScoreRequest, reasoning: bool) -> GenScoreResponse:
         fields = [(f"items[{i}].image", item.image) for i, item in enumerate(request.items)]
         images = await asyncio.to_thread(_decode_all, fields, self.limits)
         prepared: list[Prepared | ItemError] = [
@@ -394,11 +399,11 @@ class ScoringService:
         return GenScoreResponse(model=model.ref(), score_mode=mode, weights=weights, results=results)
 
     async def score_generation_group(self, request: GenGroupRequest) -> GenGroupResponse:
-        return await self._serve("gen/score_group", request, self._score_generation_group)
+        return await self._serve("gen/score_group", len(request.images), request, self._score_generation_group)
 
-    async def _score_generation_group(self, request: GenGroupRequest, reasoning: bool) -> GenGroupResponse:
-        model = self._model("gen")
-        self._check_count(len(request.images), "images")
+    async def _score_generation_group(
+        self, model: TaskModel, request: GenGroupRequest, reasoning: bool
+    ) -> GenGroupResponse:
         fields = [(f"images[{i}]", image) for i, image in enumerate(request.images)]
         images = await asyncio.to_thread(_decode_all, fields, self.limits)
         text = self._gen_fields(request.prompt, request.requirement)

@@ -57,6 +57,7 @@ def running_server(cache_dir: Path, *args: str, tiny: bool = True, timeout: floa
     cmd = [sys.executable, "-m", "server.cli", "--cache-dir", str(cache_dir), "--port", str(port), *args]
     if tiny:
         cmd.append("--tiny")
+    cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = cache_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import b64, free_port, metric_value, running_server
+from server.images import encode_image
+from tests.support import b64, free_port, metric_value, picture, running_server
 
 SCORING_KEY = "trainer-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789ab"
@@ -155,7 +156,10 @@ def _metrics(url: str) -> str:
 
 
 def test_identical_calls_are_computed_once(server_url: str) -> None:
-    body = _gen("a red square (shared)", n=3)  # three identical items in one request
+    image = picture("red")
+    image.putpixel((0, 0), (1, 2, 3))  # an image no earlier test has sent, so nothing is cached yet
+    item = {"image": encode_image(image), "prompt": "a red square (shared)"}
+    body = {"items": [item] * 3}  # three identical items in one request
     before = _metrics(server_url)
     first = httpx.post(f"{server_url}/v1/gen/score", json=body, timeout=60).json()
     between = _metrics(server_url)
