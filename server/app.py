@@ -97,6 +97,26 @@ class BodySizeLimit:
         await self.app(scope, limited, send)
 
 
+class EarlyRefusal:
+    """Refuse scoring requests for a model whose queue is full before reading their bodies, so
+    overload costs the server almost nothing (the scoring service re-checks with the exact count)."""
+
+    def __init__(self, app: ASGIApp, service: ScoringService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        task = path.split("/")[2] if path.startswith(("/v1/edit/", "/v1/gen/")) else None
+        wait = self.service.saturated(task) if task else None
+        if wait is None:
+            await self.app(scope, receive, send)
+            return
+        self.service.metrics.rejected.labels(reason="overloaded").inc()
+        message = f"the {task} model's queue is full ({self.service.max_queue} judge calls); retry later"
+        response = error_response(429, "overloaded", message, limit=self.service.max_queue, retry_after=wait)
+        await response(scope, receive, send)
+
+
 class RequestMetrics:
     """Count requests and time them by route template and status code."""
 
@@ -151,6 +171,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(EarlyRefusal, service=service)
     app.add_middleware(Authentication, keys=settings.key_ring())  # before the body is read
     app.add_middleware(RequestMetrics, metrics=metrics)  # outside the refusals, so they are counted too
     app.add_middleware(RequestContext)  # outermost: every log line of the request carries its id

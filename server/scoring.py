@@ -214,6 +214,14 @@ class ScoringService:
             self.in_flight -= 1
             self._pending_calls[model.task] -= calls
 
+    def saturated(self, task: str) -> float | None:
+        """Retry-After seconds when `task`'s queue is already full (so a request can be refused unread)."""
+        model = self.models.get(task)  # type: ignore[call-overload]
+        if model is None or self._pending_calls[task] < self.max_queue:
+            return None
+        rate = model.runner.drain_rate()
+        return min(max(self._pending_calls[task] / rate if rate else 1.0, 1.0), 60.0)
+
     def _admit(self, model: TaskModel, calls: int) -> None:
         """Refuse work the queue cannot take, before any of it is done, with a Retry-After from the
         recent drain rate. Pending calls are those of every request of this model not yet answered."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -97,8 +98,12 @@ class TransformersEngine(Engine):
         await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
+        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        if self.device == "cpu" and (cores := os.cpu_count() or 1) > 1 and torch.get_num_threads() >= cores:
+            # leave a core to the event loop, which parses requests and refuses overload meanwhile
+            torch.set_num_threads(cores - 1)
         log.info("loading %s on %s", self.model, self.device)
         processor = AutoProcessor.from_pretrained(self.model, revision=self._revision)
         processor.tokenizer.padding_side = "left"
