@@ -120,7 +120,7 @@ class DirectRunner(Runner):
             self._running -= len(requests)
 
 
-_Pending = tuple[GenerationRequest, "asyncio.Future[Outcome]", float]
+_Pending = tuple[GenerationRequest, "asyncio.Future[Outcome]", float, int]  # ..., arrival, submission
 
 
 class MicroBatcher(Runner):
@@ -141,6 +141,10 @@ class MicroBatcher(Runner):
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._free_since = 0.0  # when the last batch finished
+        self._submissions = 0  # submit() calls so far
+        self._submissions_at_free = 0
+        self._last_batch_submissions = 0  # distinct submit() calls the last batch answered
 
     @property
     def pending(self) -> int:
@@ -154,7 +158,7 @@ class MicroBatcher(Runner):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         while not self._queue.empty():
-            _, future, _ = self._queue.get_nowait()
+            _, future, _, _ = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(EngineError("server is shutting down"))
 
@@ -162,11 +166,12 @@ class MicroBatcher(Runner):
         """Queue every call of one request at once, so they can share a batch."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        self._submissions += 1
         futures: list[asyncio.Future[Outcome]] = []
         for request in requests:
             future: asyncio.Future[Outcome] = loop.create_future()
             futures.append(future)
-            self._queue.put_nowait((request, future, now))
+            self._queue.put_nowait((request, future, now, self._submissions))
         self._update_depth()
         try:
             return list(await asyncio.gather(*futures))
@@ -181,21 +186,35 @@ class MicroBatcher(Runner):
     def _update_depth(self) -> None:
         self.metrics.queue_depth.labels(model=self.label).set(self._queue.qsize())
 
+    def _callers_back(self) -> bool:
+        """Have as many callers submitted since the last batch ended as that batch answered?
+
+        Rollout workers run closed loops: a batch's callers come back with their next calls right
+        after their answers. Waiting for them, rather than starting a batch with whoever queued up
+        meanwhile, keeps the workers from splitting into cohorts that each pay the engine's fixed cost.
+        """
+        return self._submissions - self._submissions_at_free >= self._last_batch_submissions
+
     async def _collect(self) -> list[_Pending]:
         batch = [await self._queue.get()]
-        deadline = batch[0][2] + self.max_wait_s  # waiting counts from the oldest call's arrival
+        deadline = max(batch[0][2], self._free_since) + self.max_wait_s
         while len(batch) < self.max_batch_size:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._callers_back():
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
         self._update_depth()
+        log.debug(
+            "batch of %d calls from %d submissions; %d callers back of %d expected, waited %.0f ms",
+            len(batch), len({b[3] for b in batch}), self._submissions - self._submissions_at_free,
+            self._last_batch_submissions, 1000 * (time.monotonic() - max(batch[0][2], self._free_since)),
+        )
         return [item for item in batch if not item[1].done()]
 
     async def _loop(self) -> None:
@@ -205,9 +224,12 @@ class MicroBatcher(Runner):
                 continue
             self._running = len(batch)
             try:
-                outcomes = await self._run_engine([r for r, _, _ in batch])
+                outcomes = await self._run_engine([r for r, _, _, _ in batch])
             finally:
                 self._running = 0
-            for (_, future, _), outcome in zip(batch, outcomes, strict=True):
+                self._free_since = time.monotonic()
+                self._submissions_at_free = self._submissions
+                self._last_batch_submissions = len({submission for _, _, _, submission in batch})
+            for (_, future, _, _), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
 import warnings
@@ -129,9 +130,19 @@ def load_image(raw: bytes, field: str, limits: ImageLimits) -> Image.Image:
     return fit_to_budget(_to_rgb(image), limits.pixel_budget)
 
 
+DIGEST_KEY = "firm_digest"
+
+
 def decode_image(data: str, field: str, limits: ImageLimits) -> Image.Image:
-    """Base64 or data URL in, an RGB image upright and within the pixel budget out."""
-    return load_image(decode_base64(data, field, limits), field, limits)
+    """Base64 or data URL in, an RGB image upright and within the pixel budget out.
+
+    The image carries a digest of the bytes it came from (`image.info[DIGEST_KEY]`): the same
+    bytes always decode to the same pixels, and hashing them is ten times cheaper than the pixels.
+    """
+    raw = decode_base64(data, field, limits)
+    image = load_image(raw, field, limits)
+    image.info[DIGEST_KEY] = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return image
 
 
 def encode_image(image: Image.Image, image_format: str = "PNG", quality: int = 90) -> str:

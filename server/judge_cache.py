@@ -16,9 +16,13 @@ from PIL import Image
 
 from server.batching import Outcome, Runner
 from server.engines.base import EngineError, GenerationRequest, GenerationResult, PromptPart
+from server.images import DIGEST_KEY
 
 
 def image_digest(image: Image.Image) -> str:
+    """The digest of the bytes the image was decoded from, or else of its pixels."""
+    if DIGEST_KEY in image.info:
+        return image.info[DIGEST_KEY]
     shape = f"{image.mode}{image.size}".encode()[:16]
     return hashlib.blake2b(image.tobytes(), digest_size=16, person=shape).hexdigest()
 

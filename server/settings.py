@@ -59,10 +59,18 @@ class Settings(BaseSettings):
     )
     max_new_tokens: int = Field(256, ge=8, le=4096, description="Most tokens a judge may write per answer.")
     max_batch_size: int = Field(
-        16, ge=1, le=512, description="Most judge calls in one engine batch (micro-batched engines)."
+        256,
+        ge=1,
+        le=4096,
+        description="Most judge calls in one engine batch (micro-batched engines). Large, because an engine's "
+        "fixed cost per call dominates on a GPU; lower it if the transformers engine runs out of memory.",
     )
     max_wait_ms: float = Field(
-        10.0, ge=0.0, le=10_000.0, description="Longest a judge call waits for others to fill its batch."
+        200.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Longest a batch waits for the callers the previous batch answered to send their next "
+        "calls; it starts at once when they are all back.",
     )
 
     seed: int = Field(0, description="Sampling seed passed to the engine (decoding is greedy; the seed pins the rest).")

@@ -126,3 +126,37 @@ def test_repeated_engine_failures_make_the_runner_unhealthy_until_a_success() ->
 
     batcher_health = asyncio.run(_with_batcher(engine, max_batch_size=1, max_wait_s=0.0, work=work))
     assert batcher_health == [True, True, False, True]
+
+
+def test_closed_loop_workers_are_gathered_into_one_batch_per_round() -> None:
+    """Eight workers that each send their next call shortly after their answer: the batcher waits
+    for all of them instead of starting a batch with whoever queued up while the last one ran."""
+    engine = EchoEngine(delay=0.05)
+
+    async def work(batcher: MicroBatcher) -> None:
+        async def worker(w: int) -> None:
+            await asyncio.sleep(0.01 * w)  # they start out of step
+            for round_ in range(6):
+                await batcher.submit([_request(f"{w}.{round_}")])
+                await asyncio.sleep(0.005 + 0.002 * w)  # a client's round trip
+
+        await asyncio.gather(*(worker(w) for w in range(8)))
+
+    asyncio.run(_with_batcher(engine, max_batch_size=64, max_wait_s=0.2, work=work))
+    sizes = [len(b) for b in engine.batches]
+    assert sum(sizes) == 48
+    # the workers start out of step and end out of step, but in between every round is one batch
+    assert sizes.count(8) >= 4, sizes
+
+
+def test_a_lone_caller_is_not_kept_waiting() -> None:
+    engine = EchoEngine(delay=0.0)
+
+    async def work(batcher: MicroBatcher) -> float:
+        started = asyncio.get_running_loop().time()
+        for i in range(5):
+            await batcher.submit([_request(str(i))])
+        return asyncio.get_running_loop().time() - started
+
+    elapsed = asyncio.run(_with_batcher(engine, max_batch_size=64, max_wait_s=5.0, work=work))
+    assert elapsed < 5.0  # five rounds, none of which waited out the 5 s max_wait

@@ -58,3 +58,22 @@ def test_nothing_imports_vllm_at_module_import() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_plugin_engine_serves_over_http(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--engine package.module:ClassName` through a real firm-serve: the benchmark's simulated engine."""
+    import httpx
+
+    from tests.support import b64, running_server
+
+    monkeypatch.setenv("FIRM_SIM_A", "0.01")
+    monkeypatch.setenv("FIRM_SIM_B", "0.0")
+    args = ("--engine", "bench.sim_engine:SimulatedEngine", "--edit-model", "sim", "--gen-model", "none")
+    with running_server(tmp_path, *args, tiny=False) as url:
+        models = httpx.get(f"{url}/v1/models").json()["models"]
+        body = {"source": b64("blue"), "instruction": "Make it red.", "candidates": [b64("red"), b64("green")]}
+        reply = httpx.post(f"{url}/v1/edit/score_group", json=body, timeout=30).json()
+    assert [(m["engine"], m["engine_reason"]) for m in models] == [("simulated", "chosen in the settings")]
+    assert [r["execution"]["score"] for r in reply["results"]] == [4, 4]
+    assert reply["results"][0]["execution"]["expected"] == pytest.approx(3.9)
+    assert reply["group"]["scored"] == 2

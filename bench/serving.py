@@ -1,0 +1,137 @@
+"""Serving benchmark: do concurrent rollout workers' judge calls reach the engine together?
+
+Starts firm-serve with the simulated engine of `bench/sim_engine.py` (each engine call costs
+a + b * n seconds for n judge calls) and drives closed-loop GRPO-shaped load: W workers, each
+scoring groups of G edit candidates (512 px JPEG) on both dimensions through the group route,
+at W = 1, 8 and 32. Per W it prints candidates/s, group latency p50/p95, the mean engine batch
+size, and two ratios: to the ideal for the cost model (every pending call of a round in one
+engine call: W*G / (a + b*2*W*G) candidates/s) and to the engine's limit 1/(2b). It also prints
+the request bytes per candidate of the group route and of the plain batch route.
+
+    python bench/serving.py                               # simulated engine, server defaults
+    python bench/serving.py --mode tiny --workers 1 4     # the transformers engine on the tiny critic
+    python bench/serving.py -- --max-batch-size 64        # extra firm-serve flags after --
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.client_overhead import photo_like
+from clients.images import encode
+from tests.support import metric_value, running_server
+
+
+def _images(count: int, side: int) -> list[str]:
+    return [encode(photo_like(side, seed), "JPEG", 90) for seed in range(count)]
+
+
+async def _batches(client: httpx.AsyncClient) -> tuple[float, float]:
+    page = (await client.get("/metrics")).text
+    return metric_value(page, "firm_engine_batch_size_sum"), metric_value(page, "firm_engine_batch_size_count")
+
+
+async def run_level(
+    url: str, workers: int, group: int, seconds: float, images: list[str], warmup: float
+) -> dict[str, float]:
+    """Closed-loop load for `warmup + seconds`; only groups sent after the warm-up are counted."""
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=workers + 4)) as client:
+        sum0, count0 = 0.0, 0.0
+        measuring = time.monotonic() + warmup
+        stop = measuring + seconds
+
+        async def worker(w: int) -> None:
+            step = 0
+            while time.monotonic() < stop:
+                step += 1
+                body = {
+                    "source": images[w % len(images)],
+                    # a new instruction each round, so no call repeats and nothing is answered from cache
+                    "instruction": f"Make the sky orange (W={workers}, worker {w}, round {step}).",
+                    "candidates": [images[(w + step + k) % len(images)] for k in range(group)],
+                }
+                started = time.monotonic()
+                response = await client.post("/v1/edit/score_group", json=body)
+                response.raise_for_status()
+                if started >= measuring:
+                    latencies.append(time.monotonic() - started)
+
+        async def counters_after_warmup() -> None:
+            nonlocal sum0, count0
+            await asyncio.sleep(warmup)
+            sum0, count0 = await _batches(client)
+
+        await asyncio.gather(counters_after_warmup(), *(worker(w) for w in range(workers)))
+        elapsed = time.monotonic() - measuring
+        sum1, count1 = await _batches(client)
+    latencies.sort()
+    return {
+        "candidates_per_s": len(latencies) * group / elapsed,
+        "p50": latencies[len(latencies) // 2],
+        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "mean_batch": (sum1 - sum0) / max(count1 - count0, 1),
+    }
+
+
+def request_bytes(images: list[str], group: int) -> tuple[float, float]:
+    """Bytes per candidate: the group route sends the source once, the batch route once per item."""
+    grouped = {"source": images[0], "instruction": "Make the sky orange.", "candidates": images[1 : group + 1]}
+    items = [{"source": images[0], "edited": c, "instruction": "Make the sky orange."} for c in images[1 : group + 1]]
+    return len(json.dumps(grouped)) / group, len(json.dumps({"items": items})) / group
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("sim", "tiny"), default="sim", help="simulated engine or the tiny critic")
+    parser.add_argument("--a", type=float, default=0.5, help="simulated cost per engine call, seconds")
+    parser.add_argument("--b", type=float, default=0.01, help="simulated cost per judge call in a batch, seconds")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--group", type=int, default=8, help="candidates per GRPO group")
+    parser.add_argument("--side", type=int, default=512, help="image side, pixels")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured length of each level")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring, per level")
+    parser.add_argument("server_args", nargs="*", help="extra firm-serve flags after --")
+    args = parser.parse_args()
+    images = _images(args.group + 9, args.side)
+    cache = Path(tempfile.gettempdir()) / "firm-bench-cache"
+    if args.mode == "sim":
+        os.environ["FIRM_SIM_A"], os.environ["FIRM_SIM_B"] = str(args.a), str(args.b)
+        flags = ["--engine", "bench.sim_engine:SimulatedEngine", "--edit-model", "sim", "--gen-model", "none"]
+        server = running_server(cache, *flags, *args.server_args, tiny=False)
+    else:
+        server = running_server(cache, "--gen-model", "none", *args.server_args)
+    per_group, per_item = request_bytes(images, args.group)
+    print(
+        f"mode={args.mode} group={args.group} side={args.side}px seconds/level={args.seconds}",
+        " ".join(args.server_args),
+    )
+    print(f"request bytes per candidate: group route {per_group / 1024:.1f} KiB, batch route {per_item / 1024:.1f} KiB")
+    header = f"{'W':>4} {'cand/s':>8} {'p50 s':>7} {'p95 s':>7} {'batch':>7}"
+    if args.mode == "sim":
+        header += f" {'ideal':>7} {'/ideal':>7} {'/limit':>7}"
+    print(header)
+    with server as url:
+        for w in args.workers:
+            r = asyncio.run(run_level(url, w, args.group, args.seconds, images, args.warmup))
+            line = f"{w:>4} {r['candidates_per_s']:>8.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['mean_batch']:>7.1f}"
+            if args.mode == "sim":
+                ideal = w * args.group / (args.a + args.b * 2 * w * args.group)
+                limit = 1 / (2 * args.b)
+                line += f" {ideal:>7.1f} {r['candidates_per_s'] / ideal:>7.2f} {r['candidates_per_s'] / limit:>7.2f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
