@@ -23,7 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import b64, metric_value, running_server
+from server.images import encode_image
+from tests.support import b64, metric_value, picture, running_server
 
 
 @dataclass
@@ -48,11 +49,23 @@ class LevelResult:
 HEADER = f"{'conc':>6} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10} {'requests':>9} {'errors':>7}"
 
 
-def _body(task: str, items: int) -> tuple[str, dict]:
+SOURCE = b64("blue")
+
+
+def _unique_red(serial: int) -> str:
+    """A red square with one pixel set from `serial`, so no judge call repeats and no cache answers."""
+    image = picture("red")
+    image.putpixel((0, 0), (serial % 256, serial // 256 % 256, serial // 65536 % 256))
+    return encode_image(image)
+
+
+def _body(task: str, items: int, serial: int) -> tuple[str, dict]:
+    images = [_unique_red(serial * items + k) for k in range(items)]
     if task == "edit":
-        item = {"source": b64("blue"), "edited": b64("red"), "instruction": "Make the square red."}
-        return "/v1/edit/score", {"items": [item] * items}
-    return "/v1/gen/score", {"items": [{"image": b64("red"), "prompt": "a red square"}] * items}
+        return "/v1/edit/score", {
+            "items": [{"source": SOURCE, "edited": img, "instruction": "Make the square red."} for img in images]
+        }
+    return "/v1/gen/score", {"items": [{"image": img, "prompt": "a red square"} for img in images]}
 
 
 async def _batches(client: httpx.AsyncClient) -> tuple[float, float]:
@@ -61,7 +74,7 @@ async def _batches(client: httpx.AsyncClient) -> tuple[float, float]:
 
 
 async def run_level(url: str, task: str, concurrency: int, seconds: float, items: int) -> LevelResult:
-    route, body = _body(task, items)
+    serial = concurrency * 1_000_000  # each level sends images the others did not
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=concurrency + 2)
@@ -70,8 +83,10 @@ async def run_level(url: str, task: str, concurrency: int, seconds: float, items
         stop = time.monotonic() + seconds
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, serial
             while time.monotonic() < stop:
+                serial += 1
+                route, body = _body(task, items, serial)
                 started = time.perf_counter()
                 response = await client.post(route, json=body)
                 latencies.append(time.perf_counter() - started)
