@@ -59,6 +59,14 @@ def _texts(value: str | Sequence[str] | None, n: int, name: str) -> list[str | N
     return list(value)
 
 
+def _item_ids(ids: Sequence[str] | None, n: int) -> list[str]:
+    """The ids to send: the caller's, or the items' positions."""
+    item_ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
+    if len(item_ids) != n:
+        raise ValueError(f"ids: expected {n}, got {len(item_ids)}")
+    return item_ids
+
+
 class AsyncRewardClient:
     """Scores edits and generated images over HTTP; see `ClientConfig` for every setting."""
 
@@ -183,9 +191,7 @@ class AsyncRewardClient:
         n = len(edited_list)
         sources_list = _broadcast(sources, n, "sources")
         texts = _texts(instructions, n, "instructions")
-        item_ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
-        if len(item_ids) != n:
-            raise ValueError(f"ids: expected {n}, got {len(item_ids)}")
+        item_ids = _item_ids(ids, n)
 
         def build(encode: Encoder) -> list[dict[str, Any]]:
             return [
@@ -218,9 +224,7 @@ class AsyncRewardClient:
         n = len(image_list)
         prompt_list = _texts(prompts, n, "prompts")
         requirement_list = _texts(requirements, n, "requirements")
-        item_ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
-        if len(item_ids) != n:
-            raise ValueError(f"ids: expected {n}, got {len(item_ids)}")
+        item_ids = _item_ids(ids, n)
 
         def build(encode: Encoder) -> list[dict[str, Any]]:
             items = []
