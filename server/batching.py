@@ -1,12 +1,12 @@
 """Hand judge calls to an engine: gathered into micro-batches, or directly.
 
-`MicroBatcher` collects concurrent calls into one `Engine.generate` (up to `max_batch_size`,
-waiting at most `max_wait` after the oldest call arrived), runs one batch at a time, and lets
-the event loop keep accepting requests meanwhile. `DirectRunner` is for engines that schedule
-by themselves. Both return, per call, a result or the exception that failed it, so one bad
-batch fails only its own items; both know how many calls are pending, how fast calls drain
-(for Retry-After), and whether the engine keeps failing (for readiness). A call whose caller
-left is dropped if it has not started, and flagged as cancelled if it has.
+`MicroBatcher` collects concurrent calls into one `Engine.generate` (up to `max_batch_size`;
+it waits, at most `max_wait`, for the callers of the previous batch to send their next calls),
+runs one batch at a time, and lets the event loop keep accepting requests meanwhile.
+`DirectRunner` is for engines that schedule by themselves. Both return, per call, a result or
+the exception that failed it, so one bad batch fails only its own items; both know how fast
+calls drain (for Retry-After) and whether the engine keeps failing (for readiness). A call
+whose caller left is dropped if it has not started, and flagged as cancelled if it has.
 """
 
 from __future__ import annotations
@@ -34,16 +34,10 @@ class Runner:
         self.unhealthy_after = unhealthy_after
         self.consecutive_failures = 0
         self._done: collections.deque[tuple[float, int]] = collections.deque()  # (finished at, calls)
-        self._running = 0
 
     @property
     def healthy(self) -> bool:
         return self.consecutive_failures < self.unhealthy_after
-
-    @property
-    def pending(self) -> int:
-        """Calls accepted and not yet answered."""
-        return self._running
 
     def drain_rate(self) -> float | None:
         """Calls answered per second over the last minute, None before the first answer."""
@@ -109,15 +103,12 @@ def _cancel(requests: Sequence[GenerationRequest]) -> None:
 
 class DirectRunner(Runner):
     async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
-        self._running += len(requests)
         try:
             return await self._run_engine(list(requests))
         except asyncio.CancelledError:
             _cancel(requests)
             self.metrics.cancelled_calls.labels(model=self.label).inc(len(requests))
             raise
-        finally:
-            self._running -= len(requests)
 
 
 _Pending = tuple[GenerationRequest, "asyncio.Future[Outcome]", float, int]  # ..., arrival, submission
@@ -145,10 +136,6 @@ class MicroBatcher(Runner):
         self._submissions = 0  # submit() calls so far
         self._submissions_at_free = 0
         self._last_batch_submissions = 0  # distinct submit() calls the last batch answered
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize() + self._running
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.label}")
@@ -212,8 +199,11 @@ class MicroBatcher(Runner):
         self._update_depth()
         log.debug(
             "batch of %d calls from %d submissions; %d callers back of %d expected, waited %.0f ms",
-            len(batch), len({b[3] for b in batch}), self._submissions - self._submissions_at_free,
-            self._last_batch_submissions, 1000 * (time.monotonic() - max(batch[0][2], self._free_since)),
+            len(batch),
+            len({b[3] for b in batch}),
+            self._submissions - self._submissions_at_free,
+            self._last_batch_submissions,
+            1000 * (time.monotonic() - max(batch[0][2], self._free_since)),
         )
         return [item for item in batch if not item[1].done()]
 
@@ -222,11 +212,9 @@ class MicroBatcher(Runner):
             batch = await self._collect()
             if not batch:
                 continue
-            self._running = len(batch)
             try:
                 outcomes = await self._run_engine([r for r, _, _, _ in batch])
             finally:
-                self._running = 0
                 self._free_since = time.monotonic()
                 self._submissions_at_free = self._submissions
                 self._last_batch_submissions = len({submission for _, _, _, submission in batch})
