@@ -26,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.images import encode_image
+from clients.images import encode
 from server.judges import SCORE_TOKENS, load_judges
 from server.tiny import COOL, WARM, draw_square, ensure_tiny_checkpoint
 from tests.support import running_server
@@ -102,7 +102,7 @@ async def _drive(url: str, bodies: list[dict], concurrency: int) -> tuple[float,
 
 def http(args: argparse.Namespace) -> dict[str, float]:
     bodies = [
-        {"items": [{"source": encode_image(s, "JPEG"), "edited": encode_image(e, "JPEG"), "instruction": text}]}
+        {"items": [{"source": encode(s, "JPEG"), "edited": encode(e, "JPEG"), "instruction": text}]}
         for s, e, text in _pairs(args.items, args.side)
     ]
     flags = ["--engine", "vllm", "--edit-model", args.model, "--gen-model", "none"]

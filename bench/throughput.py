@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.images import encode_image
+from clients.images import encode
 from tests.support import b64, metric_value, picture, running_server
 
 
@@ -56,7 +56,7 @@ def _unique_red(serial: int) -> str:
     """A red square with one pixel set from `serial`, so no judge call repeats and no cache answers."""
     image = picture("red")
     image.putpixel((0, 0), (serial % 256, serial // 256 % 256, serial // 65536 % 256))
-    return encode_image(image)
+    return encode(image)
 
 
 def _body(task: str, items: int, serial: int) -> tuple[str, dict]:

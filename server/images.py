@@ -143,10 +143,3 @@ def decode_image(data: str, field: str, limits: ImageLimits) -> Image.Image:
     image = load_image(raw, field, limits)
     image.info[DIGEST_KEY] = hashlib.blake2b(raw, digest_size=16).hexdigest()
     return image
-
-
-def encode_image(image: Image.Image, image_format: str = "PNG", quality: int = 90) -> str:
-    """Base64 text of an image; what clients and tests send."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, quality=quality)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")

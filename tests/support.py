@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from server.images import encode_image
+from clients.images import encode
 from server.tiny import COLOURS, IMAGE_SIDE, draw_square
 
 
@@ -26,7 +26,7 @@ def picture(colour: str) -> Image.Image:
 
 
 def b64(colour: str, image_format: str = "PNG") -> str:
-    return encode_image(picture(colour), image_format)
+    return encode(picture(colour), image_format)
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from clients.images import encode
 from clients.protocol import (
     MAX_INSTRUCTION_CHARS,
     MAX_ITEMS_PER_REQUEST,
@@ -21,7 +22,6 @@ from clients.protocol import (
     GenScoreResponse,
     ModelsResponse,
 )
-from server.images import encode_image
 from server.rewards import ADVANTAGE_EPS, cme_reward, qma_reward
 from tests.support import b64, metric_value, running_server
 
@@ -174,7 +174,7 @@ def test_more_items_than_the_server_allows_get_413_with_the_limit(client: httpx.
 
 
 def test_an_image_over_the_pixel_limit_gets_413_naming_it(client: httpx.Client) -> None:
-    bomb = encode_image(Image.new("1", (8000, 6000)))  # 48 M pixels, a few kB of PNG
+    bomb = encode(Image.new("1", (8000, 6000)))  # 48 M pixels, a few kB of PNG
     body = {"items": [{"id": "a", "image": b64("red"), "prompt": "p"}, {"image": bomb, "prompt": "p"}]}
     response = client.post("/v1/gen/score", json=body)
     assert response.status_code == 413

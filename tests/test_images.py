@@ -6,7 +6,8 @@ import io
 import pytest
 from PIL import Image
 
-from server.images import ImageLimits, ImageTooLarge, InvalidImage, decode_image, encode_image
+from clients.images import encode
+from server.images import ImageLimits, ImageTooLarge, InvalidImage, decode_image
 
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000, pixel_budget=256 * 256)
 
@@ -119,7 +120,7 @@ def test_large_images_are_downscaled_to_the_pixel_budget_keeping_aspect() -> Non
 
 def test_encode_then_decode_round_trips() -> None:
     image = Image.new("RGB", (12, 9), (1, 2, 3))
-    assert decode_image(encode_image(image), "image", LIMITS).tobytes() == image.tobytes()
+    assert decode_image(encode(image), "image", LIMITS).tobytes() == image.tobytes()
 
 
 def test_extremely_elongated_images_fail_the_item() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.images import encode_image
+from clients.images import encode
 from tests.support import b64, free_port, metric_value, picture, running_server
 
 SCORING_KEY = "trainer-key-0123456789"
@@ -158,7 +158,7 @@ def _metrics(url: str) -> str:
 def test_identical_calls_are_computed_once(server_url: str) -> None:
     image = picture("red")
     image.putpixel((0, 0), (1, 2, 3))  # an image no earlier test has sent, so nothing is cached yet
-    item = {"image": encode_image(image), "prompt": "a red square (shared)"}
+    item = {"image": encode(image), "prompt": "a red square (shared)"}
     body = {"items": [item] * 3}  # three identical items in one request
     before = _metrics(server_url)
     first = httpx.post(f"{server_url}/v1/gen/score", json=body, timeout=60).json()
