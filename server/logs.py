@@ -16,6 +16,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)  # the API key's name
 MAX_ID_CHARS = 128
 
 
@@ -29,6 +30,8 @@ class JsonFormatter(logging.Formatter):
         }
         if (rid := request_id.get()) is not None:
             line["request_id"] = rid
+        if (name := caller.get()) is not None:
+            line["key"] = name
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)

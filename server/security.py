@@ -17,6 +17,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import error_response
+from server.logs import caller
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,11 @@ class Authentication:
         path: str = scope["path"]
         refusal = self._refusal(path, _bearer(scope), scope)
         if refusal is None:
-            await self.app(scope, receive, send)
+            token = caller.set(scope.get("state", {}).get("key_name"))  # log lines name the key, never show it
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                caller.reset(token)
             return
         status, code, message = refusal
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None

@@ -70,6 +70,15 @@ def test_keys_and_scopes(keyed_url: str, path: str, method: str, key: str | None
         assert response.json()["error"]["code"] == "unauthorized"
 
 
+def test_logs_name_the_key_and_never_show_it(keyed_url: str, cache_dir: Path) -> None:
+    headers = {"Authorization": f"Bearer {SCORING_KEY}", "X-Request-ID": "keyed-log-1"}
+    assert httpx.post(f"{keyed_url}/v1/gen/score", json=_gen(), headers=headers, timeout=60).status_code == 200
+    log = (cache_dir / f"server-{keyed_url.rsplit(':', 1)[1]}.log").read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(line.get("request_id") == "keyed-log-1" and line.get("key") == "trainer" for line in lines)
+    assert SCORING_KEY not in log and ADMIN_KEY not in log
+
+
 def test_an_unauthenticated_body_is_refused_before_it_is_read(keyed_url: str) -> None:
     response = httpx.post(
         f"{keyed_url}/v1/gen/score", content=b"x" * 5_000_000, headers={"content-type": "application/json"}
