@@ -12,6 +12,7 @@ it also works inside notebooks and trainers that have a loop of their own.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -314,6 +315,13 @@ class RewardClient:
 
     def _run(self, coroutine: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()  # type: ignore[arg-type]
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Start `method` (e.g. "score_edit_group") without waiting: the returned future resolves to its reply.
+        Lets a caller overlap scoring with its own work, such as sampling the next GRPO group."""
+        if not method.startswith("score_"):
+            raise ValueError(f"submit() runs scoring methods only, not {method!r}")
+        return asyncio.run_coroutine_threadsafe(getattr(self._client, method)(*args, **kwargs), self._loop)
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from server.flags import describe_errors, parse_settings, settings_parser
 from server.logs import configure_logging
 from server.settings import Settings
 
@@ -27,57 +27,26 @@ Every flag can also be set as an environment variable: --max-batch-size 32 is FI
 """
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _metavar(annotation: object) -> str:
-    text = str(annotation)
-    for kind, metavar in (("int", "N"), ("float", "X"), ("Path", "PATH")):
-        if kind in text:
-            return metavar
-    return "TEXT"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    return settings_parser(
+        Settings,
         prog="firm-serve",
         description="Serve the FIRM reward models (FIRM-Edit: execution + consistency -> CME reward; "
         "FIRM-Gen: instruction following + quality -> QMA reward) over HTTP for RL training.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # unset flags leave env vars and defaults in charge
+        env_prefix="FIRM_",
     )
-    for name, field in Settings.model_fields.items():
-        env = f"FIRM_{name.upper()}"
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-        help_text = f"{field.description} [env {env}; default {default}]"
-        annotation = field.annotation
-        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is not None else ()
-        if annotation is bool:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_text)
-        elif choices and all(isinstance(c, str) for c in choices):
-            parser.add_argument(_flag(name), choices=choices, help=help_text)
-        else:
-            parser.add_argument(_flag(name), metavar=_metavar(annotation), help=help_text)
-    return parser
-
-
-def _flag_of(loc: tuple[int | str, ...]) -> str:
-    return f"{_flag('_'.join(str(p) for p in loc))}: " if loc else ""
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
-    args: dict[str, Any] = vars(build_parser().parse_args(argv))
-    return Settings(**args)
+    return parse_settings(build_parser(), Settings, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
-        problems = "\n".join(f"  {_flag_of(e['loc'])}{e['msg']}" for e in exc.errors())
-        sys.exit(f"firm-serve: invalid settings:\n{problems}")
+        sys.exit(f"firm-serve: invalid settings:\n{describe_errors(exc)}")
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("firm-serve")
     from server.app import create_app

@@ -1,0 +1,58 @@
+"""`firm-rollout`: one GRPO rollout worker that trains a generator against the FIRM reward server.
+
+Run one per GPU under torchrun; every worker calls the same reward service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from rl_workers.settings import RolloutSettings
+from server.flags import describe_errors, parse_settings, settings_parser
+
+_EPILOG = """\
+examples:
+  firm-rollout --task t2i --prompts prompts.txt --reward-url http://127.0.0.1:8000
+  firm-rollout --task edit --prompts edits.jsonl --group-size 16 --groups-per-step 4
+  torchrun --nproc-per-node 8 -m rl_workers.cli --task t2i --prompts prompts.txt   # one worker per GPU
+  firm-rollout --tiny --task t2i --prompts prompts.txt --resolution 64 --group-size 4 --sample-steps 2
+
+Prompt files: t2i takes one prompt per line; edit takes JSONL lines {"source": "img.png", "instruction": "..."}
+(paths relative to the file). Every flag is also an environment variable: --group-size 8 is FIRM_RL_GROUP_SIZE=8.
+The reward server's URL(s), API key and retries follow the client's FIRM_URLS / FIRM_API_KEY settings.
+Figures go to OUTPUT_DIR/metrics.jsonl; LoRA checkpoints to OUTPUT_DIR/checkpoint-N.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return settings_parser(
+        RolloutSettings,
+        prog="firm-rollout",
+        description="GRPO on Stable Diffusion 3.5 (t2i, QMA reward) or Qwen-Image-Edit (edit, CME reward), "
+        "with rewards from a running firm-serve.",
+        epilog=_EPILOG,
+        env_prefix="FIRM_RL_",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        settings: RolloutSettings = parse_settings(build_parser(), RolloutSettings, argv)
+    except ValidationError as exc:
+        sys.exit(f"firm-rollout: invalid settings:\n{describe_errors(exc)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rl_workers.run import run
+
+    try:
+        run(settings)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"firm-rollout: {exc}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,69 @@
+"""Generators behind one interface; `load_generator` builds the one the settings ask for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rl_workers.generators.base import Condition, Conditioning, Generator
+
+if TYPE_CHECKING:
+    from rl_workers.settings import RolloutSettings
+
+__all__ = ["Condition", "Conditioning", "Generator", "load_generator", "resolve_device"]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _missing_components(model: str) -> dict[str, Any]:
+    """Components a local pipeline folder was saved without (SD3 without T5): load them as None."""
+    index = Path(model) / "model_index.json"
+    if not index.exists():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items() if isinstance(v, list) and v[0] is None}
+
+
+def load_generator(settings: RolloutSettings, device: torch.device) -> Generator:
+    """Load the generator's pipeline (hub id or folder), freeze it, and wrap it for the rollout loop."""
+    from rl_workers.tiny import ensure_tiny_pipeline
+
+    kind = "sd3" if settings.task == "t2i" else "qwen_edit"
+    model = str(ensure_tiny_pipeline(settings.cache_dir, kind)) if settings.tiny else settings.model_id
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": settings.revision} | _missing_components(model)
+    if settings.task == "t2i":
+        from diffusers import StableDiffusion3Pipeline
+
+        from rl_workers.generators.sd3 import SD3Generator
+
+        if settings.drop_t5:
+            kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
+        pipeline = StableDiffusion3Pipeline.from_pretrained(model, **kwargs)
+        generator: Generator = SD3Generator(
+            pipeline.to(device),
+            resolution=settings.resolution,
+            guidance_scale=settings.guidance,
+            max_sequence_length=settings.max_sequence_length,
+        )
+    else:
+        from diffusers import QwenImageEditPipeline
+
+        from rl_workers.generators.qwen_edit import QwenEditGenerator
+
+        pipeline = QwenImageEditPipeline.from_pretrained(model, **kwargs)
+        generator = QwenEditGenerator(
+            pipeline.to(device), resolution=settings.resolution, guidance_scale=settings.guidance
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    return generator

@@ -1,0 +1,90 @@
+"""The reward service as the rollout loop sees it: submit a group, collect its rewards later.
+
+Calls run on the client's own event-loop thread, so a group is being scored while the worker
+samples the next one. A failed call or item gives a null reward (masked in the loss), never 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from clients import RewardClient
+from clients.protocol import EditGroupResponse, GenGroupResponse, ScoreMode
+from rl_workers.generators.base import Condition
+
+COMPONENTS = {"t2i": ("instruction_following", "quality"), "edit": ("execution", "consistency")}
+
+
+@dataclass(frozen=True)
+class GroupRewards:
+    rewards: list[float | None]
+    components: dict[str, list[float | None]]  # normalised 0-1 score per dimension
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(r is None for r in self.rewards)
+
+
+def rewards_of(reply: EditGroupResponse | GenGroupResponse, task: str) -> GroupRewards:
+    components: dict[str, list[float | None]] = {}
+    for name in COMPONENTS[task]:
+        dims = [getattr(r, name) for r in reply.results]
+        components[name] = [None if d is None else d.normalized for d in dims]
+    return GroupRewards(
+        rewards=[r.reward for r in reply.results],
+        components=components,
+        errors=[f"{i}: {reason}" for i, reason in reply.errors()],
+    )
+
+
+class PendingRewards:
+    """A group being scored."""
+
+    def __init__(self, call: Future[Any], task: str) -> None:
+        self._call = call
+        self._task = task
+
+    def done(self) -> bool:
+        return self._call.done()
+
+    def result(self, timeout: float | None = None) -> GroupRewards:
+        return rewards_of(self._call.result(timeout), self._task)
+
+
+class RemoteCritic:
+    """Scores GRPO groups through the reward server's group routes (edit: CME, t2i: QMA)."""
+
+    def __init__(
+        self,
+        task: str,
+        base_urls: Sequence[str] | None = None,
+        *,
+        client: RewardClient | None = None,
+        score_mode: ScoreMode | None = None,
+    ) -> None:
+        self.task = task
+        self.score_mode = score_mode
+        self._client = client or RewardClient(list(base_urls) if base_urls else None)
+
+    def submit(self, condition: Condition, images: Sequence[Image.Image]) -> PendingRewards:
+        """Start scoring one group; returns at once."""
+        options = {"group_id": condition.id or None, "score_mode": self.score_mode}
+        if self.task == "edit":
+            call = self._client.submit(
+                "score_edit_group", condition.source, condition.prompt, list(images), **options
+            )
+        else:
+            call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
+        return PendingRewards(call, self.task)
+
+    def ready(self) -> bool:
+        return self._client.ready()
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,53 @@
+"""Wire a worker together from its settings: ranks, generator, critic, prompts, metrics."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rl_workers.distributed import init_from_env, shutdown
+from rl_workers.generators import load_generator, resolve_device
+from rl_workers.observability import MetricsLog
+from rl_workers.prompts import endless, load_conditions
+from rl_workers.rewards import RemoteCritic
+from rl_workers.settings import RolloutSettings
+from rl_workers.worker import RolloutWorker
+
+log = logging.getLogger("firm-rollout")
+
+
+def run(settings: RolloutSettings) -> list[dict[str, float]]:
+    """Train for `settings.steps` steps; returns each step's figures."""
+    ranks = init_from_env()
+    critic = None
+    metrics = None
+    try:
+        torch.manual_seed(settings.seed + ranks.rank)
+        conditions = load_conditions(settings.prompts, settings.task)
+        device = resolve_device(settings.device, ranks.local_rank)
+        critic = RemoteCritic(settings.task, settings.reward_urls(), score_mode=settings.score_mode)
+        if not critic.ready():
+            raise ValueError("the reward server is not ready (is firm-serve running at the given URL?)")
+        generator = load_generator(settings, device)
+        if ranks.main:
+            metrics = MetricsLog(
+                settings.output_dir,
+                tensorboard=settings.tensorboard,
+                wandb_project=settings.wandb_project,
+                config=settings.model_dump(mode="json"),
+            )
+        log.info(
+            "rank %d/%d: %s on %s, %d prompts, G=%d", ranks.rank, ranks.world, settings.model_id, device,
+            len(conditions), settings.group_size,
+        )  # fmt: skip
+        worker = RolloutWorker(
+            settings, generator, critic, endless(conditions, ranks.rank, ranks.world, settings.seed), ranks, metrics
+        )
+        return worker.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if critic is not None:
+            critic.close()
+        shutdown(ranks)

@@ -1,0 +1,100 @@
+"""All configuration of a rollout worker in one typed object (CLI flags and FIRM_RL_* variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODELS = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "Qwen/Qwen-Image-Edit"}
+DEFAULT_GUIDANCE = {"t2i": 4.5, "edit": 4.0}
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "firm-reward-server"
+
+
+class RolloutSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FIRM_RL_", extra="forbid")
+
+    # what to train
+    task: Literal["t2i", "edit"] = Field(
+        "t2i",
+        description="t2i: Stable Diffusion 3.5 scored by FIRM-Gen (QMA); edit: Qwen-Image-Edit by FIRM-Edit (CME).",
+    )
+    model: str | None = Field(
+        None,
+        description="Generator checkpoint (hub id or folder); default SD3.5-Medium (t2i) or Qwen-Image-Edit (edit).",
+    )
+    revision: str | None = Field(None, description="Hub revision of the generator.")
+    drop_t5: bool = Field(False, description="Load SD3 without its T5 text encoder (saves ~10 GB; lower quality).")
+    tiny: bool = Field(False, description="Use a tiny random pipeline built locally (no download): smoke tests only.")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where --tiny pipelines are built.")
+    prompts: Path = Field(
+        ..., description="Prompt file: one text prompt per line (t2i), or JSONL of {source, instruction} (edit)."
+    )
+    output_dir: Path = Field(Path("firm-rollout-out"), description="Checkpoints and the metrics log go here.")
+
+    # rewards
+    reward_url: str | None = Field(
+        None, description="Reward server base URL(s), comma-separated; default FIRM_URLS or http://127.0.0.1:8000."
+    )
+    score_mode: Literal["argmax", "expected"] | None = Field(
+        None,
+        description="Which score feeds the reward: argmax (the paper) or expected (smoother, fewer tied groups); "
+        "default: the server's.",
+    )
+    overlap: bool = Field(True, description="Score each group while the next one samples.")
+    std_floor: float = Field(0.01, gt=0, description="Floor on a group's reward std when normalising advantages.")
+
+    # sampling
+    group_size: int = Field(16, ge=2, description="Samples per prompt (G); the paper uses 16.")
+    groups_per_step: int = Field(2, ge=1, description="Prompt groups each worker samples per training step.")
+    resolution: int = Field(512, ge=32, description="Image side in pixels (square).")
+    sample_steps: int = Field(10, ge=1, description="Denoising steps of the SDE sampler during training.")
+    eval_steps: int = Field(40, ge=1, description="Denoising steps of the deterministic ODE sampler for evaluation.")
+    eval_every: int = Field(0, ge=0, description="Evaluate (ODE sampling, mean reward) every N steps; 0 = never.")
+    noise_level: float = Field(0.7, gt=0, description="SDE noise scale (Flow-GRPO's a); higher explores more.")
+    guidance_scale: float | None = Field(None, ge=1.0, description="CFG scale; default 4.5 (SD3.5) or 4.0 (Qwen).")
+    max_sequence_length: int = Field(256, ge=8, description="Text tokens given to SD3's T5 encoder.")
+
+    # update
+    steps: int = Field(100, ge=1, description="Training steps.")
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip range (ratios stay near 1 per step).")
+    kl_beta: float = Field(0.04, ge=0, description="Weight of the KL to the frozen reference (LoRA off); 0 skips it.")
+    timestep_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of each trajectory's steps that train (chosen at random per step)."
+    )
+    train_batch_size: int = Field(4, ge=1, description="Samples per forward pass in the update (gradients accumulate).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    lora_rank: int = Field(32, ge=1, description="LoRA rank on the transformer's attention projections.")
+    lora_alpha: int = Field(64, ge=1, description="LoRA alpha.")
+    save_every: int = Field(10, ge=0, description="Save the LoRA weights every N steps (and at the end); 0 = end only.")
+
+    # process
+    seed: int = Field(0, description="Seed; each rank adds its rank.")
+    device: str = Field("auto", description="auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu, cuda:1 ...")
+    tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
+    wandb_project: str | None = Field(None, description="Also log to this Weights & Biases project (when installed).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutSettings:
+        if self.group_size < 2:
+            raise ValueError("group_size must be at least 2: advantages are relative to the group")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.model or DEFAULT_MODELS[self.task]
+
+    @property
+    def guidance(self) -> float:
+        return self.guidance_scale if self.guidance_scale is not None else DEFAULT_GUIDANCE[self.task]
+
+    def reward_urls(self) -> list[str] | None:
+        return [u.strip() for u in self.reward_url.split(",") if u.strip()] if self.reward_url else None

@@ -1,0 +1,69 @@
+"""Command-line flags made from a pydantic-settings class: one flag per field, its description as help.
+
+The flag, the environment variable and the default shown in `--help` all come from the field, so
+the command line, the environment and the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, get_args
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _metavar(annotation: object) -> str:
+    text = str(annotation)
+    for kind, metavar in (("int", "N"), ("float", "X"), ("Path", "PATH")):
+        if kind in text:
+            return metavar
+    return "TEXT"
+
+
+def settings_parser(
+    settings: type[BaseSettings], *, prog: str, description: str, epilog: str, env_prefix: str
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # unset flags leave env vars and defaults in charge
+    )
+    for name, field in settings.model_fields.items():
+        env = f"{env_prefix}{name.upper()}"
+        if field.is_required():
+            help_text = f"{field.description} [env {env}; required]"
+        else:
+            default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+            help_text = f"{field.description} [env {env}; default {default}]"
+        annotation = field.annotation
+        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is not None else ()
+        if annotation is bool:
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
+        elif choices and all(isinstance(c, str) for c in choices):
+            parser.add_argument(flag(name), choices=choices, help=help_text)
+        else:
+            parser.add_argument(flag(name), metavar=_metavar(annotation), help=help_text)
+    return parser
+
+
+def parse_settings(parser: argparse.ArgumentParser, settings: type[BaseSettings], argv: Sequence[str] | None) -> Any:
+    """Flags over environment over defaults; raises pydantic's ValidationError (see `describe_errors`)."""
+    return settings(**vars(parser.parse_args(argv)))
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per invalid setting, named by its flag."""
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        where = f"{flag('_'.join(str(p) for p in loc))}: " if loc else ""
+        lines.append(f"  {where}{error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""GRPO rollout workers on tiny SD3 / Qwen-Image-Edit pipelines against a live firm-serve (tiny critic)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clients import RewardClient
+from clients.retry import RetryPolicy
+from rl_workers.generators import load_generator
+from rl_workers.grpo import accumulate_gradients
+from rl_workers.prompts import endless, load_conditions
+from rl_workers.rewards import RemoteCritic
+from rl_workers.sampling import step_log_prob
+from rl_workers.settings import RolloutSettings
+from rl_workers.tiny import ensure_tiny_pipeline
+from rl_workers.worker import RolloutWorker, Timings
+from tests.support import picture
+
+G = 4
+SMALL = {
+    "score_mode": "expected",
+    "resolution": 64,
+    "group_size": G,
+    "groups_per_step": 2,
+    "sample_steps": 2,
+    "max_sequence_length": 16,
+}
+
+
+@pytest.fixture(scope="session")
+def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "t2i.txt").write_text("a red square on a grey background\n\na blue square on a grey background\n")
+    for colour in ("blue", "green"):
+        picture(colour).save(root / f"{colour}.png")
+    (root / "edit.jsonl").write_text(
+        '{"source": "blue.png", "instruction": "Make the square red.", "id": "e1"}\n'
+        '{"source": "green.png", "instruction": "Paint the square yellow.", "id": "e2"}\n'
+    )
+    return {"t2i": root / "t2i.txt", "edit": root / "edit.jsonl"}
+
+
+def _settings(task: str, cache_dir: Path, prompts: Path, tmp_path: Path, **extra: object) -> RolloutSettings:
+    ensure_tiny_pipeline(cache_dir, "sd3" if task == "t2i" else "qwen_edit")
+    fields = {**SMALL, "kl_beta": 0.04, "progress": False, "tensorboard": False} | extra
+    return RolloutSettings(task=task, tiny=True, cache_dir=cache_dir, prompts=prompts, output_dir=tmp_path, **fields)
+
+
+def _worker(settings: RolloutSettings, critic: RemoteCritic) -> RolloutWorker:
+    generator = load_generator(settings, torch.device("cpu"))
+    conditions = endless(load_conditions(settings.prompts, settings.task), 0, 1, settings.seed)
+    return RolloutWorker(settings, generator, critic, conditions)
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_one_training_step(task: str, server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
+    settings = _settings(task, cache_dir, prompt_files[task], tmp_path)
+    critic = RemoteCritic(task, [server_url], score_mode="expected")
+    try:
+        worker = _worker(settings, critic)
+        lora_b = [p for name, p in worker.generator.transformer.named_parameters() if "lora_B" in name]
+        assert lora_b and all(float(p.abs().sum()) == 0 for p in lora_b)  # the policy starts as the base model
+        result = worker.step()
+    finally:
+        critic.close()
+
+    assert len(result.rollouts) == 2
+    for rollout in result.rollouts:
+        trajectory = rollout.trajectory
+        assert trajectory.latents.shape[:2] == (G, 3) and trajectory.log_probs.shape == (G, 2)
+        # the server scored every candidate of the group with the task's reward and components
+        assert rollout.rewards is not None and rollout.rewards.failed == 0
+        assert all(0.0 <= r <= 1.0 for r in rollout.rewards.rewards)
+        names = {"t2i": {"instruction_following", "quality"}, "edit": {"execution", "consistency"}}[task]
+        assert set(rollout.rewards.components) == names
+        # advantages are the rewards normalised within the group
+        adv = rollout.advantages
+        assert adv is not None
+        rewards = torch.tensor(rollout.rewards.rewards, dtype=torch.float64)
+        if adv.zero_spread:
+            assert float(rewards.std(unbiased=False)) < 1e-6 and not adv.mask.any()
+        else:
+            expected = (rewards - rewards.mean()) / max(float(rewards.std(unbiased=False)), settings.std_floor)
+            assert torch.allclose(adv.advantages.double(), expected, atol=1e-5)
+            assert abs(float(adv.advantages.sum())) < 1e-4
+
+    # the update ran on the unchanged policy: recomputed log-probs equal the recorded ones (ratio 1)
+    assert result.update.max_ratio_deviation < 1e-3
+    trained = sum(int(r.advantages.mask.sum()) for r in result.rollouts if r.advantages is not None)
+    assert result.update.samples == trained
+    assert trained > 0
+    # only a gradient can move B away from zero (weight decay keeps zero at zero)
+    assert any(float(p.abs().sum()) > 0 for p in lora_b)
+    figures = result.figures
+    assert figures["groups/total"] == 2 and figures["reward/failed_fraction"] == 0.0
+    assert math.isclose(
+        figures["reward/mean"],
+        float(torch.tensor([r for ro in result.rollouts for r in ro.rewards.rewards]).mean()),
+        rel_tol=1e-6,
+    )
+
+
+def test_recorded_log_probs_match_recomputed(
+    server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
+) -> None:
+    settings = _settings("edit", cache_dir, prompt_files["edit"], tmp_path, groups_per_step=1)
+    critic = RemoteCritic("edit", [server_url], score_mode="expected")
+    try:
+        worker = _worker(settings, critic)
+        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
+    finally:
+        critic.close()
+    for j in range(rollout.trajectory.steps):
+        with torch.no_grad():
+            step = step_log_prob(
+                worker.generator,
+                rollout.conditioning,
+                rollout.trajectory,
+                slice(None),
+                j,
+                noise_level=settings.noise_level,
+            )
+        assert torch.allclose(step.log_prob, rollout.trajectory.log_probs[:, j], atol=1e-4)
+    # and a changed policy gives different log-probs, so the check above can fail
+    with torch.no_grad():
+        for p in worker.params:
+            p.add_(0.5)
+        moved = step_log_prob(
+            worker.generator, rollout.conditioning, rollout.trajectory, slice(None), 0, noise_level=settings.noise_level
+        )
+    assert not torch.allclose(moved.log_prob, rollout.trajectory.log_probs[:, 0], atol=1e-4)
+
+
+def _gradients(worker: RolloutWorker, rollouts: list) -> list[torch.Tensor]:
+    worker.optimizer.zero_grad(set_to_none=True)
+    accumulate_gradients(
+        worker.generator, rollouts, step_indices=[0, 1], noise_level=0.7, clip_range=0.2, kl_beta=0.0, batch_size=2
+    )
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in worker.params]
+
+
+def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
+    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1)
+    critic = RemoteCritic("t2i", [server_url], score_mode="expected")
+    try:
+        worker = _worker(settings, critic)
+        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
+    finally:
+        critic.close()
+    with torch.no_grad():  # a policy away from the sampling one, so the gradients are not trivially zero
+        for p in worker.params:
+            p.add_(0.05)
+    rollout.advantages = type(rollout.advantages)(
+        torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([False, True, True, True]), 0.5, 0.1, False
+    )
+    base = _gradients(worker, [rollout])
+    assert any(float(g.abs().sum()) > 0 for g in base)
+
+    garbage = copy.copy(rollout)
+    garbage.trajectory = copy.copy(rollout.trajectory)
+    garbage.trajectory.latents = rollout.trajectory.latents.clone()
+    garbage.trajectory.latents[0] += 3.0 * torch.randn_like(garbage.trajectory.latents[0])
+    garbage.advantages = type(rollout.advantages)(
+        torch.tensor([100.0, -1.0, 0.5, -0.5]), rollout.advantages.mask, 0.5, 0.1, False
+    )
+    for a, b in zip(base, _gradients(worker, [garbage]), strict=True):
+        assert torch.allclose(a, b)
+    # unmasked, the same change does move the gradients
+    garbage.advantages = type(rollout.advantages)(
+        torch.tensor([100.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), 0.5, 0.1, False
+    )
+    assert any(not torch.allclose(a, b) for a, b in zip(base, _gradients(worker, [garbage]), strict=True))
+
+
+def test_unreachable_server_gives_masked_failures_not_zeros(
+    cache_dir: Path, prompt_files: dict, tmp_path: Path
+) -> None:
+    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1)
+    client = RewardClient("http://127.0.0.1:9", timeout_s=5, retry=RetryPolicy(max_attempts=1))
+    critic = RemoteCritic("t2i", client=client)
+    try:
+        worker = _worker(settings, critic)
+        result = worker.step()
+    finally:
+        critic.close()
+    (rollout,) = result.rollouts
+    assert rollout.rewards.rewards == [None] * G and len(rollout.rewards.errors) == G
+    assert not rollout.advantages.mask.any()
+    assert result.update.samples == 0
+    assert result.figures["reward/failed_fraction"] == 1.0 and math.isnan(result.figures["reward/mean"])
+
+
+def test_firm_rollout_cli_trains_and_saves(
+    server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
+) -> None:
+    ensure_tiny_pipeline(cache_dir, "sd3")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "rl_workers.cli", "--tiny", "--task", "t2i", "--cache-dir", str(cache_dir),
+        "--prompts", str(prompt_files["t2i"]), "--reward-url", server_url, "--output-dir", str(out),
+        "--resolution", "64", "--group-size", "4", "--groups-per-step", "1", "--sample-steps", "2",
+        "--max-sequence-length", "16", "--score-mode", "expected", "--steps", "2", "--save-every", "1", "--no-progress", "--no-tensorboard",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for key in ("reward/mean", "reward/instruction_following", "reward/quality", "reward/failed_fraction",
+                "groups/zero_spread", "train/kl", "train/clip_fraction", "time/sampling_s", "time/reward_wait_s",
+                "time/training_s"):  # fmt: skip
+        assert key in lines[0]
+    for step in (1, 2):
+        checkpoint = out / f"checkpoint-{step}"
+        assert (checkpoint / "pytorch_lora_weights.safetensors").exists()
+        assert json.loads((checkpoint / "firm_rollout.json").read_text())["settings"]["group_size"] == 4
+
+
+def test_firm_rollout_rejects_bad_settings(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rl_workers.cli", "--prompts", str(tmp_path / "p.txt"), "--group-size", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "--group-size" in done.stderr
