@@ -207,7 +207,8 @@ def test_firm_rollout_cli_trains_and_saves(
         sys.executable, "-m", "rl_workers.cli", "--tiny", "--task", "t2i", "--cache-dir", str(cache_dir),
         "--prompts", str(prompt_files["t2i"]), "--reward-url", server_url, "--output-dir", str(out),
         "--resolution", "64", "--group-size", "4", "--groups-per-step", "1", "--sample-steps", "2",
-        "--max-sequence-length", "16", "--score-mode", "expected", "--steps", "2", "--save-every", "1", "--no-progress", "--no-tensorboard",
+        "--max-sequence-length", "16", "--score-mode", "expected", "--steps", "2", "--save-every", "1",
+        "--no-progress", "--no-tensorboard",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
