@@ -41,7 +41,7 @@ from server.engines.base import Engine, GenerationRequest, GenerationResult
 from server.errors import DeadlineExceeded, ModelDisabled, NotReady, Overloaded, TooLarge, Unsupported
 from server.images import ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing, call_key
-from server.judges import Judge, ParseError
+from server.judges import Judge, ParseError, gen_fields
 from server.logs import request_id
 from server.metrics import Metrics
 from server.results import Judged, Response, edit_results, gen_results, without_reasoning
@@ -387,7 +387,7 @@ class ScoringService:
 
     @staticmethod
     def _gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
-        return {"prompt": prompt, "requirement": requirement or "none"}
+        return gen_fields(prompt, requirement)
 
     async def score_generations(self, request: GenScoreRequest) -> GenScoreResponse:
         return await self._serve("gen/score", len(request.items), request, self._score_generations)

@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
-from PIL import Image
-
-from server.engines.base import GenerationResult, OutputConstraint, PromptPart
+from server.engines.base import GenerationResult, OutputConstraint
 from server.judges.parsing import (
     QUALITY_KEYS,
     ParsedAnswer,
@@ -25,6 +24,8 @@ from server.judges.parsing import (
 )
 
 SCORE_TOKENS = ("1", "2", "3", "4", "5")
+NO_REQUIREMENT = "none"  # what the instruction-following prompt reads when an item has no extra requirement
+P = TypeVar("P")
 
 __all__ = [
     "JUDGES",
@@ -34,6 +35,7 @@ __all__ = [
     "ParseError",
     "TemplateError",
     "expected_score",
+    "gen_fields",
     "load_judges",
 ]
 
@@ -118,8 +120,11 @@ class Judge:
     def name(self) -> str:
         return self.spec.name
 
-    def prompt(self, images: tuple[Image.Image, ...], **fields: str) -> tuple[PromptPart, ...]:
-        """One user turn: the images first (they and the rubric form a shared prefix), then the text."""
+    def prompt(self, images: tuple[P, ...], **fields: str) -> tuple[P | str, ...]:
+        """One user turn: the images first (they and the rubric form a shared prefix), then the text.
+
+        The images are usually PIL images; anything standing for one (a file reference) works too.
+        """
         return (*images, self.template.substitute(fields))
 
     def judge(self, result: GenerationResult) -> JudgeOutcome:
@@ -134,6 +139,15 @@ class Judge:
             expected=expected,
             reasoning=parsed.reasoning,
         )
+
+
+def gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
+    """Template fields of the instruction-following judge, as served and as trained.
+
+    >>> gen_fields("a red car", None)
+    {'prompt': 'a red car', 'requirement': 'none'}
+    """
+    return {"prompt": prompt, "requirement": requirement or NO_REQUIREMENT}
 
 
 def default_template_text(name: str) -> str:

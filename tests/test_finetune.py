@@ -1,0 +1,108 @@
+"""`firm-train` on the tiny Qwen3-VL on CPU: the loss goes down and firm-serve serves the result."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients.protocol import EditScoreResponse
+from tests.support import b64, picture, running_server
+from training.finetune import run
+from training.records import make_record, relative_path
+from training.sft_data import Collator, load_examples
+
+# a wording the tiny critic has not seen, in the judges' own answer format
+DONE = "The square shows the new colour and nothing else moved."
+UNDONE = "Both pictures are the same, so the instruction was ignored."
+
+
+def edit_records(folder: Path, count: int) -> Path:
+    """Records as firm-curate writes them: coloured squares, the judges' prompts, answers in their format."""
+    rng = random.Random(0)
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        source, target = rng.choice(["blue", "green", "purple"]), rng.choice(["red", "orange", "yellow"])
+        done = i % 2 == 0
+        paths = [folder / "images" / f"{i}-source.png", folder / "images" / f"{i}-edited.png"]
+        picture(source).save(paths[0])
+        picture(target if done else source).save(paths[1])
+        images = [relative_path(p, folder) for p in paths]
+        fields = {"instruction": f"Make the square {target}."}
+        for judge, score in (("edit_execution", 5 if done else 1), ("edit_consistency", 4 if done else 5)):
+            answer = json.dumps({"reasoning": DONE if done else UNDONE, "score": [score]})
+            lines.append(make_record(f"item{i}", judge, images, fields, answer))
+    path = folder / "records.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("finetune")
+    base = shutil.copytree(tiny_checkpoint, work / "base")
+    records = edit_records(work / "data", 8)
+    output = work / "critic"
+    args = [str(records), "--base-model", str(base), "--output", str(output), "--device", "cpu"]
+    args += ["--learning-rate", "3e-3", "--max-steps", "12", "--batch-size", "4", "--grad-accum", "1"]
+    args += ["--logging-steps", "1", "--measure-examples", "8"]
+    return output, run(args)
+
+
+def test_answer_only_labels_end_with_the_end_of_turn_token(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    examples = load_examples([edit_records(tmp_path, 1)])
+    batch = Collator(processor, 64 * 64)(examples)
+    for row, example in enumerate(examples):
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert processor.tokenizer.decode(labelled) == example.answer + "<|im_end|>"
+
+
+def test_training_lowers_the_loss_and_writes_a_model_card(trained: tuple[Path, dict]) -> None:
+    output, report = trained
+    loss = report["loss"]
+    assert loss["after"] < 0.7 * loss["before"], loss
+    assert [entry["step"] for entry in loss["logged"]][-1] == 12
+    card = (output / "README.md").read_text()
+    assert "base_model:" in card and "firm-serve --edit-model" in card
+    assert json.loads((output / "firm_training.json").read_text())["settings"]["learning_rate"] == 3e-3
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja"):
+        assert (output / name).exists(), name
+
+
+def test_firm_serve_serves_the_trained_critic_unchanged(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    output, _ = trained
+    args = ["--edit-model", str(output), "--gen-model", "none", "--engine", "transformers", "--device", "cpu"]
+    with running_server(tmp_path, *args, tiny=False) as url:
+        body = {
+            "items": [{"id": "a", "source": b64("blue"), "edited": b64("red"), "instruction": "Make the square red."}]
+        }
+        body["return_reasoning"] = True
+        reply = EditScoreResponse.model_validate(httpx.post(f"{url}/v1/edit/score", json=body, timeout=120).json())
+    (result,) = reply.results
+    assert result.error is None, result.error
+    assert reply.model.name == str(output)
+    assert result.execution is not None and result.execution.score in range(1, 6)
+    # the served weights are the trained ones: the answer is no longer the base critic's
+    assert result.execution.reasoning not in (None, "The square is now red; the rest is kept.")
+
+
+def test_lora_training_is_merged_into_a_plain_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    records = edit_records(tmp_path / "data", 4)
+    output = tmp_path / "lora-critic"
+    args = [str(records), "--base-model", str(tiny_checkpoint), "--output", str(output), "--device", "cpu", "--lora"]
+    args += ["--lora-targets", "q_proj,v_proj", "--learning-rate", "1e-2", "--max-steps", "3", "--batch-size", "4"]
+    report = run([*args, "--grad-accum", "1", "--measure-examples", "4"])
+    assert report["method"] == "lora (merged)"
+    assert report["loss"]["after"] < report["loss"]["before"]
+    model = AutoModelForImageTextToText.from_pretrained(output)
+    assert not [name for name in model.state_dict() if "lora" in name]

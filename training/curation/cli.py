@@ -1,0 +1,221 @@
+"""`firm-curate`: build fine-tuning records for a FIRM critic from raw pairs with teacher models.
+
+    firm-curate edit pairs.jsonl --output edit.jsonl --base-url http://vlm:8000/v1 --model Qwen/Qwen3-VL-32B-Instruct
+    firm-curate gen prompts.jsonl --output gen_records.jsonl --plan-model gpt-4.1 --check-model gpt-4.1
+
+Exit status: 0 when every item is in the output, 1 when some failed (they are listed in the
+summary and retried by the next run), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.judges import JUDGES, TemplateError
+from training.curation.chat import ChatClient, Endpoint, RetryPolicy
+from training.curation.common import Context, Pipeline
+from training.curation.edit import EditPipeline
+from training.curation.gen import GenPipeline
+from training.curation.prompts import PromptError, load_prompt
+from training.curation.runner import RunReport, run_pipeline, write_summary
+from training.curation.store import RecordStore
+from training.manifest import ManifestError, parse_field_map, read_manifest
+
+STEPS = {
+    "edit": (
+        ("describe", "vision-language model that lists the differences between source and edited image"),
+        ("grade", "model that grades execution and consistency from the differences and the instruction"),
+    ),
+    "gen": (
+        ("plan", "language model that turns the prompt into a checklist"),
+        ("check", "vision-language model that checks the image against the checklist and rates it"),
+    ),
+}
+FIELDS = {"edit": ("source", "edited", "instruction"), "gen": ("image", "prompt", "requirement")}
+_EPILOG = """\
+input: a JSONL file, one item per line. edit: {"id", "source", "edited", "instruction"};
+gen: {"id", "image", "prompt", "requirement"?}. Image paths are relative to --image-root.
+Rename columns with --field, e.g. --field source=original_path. Items without an id get one
+from their content. Run the same command again to resume: done items are skipped.
+"""
+
+
+def _add_common(parser: argparse.ArgumentParser, task: str) -> None:
+    parser.add_argument("input", type=Path, help="JSONL manifest of the items to curate.")
+    parser.add_argument("--output", type=Path, required=True, help="JSONL file of records (appended; resumable).")
+    parser.add_argument("--summary", type=Path, help="Summary JSON (default: OUTPUT with .summary.json).")
+    parser.add_argument("--image-root", type=Path, help="Folder image paths are relative to (default: the input's).")
+    parser.add_argument(
+        "--field", action="append", metavar="NAME=COLUMN", help=f"Read NAME ({', '.join(FIELDS[task])}) from COLUMN."
+    )
+    parser.add_argument("--id-field", default="id", help="Column holding the item id (default: id).")
+    parser.add_argument("--limit", type=int, help="Curate only the first N items of the input.")
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("OPENAI_BASE_URL"),
+        help="OpenAI-compatible base URL for every step, e.g. http://host:8000/v1 [env OPENAI_BASE_URL].",
+    )
+    parser.add_argument("--model", help="Model name for every step.")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key for every step [env OPENAI_API_KEY]."
+    )
+    for step, role in STEPS[task]:
+        group = parser.add_argument_group(f"step '{step}'", f"The {role}; each flag overrides the shared one.")
+        group.add_argument(f"--{step}-base-url", help=f"Base URL for the {step} step.")
+        group.add_argument(f"--{step}-model", help=f"Model for the {step} step.")
+        group.add_argument(f"--{step}-api-key", help=f"Bearer key for the {step} step.")
+        group.add_argument(
+            f"--{step}-prompt", type=Path, help=f"File replacing the built-in {step} prompt (same placeholders)."
+        )
+    parser.add_argument("--concurrency", type=int, default=16, help="Items curated at once (default: 16).")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="Sampling temperature of the teachers (default: 0)."
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=1024, help="Most tokens a teacher may write per call (default: 1024)."
+    )
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="Time limit of one call (default: 300).")
+    parser.add_argument(
+        "--max-retries", type=int, default=4, help="Retries of a failed call, with backoff (default: 4)."
+    )
+    parser.add_argument(
+        "--backoff-s", type=float, default=1.0, help="First retry wait, doubled each retry (default: 1)."
+    )
+    parser.add_argument(
+        "--image-pixel-budget",
+        type=int,
+        default=1024 * 1024,
+        help="Images sent to teachers are downscaled to this many pixels (default: 1048576).",
+    )
+    parser.add_argument(
+        "--max-answer-chars",
+        type=int,
+        default=1000,
+        help="Longest critic answer kept; a longer one fails its item, since the served critic writes "
+        "at most 256 tokens (default: 1000).",
+    )
+    parser.add_argument(
+        "--template",
+        action="append",
+        metavar="JUDGE=FILE",
+        help="Render records with your own judge template, as firm-serve would with the same file "
+        f"({', '.join(JUDGES)}).",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firm-curate",
+        description="Curate supervised fine-tuning records for a FIRM critic with OpenAI-compatible teacher models. "
+        "Records are rendered with the server's own judge prompts.",
+    )
+    tasks = parser.add_subparsers(dest="task", required=True)
+    helps = {
+        "edit": "difference-first curation of image edits (execution and consistency records)",
+        "gen": "plan-then-score curation of generated images (instruction-following records)",
+    }
+    for task, help_text in helps.items():
+        sub = tasks.add_parser(
+            task,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_common(sub, task)
+    return parser
+
+
+def _client(args: argparse.Namespace, step: str) -> ChatClient:
+    base_url = getattr(args, f"{step}_base_url") or args.base_url
+    model = getattr(args, f"{step}_model") or args.model
+    if not base_url or not model:
+        raise ValueError(
+            f"step '{step}' needs a base URL and a model (--{step}-base-url/--base-url, --{step}-model/--model)"
+        )
+    endpoint = Endpoint(
+        base_url, model, getattr(args, f"{step}_api_key") or args.api_key, args.temperature, args.max_tokens
+    )
+    retry = RetryPolicy(max_retries=args.max_retries, backoff_s=args.backoff_s)
+    return ChatClient(endpoint, concurrency=args.concurrency, timeout_s=args.timeout_s, retry=retry)
+
+
+def _templates(pairs: Sequence[str] | None) -> dict[str, Path | None]:
+    templates: dict[str, Path | None] = {}
+    for pair in pairs or ():
+        name, sep, path = pair.partition("=")
+        if not sep or name not in JUDGES:
+            raise ValueError(f"--template wants JUDGE=FILE with JUDGE one of {', '.join(JUDGES)}, got {pair!r}")
+        templates[name] = Path(path)
+    return templates
+
+
+def build_pipeline(args: argparse.Namespace) -> Pipeline:
+    context = Context(
+        image_root=args.image_root or args.input.parent,
+        records_dir=args.output.parent,
+        pixel_budget=args.image_pixel_budget,
+        max_answer_chars=args.max_answer_chars,
+        templates=_templates(args.template),
+    )
+    for name in context.templates:  # fail now, not on the first item
+        context.judge(name)
+    if args.task == "edit":
+        return EditPipeline(
+            _client(args, "describe"),
+            _client(args, "grade"),
+            context,
+            load_prompt("describe", args.describe_prompt),
+            load_prompt("grade", args.grade_prompt),
+        )
+    return GenPipeline(
+        _client(args, "plan"),
+        _client(args, "check"),
+        context,
+        load_prompt("plan", args.plan_prompt),
+        load_prompt("check", args.check_prompt),
+    )
+
+
+async def _curate(args: argparse.Namespace) -> RunReport:
+    pipeline = build_pipeline(args)
+    fields = parse_field_map(args.field, FIELDS[args.task])
+    rows = list(read_manifest(args.input, fields, pipeline.required, args.id_field))[: args.limit]
+    with RecordStore(args.output, len(pipeline.judges)) as store:
+        report = await run_pipeline(pipeline, rows, store, workers=args.concurrency, progress=not args.no_progress)
+        summary = report.summary(pipeline, store)
+    summary_path = args.summary or args.output.with_name(args.output.stem + ".summary.json")
+    write_summary(summary_path, summary)
+    print(
+        json.dumps(summary["items"] | {"tokens": summary["tokens"]["total"], "summary": str(summary_path)}),
+        file=sys.stderr,
+    )
+    return report
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command; the exit status (0 all done, 1 some items failed, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = asyncio.run(_curate(args))
+    except (ValueError, ManifestError, PromptError, TemplateError, OSError) as exc:
+        print(f"firm-curate: {exc}", file=sys.stderr)
+        return 2
+    return 1 if report.failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()
