@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         sys.exit(f"firm-rollout: invalid settings:\n{describe_errors(exc)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per reward call drowns the figures
     from rl_workers.run import run
 
     try:

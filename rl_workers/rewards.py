@@ -76,9 +76,7 @@ class RemoteCritic:
         """Start scoring one group; returns at once."""
         options = {"group_id": condition.id or None, "score_mode": self.score_mode}
         if self.task == "edit":
-            call = self._client.submit(
-                "score_edit_group", condition.source, condition.prompt, list(images), **options
-            )
+            call = self._client.submit("score_edit_group", condition.source, condition.prompt, list(images), **options)
         else:
             call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
         return PendingRewards(call, self.task)

@@ -38,7 +38,8 @@ def run(settings: RolloutSettings) -> list[dict[str, float]]:
                 config=settings.model_dump(mode="json"),
             )
         log.info(
-            "rank %d/%d: %s on %s, %d prompts, G=%d", ranks.rank, ranks.world, settings.model_id, device,
+            "rank %d/%d: %s on %s, %d prompts, G=%d", ranks.rank, ranks.world,
+            "tiny pipeline" if settings.tiny else settings.model_id, device,
             len(conditions), settings.group_size,
         )  # fmt: skip
         worker = RolloutWorker(

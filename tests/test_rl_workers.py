@@ -224,6 +224,25 @@ def test_firm_rollout_cli_trains_and_saves(
         assert json.loads((checkpoint / "firm_rollout.json").read_text())["settings"]["group_size"] == 4
 
 
+def test_torchrun_workers_share_the_step_figures(
+    server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
+) -> None:
+    """Two ranks under torchrun (gloo on CPU): each samples its own group, the logged figures cover both."""
+    ensure_tiny_pipeline(cache_dir, "sd3")
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rl_workers.cli", "--tiny",
+        "--task", "t2i", "--cache-dir", str(cache_dir), "--prompts", str(prompt_files["t2i"]),
+        "--reward-url", server_url, "--output-dir", str(out), "--resolution", "64", "--group-size", "4",
+        "--groups-per-step", "1", "--sample-steps", "2", "--max-sequence-length", "16", "--score-mode", "expected",
+        "--steps", "1", "--no-progress", "--no-tensorboard",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["groups/total"] == 2 and line["train/samples"] == 8
+
+
 def test_firm_rollout_rejects_bad_settings(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rl_workers.cli", "--prompts", str(tmp_path / "p.txt"), "--group-size", "1"],
