@@ -1,0 +1,1 @@
+"""Deployment of the FIRM reward server beyond one process (Ray Serve)."""

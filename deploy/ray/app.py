@@ -1,0 +1,63 @@
+"""The Ray Serve application: critic deployments behind one HTTP ingress.
+
+    serve run deploy/ray/serve_config.yaml                 # a config file (see deploy/ray/README.md)
+    serve run deploy.ray.app:build num_gpus=1 max_replicas=4
+
+Both critics in every replica (the default) give one deployment, `FirmCritic`; `split: true`
+gives `FirmEditCritic` and `FirmGenCritic`, each with its own replicas. `FirmIngress` routes by
+path, and `FirmMetricsBoard` gathers every replica's metrics for `/metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.deployment import Application
+
+from deploy.ray.critic import FirmCritic
+from deploy.ray.metrics import MetricsBoard
+from deploy.ray.router import FirmIngress
+from deploy.ray.settings import RaySettings
+
+CRITIC_NAMES = {None: "FirmCritic", "edit": "FirmEditCritic", "gen": "FirmGenCritic"}
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Application builder for `serve run` / `serve deploy`: `args` are `RaySettings` fields."""
+    return build_app(RaySettings(**args))
+
+
+def build_app(settings: RaySettings) -> Application:
+    board = MetricsBoard.options(name="FirmMetricsBoard").bind(stale_after_s=3 * settings.metrics_push_interval_s)
+    if settings.split:
+        deployments = {task: _critic(settings, task, board) for task in settings.critic_tasks()}
+        critics = {task: deployments.get(task) or next(iter(deployments.values())) for task in ("edit", "gen")}
+    else:
+        critic = _critic(settings, None, board)
+        critics = {"edit": critic, "gen": critic}
+    ingress = FirmIngress.options(
+        num_replicas=settings.ingress_replicas,
+        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        max_ongoing_requests=max(1000, 4 * settings.max_ongoing_requests),
+    )
+    return ingress.bind(
+        critics,
+        board,
+        max_body_bytes=settings.critic_settings().max_body_bytes,
+        attempts=settings.forward_attempts,
+    )
+
+
+def _critic(settings: RaySettings, task: str | None, board: Application) -> Application:
+    """One critic deployment: both critics (`task` None) or one, autoscaled on requests in flight."""
+    server = settings.critic_overrides(task)
+    deployment = FirmCritic.options(
+        name=CRITIC_NAMES[task],
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        autoscaling_config=settings.autoscaling(),
+        max_ongoing_requests=settings.max_ongoing_requests,
+        health_check_period_s=settings.health_check_period_s,
+        health_check_timeout_s=settings.health_check_timeout_s,
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+    )
+    return deployment.bind(server, board=board, push_interval_s=settings.metrics_push_interval_s)

@@ -1,0 +1,85 @@
+"""An HTTP request carried whole between Ray deployments, and played against an ASGI app.
+
+The ingress reads a request and hands it to a critic replica through a Ray deployment handle
+(Ray's own transport inside the cluster; nothing here listens on a port). The replica runs it
+through the very FastAPI app `firm-serve` serves, middleware and all. Scoring bodies and
+answers are small enough to travel in one piece.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """One HTTP request as the ingress received it."""
+
+    method: str
+    path: str
+    query: bytes = b""
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    client: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One complete HTTP response."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((value for key, value in self.headers if key.lower() == name), None)
+
+
+async def play(app: ASGIApp, request: Forwarded) -> Answer:
+    """Run `request` through `app` in this process and collect its whole response."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode("latin-1"),
+        "query_string": request.query,
+        "root_path": "",
+        "headers": list(request.headers),
+        "client": request.client,
+        "server": None,
+        "state": {},
+    }
+    done = asyncio.Event()
+    delivered = False
+    status, headers, chunks = 500, [], []
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await done.wait()  # the caller stays connected until the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                done.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        done.set()
+    return Answer(status, [(bytes(k), bytes(v)) for k, v in headers], b"".join(chunks))

@@ -1,0 +1,115 @@
+"""How the critics are laid out on a Ray cluster: replicas, resources, autoscaling, health checks.
+
+The critics themselves are configured exactly as for `firm-serve`: `server` holds `Settings`
+fields by name, and every replica also reads the `FIRM_*` environment variables (set them in the
+Serve config's `runtime_env`). The layout settings here come from the builder's arguments or
+from `FIRM_RAY_*` environment variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.settings import DISABLED, Settings
+
+TASKS = ("edit", "gen")
+
+
+class RaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FIRM_RAY_", extra="forbid")
+
+    server: dict[str, Any] = Field(
+        default_factory=dict,
+        description="firm-serve settings for every critic replica, by field name (e.g. engine, edit_model, "
+        "max_batch_size); FIRM_* environment variables of the replicas apply too.",
+    )
+    split: bool = Field(
+        False,
+        description="Run each critic as its own deployment (its own replicas and GPUs) instead of both critics "
+        "in every replica; the ingress routes /v1/edit/* and /v1/gen/* to their deployment.",
+    )
+    num_gpus: float = Field(1.0, ge=0.0, description="GPUs each critic replica reserves (0 on CPU-only clusters).")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs each critic replica reserves.")
+    min_replicas: int = Field(1, ge=0, description="Fewest critic replicas per deployment (0 lets it scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most critic replicas per deployment.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Critic replicas started at deploy time (default: min_replicas)."
+    )
+    target_ongoing_requests: float = Field(
+        16.0,
+        gt=0.0,
+        description="Autoscaling target: requests in flight or queued per critic replica. Keep it well above "
+        "one GRPO round per replica, since the engine batches concurrent requests together.",
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Most requests a critic replica takes at once; more wait in the ingress. Ray's default (5) "
+        "would starve the micro-batcher.",
+    )
+    upscale_delay_s: float = Field(30.0, ge=0.0, description="How long load must stay high before adding a replica.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0.0, description="How long load must stay low before removing a replica."
+    )
+    health_check_period_s: float = Field(
+        10.0, gt=0.0, description="How often Ray asks each critic replica whether its engines are healthy."
+    )
+    health_check_timeout_s: float = Field(30.0, gt=0.0, description="How long one health check may take.")
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, ge=0.0, description="How long a stopping replica may finish its requests in flight."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the path-routing ingress (light, CPU only).")
+    ingress_num_cpus: float = Field(0.25, ge=0.0, description="CPUs each ingress replica reserves.")
+    forward_attempts: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Attempts the ingress makes when a critic replica dies under a request (scoring is idempotent); "
+        "after the last one the client gets 503 with Retry-After.",
+    )
+    metrics_push_interval_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="How often each critic replica shares its metrics, so /metrics on any replica shows them all.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RaySettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        self.critic_settings()  # fail at deploy time, not in every replica
+        return self
+
+    def critic_overrides(self, task: str | None = None) -> dict[str, Any]:
+        """The server settings a replica is given: both critics, or only `task`'s when the critics are split.
+
+        Only what was given travels; each replica reads its own FIRM_* environment for the rest.
+        """
+        overrides = dict(self.server)
+        if task is not None:
+            other = "gen" if task == "edit" else "edit"
+            overrides[f"{other}_model"] = DISABLED
+        return overrides
+
+    def critic_settings(self, task: str | None = None) -> Settings:
+        return Settings(**self.critic_overrides(task))
+
+    def critic_tasks(self) -> list[str]:
+        """The critics that get a deployment of their own when split (the ones switched on)."""
+        settings = self.critic_settings()
+        return [task for task in TASKS if getattr(settings, f"{task}_model") != DISABLED]
+
+    def autoscaling(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.initial_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
