@@ -45,8 +45,14 @@ async def _batches(client: httpx.AsyncClient) -> tuple[float, float]:
 async def run_level(
     url: str, workers: int, group: int, seconds: float, images: list[str], warmup: float
 ) -> dict[str, float]:
-    """Closed-loop load for `warmup + seconds`; only groups sent after the warm-up are counted."""
-    latencies: list[float] = []
+    """Closed-loop load for `warmup + seconds`.
+
+    Throughput is the sum over workers of each worker's completion rate: the groups it completed
+    after its first completion in the measured window, over the time from that completion to its
+    last one. Closed-loop rounds complete in bursts, so counting what started in the window and
+    dividing by the window plus the tail still in flight would undercount by up to a round.
+    """
+    finished: list[tuple[int, float, float]] = []  # (worker, completed at, latency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=workers + 4)) as client:
         sum0, count0 = 0.0, 0.0
         measuring = time.monotonic() + warmup
@@ -65,8 +71,8 @@ async def run_level(
                 started = time.monotonic()
                 response = await client.post("/v1/edit/score_group", json=body)
                 response.raise_for_status()
-                if started >= measuring:
-                    latencies.append(time.monotonic() - started)
+                ended = time.monotonic()
+                finished.append((w, ended, ended - started))
 
         async def counters_after_warmup() -> None:
             nonlocal sum0, count0
@@ -74,11 +80,17 @@ async def run_level(
             sum0, count0 = await _batches(client)
 
         await asyncio.gather(counters_after_warmup(), *(worker(w) for w in range(workers)))
-        elapsed = time.monotonic() - measuring
         sum1, count1 = await _batches(client)
-    latencies.sort()
+    window = [f for f in finished if measuring <= f[1] <= stop]
+    rate = 0.0
+    for w in range(workers):
+        ends = sorted(t for worker, t, _ in window if worker == w)
+        if len(ends) < 2:
+            raise RuntimeError(f"worker {w} completed fewer than two groups in the window: raise --seconds")
+        rate += (len(ends) - 1) / (ends[-1] - ends[0])
+    latencies = sorted(latency for _, _, latency in window)
     return {
-        "candidates_per_s": len(latencies) * group / elapsed,
+        "candidates_per_s": rate * group,
         "p50": latencies[len(latencies) // 2],
         "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
         "mean_batch": (sum1 - sum0) / max(count1 - count0, 1),

@@ -118,7 +118,7 @@ def load_image(raw: bytes, field: str, limits: ImageLimits) -> Image.Image:
             if max(w, h) > limits.max_aspect_ratio * min(w, h):
                 raise InvalidImage(field, f"aspect ratio of {w}x{h} is over {limits.max_aspect_ratio:g}:1")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of an already upright image
     except (InvalidImage, ImageTooLarge):
         raise
     except UnidentifiedImageError as exc:
