@@ -63,13 +63,11 @@ def sde_step(
     scale = std * math.sqrt(-dt)
     if next_latents is None:
         noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32).to(x.device)
-        sample = mean + scale * noise
-    else:
-        sample = next_latents.float()
-    log_density = -((sample.detach() - mean) ** 2) / (2.0 * scale**2) - math.log(scale) - 0.5 * math.log(2.0 * math.pi)
-    return Transition(
-        next_latents=sample.to(latents.dtype), log_prob=_per_row_mean(log_density), mean=mean, scale=scale
-    )
+        # rounded to the latents' dtype first: the density is of the step as stored (and recomputed)
+        next_latents = (mean + scale * noise).to(latents.dtype)
+    sample = next_latents.detach().float()
+    log_density = -((sample - mean) ** 2) / (2.0 * scale**2) - math.log(scale) - 0.5 * math.log(2.0 * math.pi)
+    return Transition(next_latents=next_latents, log_prob=_per_row_mean(log_density), mean=mean, scale=scale)
 
 
 def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from rl_workers.generators import load_generator
 from rl_workers.grpo import accumulate_gradients
 from rl_workers.prompts import endless, load_conditions
 from rl_workers.rewards import RemoteCritic
-from rl_workers.sampling import step_log_prob
+from rl_workers.sampling import sde_step, step_log_prob
 from rl_workers.settings import RolloutSettings
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
@@ -137,6 +137,20 @@ def test_recorded_log_probs_match_recomputed(
             worker.generator, rollout.conditioning, rollout.trajectory, slice(None), 0, noise_level=settings.noise_level
         )
     assert not torch.allclose(moved.log_prob, rollout.trajectory.log_probs[:, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sde_step_density_is_of_the_stored_step(dtype: torch.dtype) -> None:
+    """bf16 latents on a GPU: the recorded log-prob must be that of the rounded latents the update sees."""
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=rng).to(dtype)
+    v = torch.randn(3, 4, 8, 8, generator=rng).to(dtype)
+    step = sde_step(x, v, 0.8, 0.6, noise_level=0.7, sigma_cap=0.9, generator=rng)
+    assert step.next_latents.dtype == dtype
+    again = sde_step(x, v, 0.8, 0.6, noise_level=0.7, sigma_cap=0.9, next_latents=step.next_latents)
+    assert torch.allclose(step.log_prob, again.log_prob, atol=1e-6)
+    other = sde_step(x, v + 0.5, 0.8, 0.6, noise_level=0.7, sigma_cap=0.9, next_latents=step.next_latents)
+    assert not torch.allclose(step.log_prob, other.log_prob, atol=1e-3)
 
 
 def _gradients(worker: RolloutWorker, rollouts: list) -> list[torch.Tensor]:
