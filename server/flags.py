@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -24,6 +24,14 @@ def _metavar(annotation: object) -> str:
         if kind in text:
             return metavar
     return "TEXT"
+
+
+def _choices(annotation: object) -> tuple[object, ...]:
+    """The values of a Literal field, also when it is optional (Literal[...] | None)."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    literals = [a for a in get_args(annotation) if get_origin(a) is Literal]
+    return get_args(literals[0]) if len(literals) == 1 else ()
 
 
 def settings_parser(
@@ -44,7 +52,7 @@ def settings_parser(
             default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
             help_text = f"{field.description} [env {env}; default {default}]"
         annotation = field.annotation
-        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is not None else ()
+        choices = _choices(annotation)
         if annotation is bool:
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         elif choices and all(isinstance(c, str) for c in choices):
