@@ -19,10 +19,6 @@ class GroupAdvantages:
     std: float | None
     zero_spread: bool  # every scored sample got the same reward: nothing to learn from this group
 
-    @property
-    def failed(self) -> int:
-        return int((~self.mask).sum()) if not self.zero_spread else 0
-
 
 def group_advantages(rewards: Sequence[float | None], std_floor: float = 0.01) -> GroupAdvantages:
     """(r - mean) / max(std, std_floor) over the samples that have a reward.

@@ -3,14 +3,16 @@
 Each sample's trajectory is a chain of Gaussian steps whose log-probabilities were recorded at
 sampling. The update recomputes them under the current policy for a random subset of steps and
 applies the PPO-style clipped surrogate with the sample's group-normalised advantage, plus an
-optional KL to the frozen reference (the model with LoRA off). Samples masked out (no reward, or a
-zero-spread group) are never forwarded, so they contribute nothing.
+optional KL to the frozen reference (the model with LoRA off). The trainable samples of a step are
+split into mini-batches with one optimizer step each, so after the first the policy has moved
+and the clip bounds how far. Samples masked out (no reward, or a zero-spread group) are never
+forwarded, so they contribute nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,14 +37,30 @@ class Rollout:
 
 @dataclass
 class UpdateStats:
+    """Sums over the (sample, denoising step) terms of an update; `means()` gives the logged figures."""
+
     samples: int = 0  # samples that trained
+    optimizer_steps: int = 0
+    terms: int = 0
     loss: float = 0.0
     policy_loss: float = 0.0
     kl: float = 0.0
-    clip_fraction: float = 0.0
-    max_ratio_deviation: float = 0.0  # max |ratio - 1|: 0 for the unchanged policy
-    grad_norm: float = 0.0
-    terms: int = field(default=0, repr=False)
+    clipped: float = 0.0
+    grad_norm: float = 0.0  # summed over optimizer steps
+    max_ratio_deviation: float = 0.0  # max |ratio - 1|: 0 for the policy that sampled
+
+    def means(self) -> dict[str, float]:
+        terms, steps = max(self.terms, 1), max(self.optimizer_steps, 1)
+        return {
+            "train/loss": self.loss / terms,
+            "train/policy_loss": self.policy_loss / terms,
+            "train/kl": self.kl / terms,
+            "train/clip_fraction": self.clipped / terms,
+            "train/grad_norm": self.grad_norm / steps,
+            "train/max_ratio_deviation": self.max_ratio_deviation,
+            "train/samples": float(self.samples),
+            "train/optimizer_steps": float(self.optimizer_steps),
+        }
 
 
 def clipped_surrogate(
@@ -61,7 +79,14 @@ def clipped_surrogate(
 
 
 def training_steps(steps: int, fraction: float, generator: torch.Generator) -> list[int]:
-    """Which denoising steps train this update: a random subset of round(fraction * steps), at least one."""
+    """Which denoising steps train this update: a random subset of round(fraction * steps), at least one.
+
+    >>> chosen = training_steps(10, 0.3, torch.Generator().manual_seed(0))
+    >>> len(chosen), chosen == sorted(set(chosen)), all(0 <= i < 10 for i in chosen)
+    (3, True, True)
+    >>> training_steps(10, 0.01, torch.Generator())[0] in range(10)
+    True
+    """
     count = max(1, round(fraction * steps))
     return sorted(torch.randperm(steps, generator=generator)[:count].tolist())
 
@@ -69,43 +94,45 @@ def training_steps(steps: int, fraction: float, generator: torch.Generator) -> l
 def accumulate_gradients(
     model: Generator,
     rollouts: Sequence[Rollout],
+    rows: Sequence[torch.Tensor],
+    stats: UpdateStats,
     *,
     step_indices: Sequence[int],
     noise_level: float,
     clip_range: float,
     kl_beta: float,
     batch_size: int,
-) -> UpdateStats:
-    """Backpropagate the loss of every trainable sample (gradients add up over micro-batches and steps)."""
-    stats = UpdateStats()
-    total = sum(int(r.advantages.mask.sum()) for r in rollouts if r.advantages is not None)
-    stats.samples = total
-    if total == 0:
-        return stats
-    norm = total * len(step_indices)
-    for rollout in rollouts:
+    norm: float,
+) -> None:
+    """Backpropagate the loss of samples `rows[i]` of `rollouts[i]` at `step_indices`, divided by `norm`
+    (gradients add up over micro-batches and steps); add the figures to `stats`."""
+    for rollout, selected in zip(rollouts, rows, strict=True):
+        if len(selected) == 0:
+            continue
         assert rollout.advantages is not None
         device = rollout.trajectory.latents.device
-        rows = torch.nonzero(rollout.advantages.mask).flatten().to(device)
-        for chunk in torch.split(rows, batch_size):
+        selected = selected.to(device)
+        stats.samples += len(selected)
+        for chunk in torch.split(selected, batch_size):
             adv = rollout.advantages.advantages.to(device)[chunk]
             for j in step_indices:
                 step = step_log_prob(model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level)
-                old = rollout.trajectory.log_probs[chunk, j]
-                policy, ratio, clipped = clipped_surrogate(step.log_prob, old, adv, clip_range)
-                loss = policy
+                policy, ratio, clipped = clipped_surrogate(
+                    step.log_prob, rollout.trajectory.log_probs[chunk, j], adv, clip_range
+                )
                 kl = torch.zeros_like(policy)
                 if kl_beta > 0:
                     with torch.no_grad(), reference_policy(model.transformer):
                         ref = step_log_prob(
                             model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level
                         )
+                    # the exact KL between the two Gaussian steps, per latent element
                     kl = ((step.mean - ref.mean) ** 2).flatten(1).mean(dim=1) / (2.0 * step.scale**2)
-                    loss = policy + kl_beta * kl
+                loss = policy + kl_beta * kl
                 (loss.sum() / norm).backward()
-                stats.loss += float(loss.detach().sum()) / norm
-                stats.policy_loss += float(policy.detach().sum()) / norm
-                stats.kl += float(kl.detach().sum()) / norm
-                stats.clip_fraction += float(clipped.float().sum()) / norm
+                stats.terms += len(chunk)
+                stats.loss += float(loss.detach().sum())
+                stats.policy_loss += float(policy.detach().sum())
+                stats.kl += float(kl.detach().sum())
+                stats.clipped += float(clipped.float().sum())
                 stats.max_ratio_deviation = max(stats.max_ratio_deviation, float((ratio.detach() - 1).abs().max()))
-    return stats

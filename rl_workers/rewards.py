@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from clients import RewardClient
+from clients.errors import RequestFailed
 from clients.protocol import EditGroupResponse, GenGroupResponse, ScoreMode
 from rl_workers.generators.base import Condition
 
@@ -46,15 +47,19 @@ def rewards_of(reply: EditGroupResponse | GenGroupResponse, task: str) -> GroupR
 class PendingRewards:
     """A group being scored."""
 
-    def __init__(self, call: Future[Any], task: str) -> None:
+    def __init__(self, call: Future[Any], task: str, size: int) -> None:
         self._call = call
         self._task = task
-
-    def done(self) -> bool:
-        return self._call.done()
+        self._size = size
 
     def result(self, timeout: float | None = None) -> GroupRewards:
-        return rewards_of(self._call.result(timeout), self._task)
+        """The group's rewards; a call that failed after its retries gives every sample a null reward."""
+        try:
+            reply = self._call.result(timeout)
+        except RequestFailed as exc:
+            nulls: list[float | None] = [None] * self._size
+            return GroupRewards(nulls, {name: list(nulls) for name in COMPONENTS[self._task]}, [f"group: {exc}"])
+        return rewards_of(reply, self._task)
 
 
 class RemoteCritic:
@@ -70,16 +75,20 @@ class RemoteCritic:
     ) -> None:
         self.task = task
         self.score_mode = score_mode
-        self._client = client or RewardClient(list(base_urls) if base_urls else None)
+        # not strict: a failed item or call comes back as a null reward, it does not stop training
+        self._client = client or RewardClient(list(base_urls) if base_urls else None, strict=False)
 
-    def submit(self, condition: Condition, images: Sequence[Image.Image]) -> PendingRewards:
-        """Start scoring one group; returns at once."""
+    def submit(
+        self, condition: Condition, images: Sequence[Image.Image], source: Image.Image | None = None
+    ) -> PendingRewards:
+        """Start scoring one group (edits against `source`, default the condition's); returns at once."""
         options = {"group_id": condition.id or None, "score_mode": self.score_mode}
         if self.task == "edit":
-            call = self._client.submit("score_edit_group", condition.source, condition.prompt, list(images), **options)
+            source = source if source is not None else condition.source
+            call = self._client.submit("score_edit_group", source, condition.prompt, list(images), **options)
         else:
             call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
-        return PendingRewards(call, self.task)
+        return PendingRewards(call, self.task, len(images))
 
     def ready(self) -> bool:
         return self._client.ready()

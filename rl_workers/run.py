@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from rl_workers.distributed import init_from_env, shutdown
+from rl_workers.distributed import init_from_env, local_rank, shutdown
 from rl_workers.generators import load_generator, resolve_device
 from rl_workers.observability import MetricsLog
 from rl_workers.prompts import endless, load_conditions
@@ -19,13 +19,13 @@ log = logging.getLogger("firm-rollout")
 
 def run(settings: RolloutSettings) -> list[dict[str, float]]:
     """Train for `settings.steps` steps; returns each step's figures."""
-    ranks = init_from_env()
+    device = resolve_device(settings.device, local_rank())
+    ranks = init_from_env(device)
     critic = None
     metrics = None
     try:
         torch.manual_seed(settings.seed + ranks.rank)
         conditions = load_conditions(settings.prompts, settings.task)
-        device = resolve_device(settings.device, ranks.local_rank)
         critic = RemoteCritic(settings.task, settings.reward_urls(), score_mode=settings.score_mode)
         if not critic.ready():
             raise ValueError("the reward server is not ready (is firm-serve running at the given URL?)")
@@ -43,7 +43,13 @@ def run(settings: RolloutSettings) -> list[dict[str, float]]:
             len(conditions), settings.group_size,
         )  # fmt: skip
         worker = RolloutWorker(
-            settings, generator, critic, endless(conditions, ranks.rank, ranks.world, settings.seed), ranks, metrics
+            settings,
+            generator,
+            critic,
+            endless(conditions, ranks.rank, ranks.world, settings.seed),
+            ranks,
+            metrics,
+            eval_conditions=endless(conditions, ranks.rank, ranks.world, settings.seed + 1),  # training order unchanged
         )
         return worker.run()
     finally:

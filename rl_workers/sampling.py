@@ -75,6 +75,11 @@ def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_
     return (latents.float() + velocity.float() * (sigma_next - sigma)).to(latents.dtype)
 
 
+def sigma_cap_of(sigmas: list[float]) -> float:
+    """What replaces sigma = 1 in the noise schedule (where it divides by zero): the first sigma below 1."""
+    return sigmas[1] if len(sigmas) > 1 and sigmas[1] < 1.0 else 0.999
+
+
 @dataclass
 class Trajectory:
     """Everything the update needs from one batch of rollouts."""
@@ -102,16 +107,14 @@ def sample(
 ) -> Trajectory:
     """Denoise `latents` in `steps` steps, recording each step's latents and log-probability."""
     sigmas, timesteps = model.schedule(steps, latents)
-    sigma_cap = sigmas[1] if len(sigmas) > 1 and sigmas[1] < 1.0 else 0.999
+    cap = sigma_cap_of(sigmas)
     path = [latents]
     log_probs = []
     x = latents
     for i, t in enumerate(timesteps):
         v = model.velocity(x, t, conditioning)
         if sde:
-            step = sde_step(
-                x, v, sigmas[i], sigmas[i + 1], noise_level=noise_level, sigma_cap=sigma_cap, generator=generator
-            )
+            step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level=noise_level, sigma_cap=cap, generator=generator)
             x, log_prob = step.next_latents, step.log_prob
         else:
             x, log_prob = ode_step(x, v, sigmas[i], sigmas[i + 1]), torch.zeros(x.shape[0], device=x.device)
@@ -133,7 +136,6 @@ def step_log_prob(
 ) -> Transition:
     """The log-probability of the recorded step `index` of `rows` under the model as it is now (with grad)."""
     sigmas = trajectory.sigmas
-    sigma_cap = sigmas[1] if len(sigmas) > 1 and sigmas[1] < 1.0 else 0.999
     x = trajectory.latents[rows, index]
     v = model.velocity(x, trajectory.timesteps[index], conditioning.rows(rows))
     return sde_step(
@@ -142,6 +144,6 @@ def step_log_prob(
         sigmas[index],
         sigmas[index + 1],
         noise_level=noise_level,
-        sigma_cap=sigma_cap,
+        sigma_cap=sigma_cap_of(sigmas),
         next_latents=trajectory.latents[rows, index + 1],
     )

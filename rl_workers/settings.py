@@ -65,9 +65,20 @@ class RolloutSettings(BaseSettings):
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip range (ratios stay near 1 per step).")
-    kl_beta: float = Field(0.04, ge=0, description="Weight of the KL to the frozen reference (LoRA off); 0 skips it.")
+    kl_beta: float = Field(
+        0.04,
+        ge=0,
+        description="Weight of the KL to the frozen reference (LoRA off; the exact KL of each Gaussian "
+        "step, per latent element); 0 skips the reference pass.",
+    )
     timestep_fraction: float = Field(
         1.0, gt=0, le=1, description="Fraction of each trajectory's steps that train (chosen at random per step)."
+    )
+    updates_per_step: int = Field(
+        2,
+        ge=1,
+        description="Optimizer steps per training step: the step's samples are split into this many "
+        "mini-batches, so later ones see a moved policy and the ratio clip matters.",
     )
     train_batch_size: int = Field(4, ge=1, description="Samples per forward pass in the update (gradients accumulate).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -84,8 +95,8 @@ class RolloutSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> RolloutSettings:
-        if self.group_size < 2:
-            raise ValueError("group_size must be at least 2: advantages are relative to the group")
+        if self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16 (latent patches), not {self.resolution}")
         return self
 
     @property

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 _CORPUS = [
     "a red square on a grey background",
     "a photo of a cat sitting on a blue chair",
@@ -55,25 +55,11 @@ def _bpe(special: list[str], vocab_size: int) -> tuple[dict[str, int], list[tupl
     return model["vocab"], merges
 
 
-def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
-    """SD3 without its T5 encoder (the pipeline pads with zeros, as SD3 allows): 64 px images, 8x8 latents."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+def _sd3_text(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict[str, Any]:
+    """Two small CLIP text encoders with projection, as SD3's first two encoders."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    torch.manual_seed(seed)
-    vocab, merges = _bpe(["<|startoftext|>", "<|endoftext|>"], 600)
-    tokenizers = [
-        CLIPTokenizer(
-            vocab=vocab, merges=merges, unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77
-        )
-        for _ in range(2)
-    ]
+    special = {"unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 77}
     clip = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -86,7 +72,18 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
     )
-    encoders = [CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip)]
+    return {
+        "text_encoder": CLIPTextModelWithProjection(clip),
+        "tokenizer": CLIPTokenizer(vocab=vocab, merges=merges, **special),
+        "text_encoder_2": CLIPTextModelWithProjection(clip),
+        "tokenizer_2": CLIPTokenizer(vocab=vocab, merges=merges, **special),
+    }
+
+
+def _sd3_image_models() -> dict[str, Any]:
+    """The SD3 transformer (joint attention over the two CLIPs' 64 features) and an 8x VAE."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
@@ -114,35 +111,33 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
         shift_factor=0.0609,
         scaling_factor=1.5035,
     )
+    return {"transformer": transformer, "vae": vae}
+
+
+def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
+    """SD3 without its T5 encoder (the pipeline pads with zeros, as SD3 allows): 64 px images, 8x8 latents."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    vocab, merges = _bpe(["<|startoftext|>", "<|endoftext|>"], 600)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=encoders[0],
-        tokenizer=tokenizers[0],
-        text_encoder_2=encoders[1],
-        tokenizer_2=tokenizers[1],
         text_encoder_3=None,
         tokenizer_3=None,
+        **_sd3_text(vocab, merges),
+        **_sd3_image_models(),
     )
     pipe.save_pretrained(path)
     return path
 
 
-def build_tiny_qwen_edit(path: Path, seed: int = 0) -> Path:
-    """Qwen-Image-Edit with a two-layer Qwen2.5-VL text encoder: 64 px images, 16x16 latents."""
-    import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPipeline,
-        QwenImageTransformer2DModel,
-    )
+def _qwen_text() -> dict[str, Any]:
+    """A locally trained Qwen2 tokenizer, the Qwen2-VL processor and a two-layer Qwen2.5-VL encoder."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    torch.manual_seed(seed)
     vocab, merges = _bpe(list(_QWEN_SPECIAL), 700)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
@@ -159,35 +154,27 @@ def build_tiny_qwen_edit(path: Path, seed: int = 0) -> Path:
         video_processor=Qwen2VLVideoProcessor(),
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
-    text_encoder = Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(
-            text_config={
-                "vocab_size": len(tokenizer),
-                "hidden_size": 16,
-                "intermediate_size": 16,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "num_key_value_heads": 2,
-                "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                "rope_theta": 1000000.0,
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|im_end|>"],
-            },
-            vision_config={
-                "depth": 2,
-                "hidden_size": 16,
-                "intermediate_size": 16,
-                "num_heads": 2,
-                "out_hidden_size": 16,
-            },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
+    ends = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+    rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
+    text_config = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2}
+    text_config |= {"num_attention_heads": 2, "num_key_value_heads": 2, "rope_scaling": rope, "rope_theta": 1e6}
+    config = Qwen2_5_VLConfig(
+        text_config=text_config | ends,
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **ends,
     )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    return {"text_encoder": text_encoder, "tokenizer": tokenizer, "processor": processor}
+
+
+def _qwen_image_models() -> dict[str, Any]:
+    """The Qwen-Image transformer and a 4x Qwen-Image VAE."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=16,
@@ -208,14 +195,16 @@ def build_tiny_qwen_edit(path: Path, seed: int = 0) -> Path:
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     )
-    pipe = QwenImageEditPipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        processor=processor,
-    )
+    return {"transformer": transformer, "vae": vae}
+
+
+def build_tiny_qwen_edit(path: Path, seed: int = 0) -> Path:
+    """Qwen-Image-Edit with a two-layer Qwen2.5-VL text encoder: 64 px images, 16x16 latents."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+
+    torch.manual_seed(seed)
+    pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **_qwen_text(), **_qwen_image_models())
     pipe.save_pretrained(path)
     return path
 
@@ -240,11 +229,3 @@ def ensure_tiny_pipeline(cache_dir: Path, kind: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def load_pipeline(path: str | Path, kind: str, **kwargs: Any) -> Any:
-    """Load a pipeline folder exactly as a real checkpoint is loaded (used by the tests to check the build)."""
-    from diffusers import QwenImageEditPipeline, StableDiffusion3Pipeline
-
-    cls = StableDiffusion3Pipeline if kind == "sd3" else QwenImageEditPipeline
-    return cls.from_pretrained(str(path), **kwargs)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from rl_workers.advantages import group_advantages
-from rl_workers.distributed import Ranks, average_gradients, sum_across
+from rl_workers.distributed import Ranks, average_gradients, broadcast_from_main, max_across, sum_across
 from rl_workers.generators.base import Condition, Generator
 from rl_workers.grpo import Rollout, UpdateStats, accumulate_gradients, training_steps
 from rl_workers.lora import add_lora, save_lora
@@ -54,24 +54,26 @@ class RolloutWorker:
         conditions: Iterator[Condition],
         ranks: Ranks | None = None,
         metrics: MetricsLog | None = None,
+        eval_conditions: Iterator[Condition] | None = None,
     ) -> None:
         self.settings = settings
         self.generator = generator
         self.critic = critic
         self.conditions = conditions
+        self.eval_conditions = eval_conditions or conditions
         self.ranks = ranks or Ranks()
         self.metrics = metrics
-        self.params = add_lora(generator.transformer, settings.lora_rank, settings.lora_alpha)
+        self.params = add_lora(generator.transformer, settings.lora_rank, settings.lora_alpha, settings.seed)
+        broadcast_from_main(self.params, self.ranks)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         seed = settings.seed + self.ranks.rank
         self.rng = torch.Generator().manual_seed(seed)
         self.noise_rng = torch.Generator(device="cpu").manual_seed(seed + 10_000)
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ sampling and rewards
 
     def sample_groups(self, conditions: list[Condition], timings: Timings, *, sde: bool = True) -> list[Rollout]:
         s = self.settings
-        steps = s.sample_steps if sde else s.eval_steps
         rollouts = []
         for condition in conditions:
             started = time.perf_counter()
@@ -80,14 +82,15 @@ class RolloutWorker:
                 self.generator,
                 conditioning,
                 latents,
-                steps=steps,
+                steps=s.sample_steps if sde else s.eval_steps,
                 noise_level=s.noise_level,
                 sde=sde,
                 generator=self.noise_rng,
             )
-            images = self.generator.decode(trajectory.latents[:, -1])
+            images = self.generator.decode(trajectory.latents[:, -1], conditioning)
             timings.sampling += time.perf_counter() - started
-            rollout = Rollout(condition, conditioning, trajectory, pending=self.critic.submit(condition, images))
+            pending = self.critic.submit(condition, images, source=conditioning.group.get("source"))
+            rollout = Rollout(condition, conditioning, trajectory, pending=pending)
             if not s.overlap:
                 self._collect(rollout, timings)
             rollouts.append(rollout)
@@ -105,23 +108,52 @@ class RolloutWorker:
         for error in rollout.rewards.errors:
             log.warning("reward failed for group %s item %s", rollout.condition.id, error)
 
+    # ------------------------------------------------------------------ update
+
+    def _mini_batches(self, rollouts: list[Rollout]) -> list[list[torch.Tensor]]:
+        """The trainable samples, shuffled and split into `updates_per_step` mini-batches (rows per rollout)."""
+        pieces = [
+            (i, int(row))
+            for i, rollout in enumerate(rollouts)
+            if rollout.advantages is not None
+            for row in torch.nonzero(rollout.advantages.mask).flatten()
+        ]
+        order = torch.randperm(len(pieces), generator=self.rng)
+        batches = []
+        for part in torch.tensor_split(order, self.settings.updates_per_step):
+            rows: list[list[int]] = [[] for _ in rollouts]
+            for index in part.tolist():
+                i, row = pieces[index]
+                rows[i].append(row)
+            batches.append([torch.tensor(sorted(r), dtype=torch.long) for r in rows])
+        return batches
+
     def update(self, rollouts: list[Rollout]) -> UpdateStats:
         s = self.settings
+        stats = UpdateStats()
         indices = training_steps(rollouts[0].trajectory.steps, s.timestep_fraction, self.rng)
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(
-            self.generator,
-            rollouts,
-            step_indices=indices,
-            noise_level=s.noise_level,
-            clip_range=s.clip_range,
-            kl_beta=s.kl_beta,
-            batch_size=s.train_batch_size,
-        )
-        average_gradients(self.params, self.ranks)
-        if any(p.grad is not None for p in self.params):
-            stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm))
+        for rows in self._mini_batches(rollouts):
+            count = sum(len(r) for r in rows)
+            total = sum_across({"n": float(count)}, self.ranks, self.generator.device)["n"]
+            if total == 0:  # no rank has a trainable sample in this mini-batch
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            accumulate_gradients(
+                self.generator,
+                rollouts,
+                rows,
+                stats,
+                step_indices=indices,
+                noise_level=s.noise_level,
+                clip_range=s.clip_range,
+                kl_beta=s.kl_beta,
+                batch_size=s.train_batch_size,
+                norm=total * len(indices) / self.ranks.world,  # the mean over every rank's terms
+            )
+            average_gradients(self.params, self.ranks)
+            stats.grad_norm += float(torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm))
             self.optimizer.step()
+            stats.optimizer_steps += 1
         return stats
 
     def step(self) -> StepResult:
@@ -136,28 +168,18 @@ class RolloutWorker:
         return result
 
     def evaluate(self) -> float:
-        """Mean reward of one ODE-sampled group per evaluation prompt (no training)."""
-        timings = Timings()
+        """Mean reward, over all ranks, of one group per rank sampled with the deterministic ODE sampler
+        from the evaluation prompts (nothing trains)."""
         with torch.no_grad():
-            rollouts = self.sample_groups([next(self.conditions)], timings, sde=False)
-        rewards = [r for ro in rollouts for r in (ro.rewards.rewards if ro.rewards else []) if r is not None]
-        return sum(rewards) / len(rewards) if rewards else math.nan
+            rollouts = self.sample_groups([next(self.eval_conditions)], Timings(), sde=False)
+        rewards = [r for ro in rollouts if ro.rewards for r in ro.rewards.rewards if r is not None]
+        totals = sum_across({"sum": sum(rewards), "n": len(rewards)}, self.ranks, self.generator.device)
+        return totals["sum"] / totals["n"] if totals["n"] else math.nan
 
     # ------------------------------------------------------------------ figures
 
-    def figures(self, result: StepResult) -> dict[str, float]:
-        """The step's figures, summed over ranks where they are counts."""
-        sums: dict[str, float] = {
-            "items": 0,
-            "failed": 0,
-            "groups": 0,
-            "zero_spread": 0,
-            "r_sum": 0,
-            "r_sq": 0,
-            "r_n": 0,
-        }
-        for name in COMPONENTS[self.settings.task]:
-            sums[f"{name}_sum"] = sums[f"{name}_n"] = 0
+    def _sums(self, result: StepResult) -> dict[str, float]:
+        sums: dict[str, float] = {"items": 0, "failed": 0, "groups": 0, "zero_spread": 0, "r": 0, "r2": 0, "r_n": 0}
         for rollout in result.rollouts:
             assert rollout.rewards is not None and rollout.advantages is not None
             scored = [r for r in rollout.rewards.rewards if r is not None]
@@ -165,37 +187,47 @@ class RolloutWorker:
             sums["failed"] += rollout.rewards.failed
             sums["groups"] += 1
             sums["zero_spread"] += rollout.advantages.zero_spread
-            sums["r_sum"] += sum(scored)
-            sums["r_sq"] += sum(r * r for r in scored)
+            sums["r"] += sum(scored)
+            sums["r2"] += sum(r * r for r in scored)
             sums["r_n"] += len(scored)
             for name, values in rollout.rewards.components.items():
                 present = [v for v in values if v is not None]
-                sums[f"{name}_sum"] += sum(present)
-                sums[f"{name}_n"] += len(present)
+                sums[f"{name}:sum"] = sums.get(f"{name}:sum", 0.0) + sum(present)
+                sums[f"{name}:n"] = sums.get(f"{name}:n", 0.0) + len(present)
         u, t = result.update, result.timings
-        means = {
-            "train/loss": u.loss, "train/policy_loss": u.policy_loss, "train/kl": u.kl,
-            "train/clip_fraction": u.clip_fraction, "train/max_ratio_deviation": u.max_ratio_deviation,
-            "train/grad_norm": u.grad_norm, "time/sampling_s": t.sampling, "time/reward_wait_s": t.reward_wait,
-            "time/training_s": t.training,
-        }  # fmt: skip
-        totals = sum_across(sums | {f"mean:{k}": v for k, v in means.items()}, self.ranks, self.generator.device)
-        n = max(totals["r_n"], 1)
-        mean = totals["r_sum"] / n
+        sums |= {"u:samples": u.samples, "u:steps": u.optimizer_steps, "u:terms": u.terms, "u:loss": u.loss}
+        sums |= {"u:policy": u.policy_loss, "u:kl": u.kl, "u:clipped": u.clipped, "u:grad_norm": u.grad_norm}
+        sums |= {"t:sampling": t.sampling, "t:reward_wait": t.reward_wait, "t:training": t.training}
+        for name in COMPONENTS[self.settings.task]:
+            sums.setdefault(f"{name}:sum", 0.0)
+            sums.setdefault(f"{name}:n", 0.0)
+        return sums
+
+    def figures(self, result: StepResult) -> dict[str, float]:
+        """The step's figures over all ranks: counts and sums added up, times averaged."""
+        device, world = self.generator.device, self.ranks.world
+        s = sum_across(self._sums(result), self.ranks, device)
+        largest = max_across({"dev": result.update.max_ratio_deviation}, self.ranks, device)["dev"]
+        n, mean = s["r_n"], s["r"] / max(s["r_n"], 1)
+        update = UpdateStats(
+            samples=int(s["u:samples"]), optimizer_steps=int(s["u:steps"] / world), terms=int(s["u:terms"]),
+            loss=s["u:loss"], policy_loss=s["u:policy"], kl=s["u:kl"], clipped=s["u:clipped"],
+            grad_norm=s["u:grad_norm"] / world, max_ratio_deviation=largest,
+        )  # fmt: skip
         figures = {
-            "reward/mean": mean if totals["r_n"] else math.nan,
-            "reward/std": math.sqrt(max(totals["r_sq"] / n - mean**2, 0.0)) if totals["r_n"] else math.nan,
-            "reward/failed_fraction": totals["failed"] / max(totals["items"], 1),
-            "groups/zero_spread": totals["zero_spread"],
-            "groups/total": totals["groups"],
-            "train/samples": totals["items"] - totals["failed"],
+            "reward/mean": mean if n else math.nan,
+            "reward/std": math.sqrt(max(s["r2"] / max(n, 1) - mean**2, 0.0)) if n else math.nan,
+            "reward/failed_fraction": s["failed"] / max(s["items"], 1),
+            "groups/zero_spread": s["zero_spread"],
+            "groups/total": s["groups"],
         }
         for name in COMPONENTS[self.settings.task]:
-            count = totals[f"{name}_n"]
-            figures[f"reward/{name}"] = totals[f"{name}_sum"] / count if count else math.nan
-        figures |= {k: totals[f"mean:{k}"] / self.ranks.world for k in means}
-        step_time = t.sampling + t.reward_wait + t.training
-        figures["time/reward_wait_fraction"] = t.reward_wait / step_time if step_time else 0.0
+            figures[f"reward/{name}"] = s[f"{name}:sum"] / s[f"{name}:n"] if s[f"{name}:n"] else math.nan
+        figures |= update.means()
+        times = {k: s[f"t:{k}"] / world for k in ("sampling", "reward_wait", "training")}
+        figures |= {f"time/{k}_s": v for k, v in times.items()}
+        wall = sum(times.values())
+        figures["time/reward_wait_fraction"] = times["reward_wait"] / wall if wall else 0.0
         return figures
 
     # ------------------------------------------------------------------ the run
@@ -207,8 +239,7 @@ class RolloutWorker:
             range(1, s.steps + 1), desc="firm-rollout", disable=not (s.progress and self.ranks.main), unit="step"
         )
         for number in bar:
-            result = self.step()
-            figures = result.figures
+            figures = self.step().figures
             if s.eval_every and number % s.eval_every == 0:
                 figures["eval/reward_mean"] = self.evaluate()
             history.append(figures)
@@ -223,5 +254,5 @@ class RolloutWorker:
     def save(self, step: int) -> None:
         path = self.settings.output_dir / f"checkpoint-{step}"
         settings: dict[str, Any] = self.settings.model_dump(mode="json")
-        save_lora(self.generator.pipeline, path, settings, step)  # type: ignore[attr-defined]
+        save_lora(self.generator.pipeline, path, settings, step)
         log.info("saved LoRA weights of step %d to %s", step, path)

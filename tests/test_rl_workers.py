@@ -14,11 +14,13 @@ import torch
 
 from clients import RewardClient
 from clients.retry import RetryPolicy
+from rl_workers.distributed import Ranks
 from rl_workers.generators import load_generator
-from rl_workers.grpo import accumulate_gradients
+from rl_workers.grpo import UpdateStats, accumulate_gradients
+from rl_workers.lora import reference_policy
 from rl_workers.prompts import endless, load_conditions
 from rl_workers.rewards import RemoteCritic
-from rl_workers.sampling import sde_step, step_log_prob
+from rl_workers.sampling import sample, sde_step, step_log_prob
 from rl_workers.settings import RolloutSettings
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
@@ -62,7 +64,8 @@ def _worker(settings: RolloutSettings, critic: RemoteCritic) -> RolloutWorker:
 
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 def test_one_training_step(task: str, server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
-    settings = _settings(task, cache_dir, prompt_files[task], tmp_path)
+    # two optimizer steps: the second mini-batch meets a policy the first one moved (large lr: it shows)
+    settings = _settings(task, cache_dir, prompt_files[task], tmp_path, learning_rate=0.05, clip_range=1e-6)
     critic = RemoteCritic(task, [server_url], score_mode="expected")
     try:
         worker = _worker(settings, critic)
@@ -92,11 +95,11 @@ def test_one_training_step(task: str, server_url: str, cache_dir: Path, prompt_f
             assert torch.allclose(adv.advantages.double(), expected, atol=1e-5)
             assert abs(float(adv.advantages.sum())) < 1e-4
 
-    # the update ran on the unchanged policy: recomputed log-probs equal the recorded ones (ratio 1)
-    assert result.update.max_ratio_deviation < 1e-3
     trained = sum(int(r.advantages.mask.sum()) for r in result.rollouts if r.advantages is not None)
-    assert result.update.samples == trained
-    assert trained > 0
+    assert result.update.samples == trained and trained > 0
+    assert result.update.optimizer_steps == 2
+    # the first mini-batch ran on the policy that sampled (ratio 1); the second on a moved one, so it clipped
+    assert result.update.max_ratio_deviation > 1e-6 and result.update.clipped > 0
     # only a gradient can move B away from zero (weight decay keeps zero at zero)
     assert any(float(p.detach().abs().sum()) > 0 for p in lora_b)
     figures = result.figures
@@ -153,30 +156,38 @@ def test_sde_step_density_is_of_the_stored_step(dtype: torch.dtype) -> None:
     assert not torch.allclose(step.log_prob, other.log_prob, atol=1e-3)
 
 
-def _gradients(worker: RolloutWorker, rollouts: list) -> list[torch.Tensor]:
+def _gradients(worker: RolloutWorker, rollouts: list, kl_beta: float = 0.0) -> tuple[list[torch.Tensor], UpdateStats]:
+    """The gradients of one mini-batch holding every trainable sample (the worker's own selection)."""
+    (rows,) = worker._mini_batches(rollouts)
     worker.optimizer.zero_grad(set_to_none=True)
+    stats = UpdateStats()
     accumulate_gradients(
-        worker.generator, rollouts, step_indices=[0, 1], noise_level=0.7, clip_range=0.2, kl_beta=0.0, batch_size=2
-    )
-    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in worker.params]
+        worker.generator, rollouts, rows, stats, step_indices=[0, 1], noise_level=0.7, clip_range=0.2,
+        kl_beta=kl_beta, batch_size=2, norm=1.0,
+    )  # fmt: skip
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in worker.params], stats
 
 
 def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
-    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1)
+    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1, updates_per_step=1)
     critic = RemoteCritic("t2i", [server_url], score_mode="expected")
     try:
         worker = _worker(settings, critic)
         (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
     finally:
         critic.close()
+    with torch.no_grad():  # B = 0: the policy that sampled is the base model
+        base_velocity = worker.generator.velocity(
+            rollout.trajectory.latents[:, 0], rollout.trajectory.timesteps[0], rollout.conditioning
+        )
     with torch.no_grad():  # a policy away from the sampling one, so the gradients are not trivially zero
         for p in worker.params:
             p.add_(0.05)
     rollout.advantages = type(rollout.advantages)(
         torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([False, True, True, True]), 0.5, 0.1, False
     )
-    base = _gradients(worker, [rollout])
-    assert any(float(g.abs().sum()) > 0 for g in base)
+    base, stats = _gradients(worker, [rollout])
+    assert stats.samples == 3 and any(float(g.abs().sum()) > 0 for g in base)
 
     garbage = copy.copy(rollout)
     garbage.trajectory = copy.copy(rollout.trajectory)
@@ -185,13 +196,23 @@ def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, promp
     garbage.advantages = type(rollout.advantages)(
         torch.tensor([100.0, -1.0, 0.5, -0.5]), rollout.advantages.mask, 0.5, 0.1, False
     )
-    for a, b in zip(base, _gradients(worker, [garbage]), strict=True):
+    for a, b in zip(base, _gradients(worker, [garbage])[0], strict=True):
         assert torch.allclose(a, b)
     # unmasked, the same change does move the gradients
     garbage.advantages = type(rollout.advantages)(
         torch.tensor([100.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), 0.5, 0.1, False
     )
-    assert any(not torch.allclose(a, b) for a, b in zip(base, _gradients(worker, [garbage]), strict=True))
+    assert any(not torch.allclose(a, b) for a, b in zip(base, _gradients(worker, [garbage])[0], strict=True))
+
+    # the KL term: zero against the reference while LoRA is off, positive once the policy moved
+    velocity = worker.generator.velocity
+    x, t = rollout.trajectory.latents[:, 0], rollout.trajectory.timesteps[0]
+    with torch.no_grad(), reference_policy(worker.generator.transformer):
+        reference = velocity(x, t, rollout.conditioning)
+    with torch.no_grad():
+        moved = velocity(x, t, rollout.conditioning)
+    assert torch.allclose(reference, base_velocity, atol=1e-6) and not torch.allclose(reference, moved)
+    assert _gradients(worker, [rollout], kl_beta=1.0)[1].kl > 0
 
 
 def test_unreachable_server_gives_masked_failures_not_zeros(
@@ -257,11 +278,70 @@ def test_torchrun_workers_share_the_step_figures(
     assert line["groups/total"] == 2 and line["train/samples"] == 8
 
 
-def test_firm_rollout_rejects_bad_settings(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flag", "value"), [("--group-size", "1"), ("--resolution", "72")])
+def test_firm_rollout_rejects_bad_settings(flag: str, value: str, tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "rl_workers.cli", "--prompts", str(tmp_path / "p.txt"), "--group-size", "1"],
+        [sys.executable, "-m", "rl_workers.cli", "--prompts", str(tmp_path / "p.txt"), flag, value],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode != 0 and "--group-size" in done.stderr
+    assert done.returncode != 0 and (flag in done.stderr or "resolution" in done.stderr)
+
+
+def test_every_rank_starts_from_the_same_adapter(cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
+    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path)
+    client = RewardClient("http://127.0.0.1:9")
+    critic = RemoteCritic("t2i", client=client)
+    try:
+        workers = [
+            RolloutWorker(settings, load_generator(settings, torch.device("cpu")), critic, iter([]), Ranks(rank, 1, 0))
+            for rank in (0, 1)
+        ]
+    finally:
+        critic.close()
+    for a, b in zip(workers[0].params, workers[1].params, strict=True):
+        assert torch.equal(a, b)
+    assert any(float(p.detach().abs().sum()) > 0 for p in workers[0].params)  # A is random, not zero
+
+
+def test_checkpoint_reloads_at_the_strength_it_trained(
+    server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
+) -> None:
+    """A saved adapter loaded with diffusers' `load_lora_weights` predicts what the trained policy predicts."""
+    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1, lora_rank=4, lora_alpha=8)
+    critic = RemoteCritic("t2i", [server_url], score_mode="expected")
+    try:
+        worker = _worker(settings, critic)
+        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
+    finally:
+        critic.close()
+    with torch.no_grad():
+        for p in worker.params:
+            p.add_(0.05)
+        x, t = rollout.trajectory.latents[:, 0], rollout.trajectory.timesteps[0]
+        trained = worker.generator.velocity(x, t, rollout.conditioning)
+    worker.save(1)
+    fresh = load_generator(settings, torch.device("cpu"))
+    with torch.no_grad():
+        base = fresh.velocity(x, t, rollout.conditioning)
+        fresh.pipeline.load_lora_weights(str(tmp_path / "checkpoint-1"))
+        reloaded = fresh.velocity(x, t, rollout.conditioning)
+    assert not torch.allclose(base, trained, atol=1e-4)
+    assert torch.allclose(reloaded, trained, atol=1e-5)
+
+
+def test_evaluation_samples_with_the_ode(server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
+    settings = _settings("edit", cache_dir, prompt_files["edit"], tmp_path, eval_steps=2)
+    critic = RemoteCritic("edit", [server_url], score_mode="expected")
+    try:
+        worker = _worker(settings, critic)
+        generator = worker.generator
+        conditioning, latents = generator.prepare(next(worker.conditions), G, torch.Generator().manual_seed(1))
+        runs = [sample(generator, conditioning, latents, steps=2, noise_level=0.7, sde=False) for _ in range(2)]
+        score = worker.evaluate()
+    finally:
+        critic.close()
+    assert torch.equal(runs[0].latents, runs[1].latents)  # deterministic: no noise drawn
+    assert not runs[0].log_probs.any()
+    assert 0.0 <= score <= 1.0

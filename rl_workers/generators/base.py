@@ -27,13 +27,14 @@ class Condition:
 
 @dataclass
 class Conditioning:
-    """Per-row conditioning tensors (row i belongs to sample i), sliced together for micro-batches."""
+    """Per-row conditioning tensors (row i belongs to sample i), sliced together for micro-batches,
+    and what the whole group shares (`group`: sizes, the source image as the generator saw it)."""
 
     tensors: dict[str, torch.Tensor | None]
-    extras: dict[str, Any] = field(default_factory=dict)
+    group: dict[str, Any] = field(default_factory=dict)
 
     def rows(self, index: torch.Tensor | slice) -> Conditioning:
-        return Conditioning({k: None if v is None else v[index] for k, v in self.tensors.items()}, self.extras)
+        return Conditioning({k: None if v is None else v[index] for k, v in self.tensors.items()}, self.group)
 
 
 class Generator(ABC):
@@ -58,7 +59,7 @@ class Generator(ABC):
         """The guided velocity prediction for `latents` at `timestep`."""
 
     @abstractmethod
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, conditioning: Conditioning) -> list[Image.Image]:
         """Images from final latents."""
 
 

@@ -80,14 +80,15 @@ class SD3Generator(Generator):
             pooled = torch.cat([c["negative_pooled"], c["pooled"]])
         else:
             hidden, text, pooled = latents, c["embeds"], c["pooled"]
-        t = torch.full((hidden.shape[0],), timestep, device=latents.device, dtype=latents.dtype)
+        # float32 like the pipeline: bf16 would round 602.15 to 604, off the trained schedule
+        t = torch.full((hidden.shape[0],), timestep, device=latents.device, dtype=torch.float32)
         out = self.transformer(
             hidden_states=hidden, timestep=t, encoder_hidden_states=text, pooled_projections=pooled, return_dict=False
         )[0]
         return cfg_combine(out[:n], out[n:], self.guidance_scale) if self.guided else out
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, conditioning: Conditioning) -> list[Image.Image]:
         vae = self.pipeline.vae
         scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(scaled, return_dict=False)[0]
