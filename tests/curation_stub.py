@@ -4,8 +4,9 @@ It answers by model name, so each pipeline step gets its own canned reply: "desc
 differences, "grader" grades (execution N and consistency 6 - N, N read from "score=N" in the
 prompt), "planner" writes a checklist, "checker" checks it and rates N. It can be told to fail:
 the next k calls answer 503, a prompt containing ALWAYS_FAIL always answers 500, one containing
-GARBLE gets a reply without JSON. It records every call (model, text, image hashes) and counts
-tokens in `usage`. It runs in a thread of the test process.
+GARBLE gets a reply without JSON, one containing BADGZIP a body that claims gzip but is not, one
+containing LONG a grade whose reasoning runs to 800 characters. It records every call (model,
+text, image hashes) and counts tokens in `usage`. It runs in a thread of the test process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from tests.support import free_port
 
@@ -43,8 +44,11 @@ def canned_answer(model: str, text: str) -> str:
     if model == "describer":
         return "1. The square in the centre changed colour.\n2. Nothing else differs."
     if model == "grader":
+        reasoning = f"The requested change is visible (grade {n})."
+        if "LONG" in text:
+            reasoning = " ".join([reasoning] * 20)[:800]
         grades = {
-            "execution": {"reasoning": f"The requested change is visible (grade {n}).", "score": n},
+            "execution": {"reasoning": reasoning, "score": n},
             "consistency": {"reasoning": "The background is untouched.", "score": [6 - n]},
         }
         return "Here is my grading:\n```json\n" + json.dumps(grades) + "\n```"
@@ -82,6 +86,8 @@ def create_app() -> FastAPI:
             return JSONResponse({"error": {"message": "busy"}}, status_code=503, headers={"Retry-After": "0"})
         if "ALWAYS_FAIL" in text:
             return JSONResponse({"error": {"message": "internal error"}}, status_code=500)
+        if "BADGZIP" in text:
+            return Response(b"not gzip at all", media_type="application/json", headers={"Content-Encoding": "gzip"})
         choice = {"index": 0, "message": {"role": "assistant", "content": canned_answer(body["model"], text)}}
         usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS}
         return JSONResponse({"id": "stub", "object": "chat.completion", "choices": [choice], "usage": usage})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,8 +19,11 @@ from PIL import Image
 from server.engines.base import GenerationResult
 from server.judges import load_judges
 from tests.curation_stub import COMPLETION_TOKENS, PROMPT_TOKENS, StubServer, url_digest
-from training.curation.chat import image_data_url
+from training.curation.chat import ChatClient, Endpoint, image_data_url
 from training.curation.cli import run
+from training.curation.runner import run_pipeline
+from training.curation.store import RecordStore
+from training.manifest import Row
 from training.records import record_answer, record_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,3 +202,72 @@ def test_an_interrupted_run_resumes_with_nothing_done_twice_and_nothing_lost(stu
     summary = json.loads((tmp_path / "edit.summary.json").read_text())
     assert summary["items"]["skipped_as_done"] == len(done_before)
     assert summary["repaired_lines"] == 1
+
+
+def test_an_undecodable_reply_and_a_too_long_answer_fail_their_items_only(stub: StubServer, tmp_path: Path) -> None:
+    # 800 characters is about 230 tokens: too close to the served critic's 256 for the default limit
+    manifest = edit_manifest(tmp_path, ["Make it red (score=4).", "Make it BADGZIP red.", "Make it LONG red."])
+    output = tmp_path / "edit.jsonl"
+    assert curate("edit", stub, manifest, output) == 1
+
+    assert {r["item_id"] for r in read_jsonl(output)} == {"e0"}
+    summary = json.loads((tmp_path / "edit.summary.json").read_text())
+    failures = {f["id"]: f["error"] for f in summary["failures"]}
+    assert failures["e1"].startswith("ChatError") and "DecodingError" in failures["e1"]
+    assert failures["e2"].startswith("AnswerMismatch") and "over --max-answer-chars 700" in failures["e2"]
+    assert summary["tokens"]["by_step"]["grade"]["retries"] == 3  # an undecodable body is retried like a 503
+    assert summary["aborted"] is None
+
+
+def test_an_unexpected_error_stops_the_run_and_the_summary_still_says_what_was_done(tmp_path: Path) -> None:
+    class Buggy:
+        task, judges, required = "edit", ("edit_execution",), ()
+
+        def __init__(self) -> None:
+            self.client = ChatClient(Endpoint("http://127.0.0.1:9/v1", "unused"))
+
+        def clients(self) -> dict[str, ChatClient]:
+            return {"grade": self.client}
+
+        async def curate(self, row: Row) -> list[dict]:
+            if row.id == "bug":
+                raise ValueError("a bug in the pipeline, not a bad item")
+            return [{"id": f"{row.id}/edit_execution", "item_id": row.id, "judge": "edit_execution", "score": 3}]
+
+    rows = [Row(id=name, line=n, values={}) for n, name in enumerate(["ok", "bug", "later"], 1)]
+    summary_path = tmp_path / "edit.summary.json"
+    with RecordStore(tmp_path / "edit.jsonl", 1) as store, pytest.raises(ValueError, match="a bug in the pipeline"):
+        asyncio.run(run_pipeline(Buggy(), rows, store, summary_path, workers=1, progress=False))
+
+    summary = json.loads(summary_path.read_text())
+    assert summary["aborted"] == "ValueError: a bug in the pipeline, not a bad item"
+    assert summary["items"]["written_this_run"] == 1 and summary["items"]["failed_this_run"] == 0
+    assert [r["item_id"] for r in read_jsonl(tmp_path / "edit.jsonl")] == ["ok"]
+
+
+def test_a_judge_template_of_ones_own_renders_the_records_and_is_read_once(
+    stub: StubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = tmp_path / "execution.txt"
+    template.write_text("Our own rubric. Did the edit do this: $instruction\nAnswer in JSON.")
+    reads: Counter[Path] = Counter()
+    read_text = Path.read_text
+
+    def counted(path: Path, *args: object, **kwargs: object) -> str:
+        reads[path] += 1
+        return read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    manifest = edit_manifest(tmp_path / "data", [f"Make the square red (score={n})." for n in (5, 4, 2)])
+    output = tmp_path / "edit.jsonl"
+    assert curate("edit", stub, manifest, output, "--template", f"edit_execution={template}") == 0
+
+    records = read_jsonl(output)
+    consistency = load_judges()["edit_consistency"]
+    for record in records:
+        text, instruction = record["messages"][0]["content"][-1]["text"], record["fields"]["instruction"]
+        if record["judge"] == "edit_execution":
+            assert text == f"Our own rubric. Did the edit do this: {instruction}\nAnswer in JSON."
+        else:
+            assert text == consistency.prompt((), instruction=instruction)[0]
+    assert len(records) == 6 and reads[template] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import httpx
 import pytest
 
 from clients.protocol import EditScoreResponse
+from server.cli import load_settings
 from tests.support import b64, picture, running_server
-from training.finetune import run
+from training.finetune import build_parser, load_base, run
 from training.records import make_record, relative_path
 from training.sft_data import Collator, load_examples
 
@@ -42,13 +44,24 @@ def edit_records(folder: Path, count: int) -> Path:
     return path
 
 
+def long_answer_record(folder: Path) -> Path:
+    """One record whose answer is over the 256 tokens the served critic may write."""
+    images = [relative_path(folder / "images" / f"0-{name}.png", folder) for name in ("source", "edited")]
+    answer = json.dumps({"reasoning": " ".join([DONE] * 40), "score": [5]})
+    record = make_record("long", "edit_execution", images, {"instruction": "Make the square red."}, answer)
+    path = folder / "long.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("finetune")
     base = shutil.copytree(tiny_checkpoint, work / "base")
     records = edit_records(work / "data", 8)
     output = work / "critic"
-    args = [str(records), "--base-model", str(base), "--output", str(output), "--device", "cpu"]
+    args = [str(records), str(long_answer_record(work / "data"))]
+    args += ["--base-model", str(base), "--output", str(output), "--device", "cpu"]
     args += ["--learning-rate", "3e-3", "--max-steps", "12", "--batch-size", "4", "--grad-accum", "1"]
     args += ["--logging-steps", "1", "--measure-examples", "8"]
     return output, run(args)
@@ -65,13 +78,27 @@ def test_answer_only_labels_end_with_the_end_of_turn_token(tiny_checkpoint: Path
         assert processor.tokenizer.decode(labelled) == example.answer + "<|im_end|>"
 
 
+def test_a_record_whose_answer_the_served_critic_could_not_finish_is_left_out(trained: tuple[Path, dict]) -> None:
+    _, report = trained
+    assert report["examples"] == 16
+    assert report["left_out"] == {"answer_over_max_tokens": ["long/edit_execution"]}
+    assert report["settings"]["max_answer_tokens"] == 256
+
+
 def test_training_lowers_the_loss_and_writes_a_model_card(trained: tuple[Path, dict]) -> None:
     output, report = trained
     loss = report["loss"]
     assert loss["after"] < 0.7 * loss["before"], loss
     assert [entry["step"] for entry in loss["logged"]][-1] == 12
     card = (output / "README.md").read_text()
-    assert "base_model:" in card and "firm-serve --edit-model" in card
+    assert "base_model:" in card
+    # each serve command loads the trained critic for one task and no default critic for the other
+    commands = [line.split("#")[0] for line in card.splitlines() if line.startswith("firm-serve ")]
+    served = []
+    for command in commands:
+        settings = load_settings(shlex.split(command)[1:])
+        served.append((settings.edit_model, settings.gen_model))
+    assert served == [(str(output), "none"), ("none", str(output))]
     assert json.loads((output / "firm_training.json").read_text())["settings"]["learning_rate"] == 3e-3
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja"):
         assert (output / name).exists(), name
@@ -92,6 +119,21 @@ def test_firm_serve_serves_the_trained_critic_unchanged(trained: tuple[Path, dic
     assert result.execution is not None and result.execution.score in range(1, 6)
     # the served weights are the trained ones: the answer is no longer the base critic's
     assert result.execution.reasoning not in (None, "The square is now red; the rest is kept.")
+
+
+def test_the_seed_decides_the_initial_lora_weights(tiny_checkpoint: Path) -> None:
+    import torch
+
+    def lora_weights(seed: int, noise: int) -> list[torch.Tensor]:
+        torch.manual_seed(noise)  # whatever ran before must not matter
+        args = build_parser().parse_args(["r.jsonl", "--base-model", str(tiny_checkpoint), "--output", "unused"])
+        args.lora, args.seed, args.device, args.lora_targets = True, seed, "cpu", "q_proj"
+        loaded = load_base(args, processor=None)
+        return [p.detach().clone() for n, p in loaded.model.named_parameters() if "lora_A" in n]
+
+    first, again, other = lora_weights(1, noise=10), lora_weights(1, noise=20), lora_weights(2, noise=10)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_lora_training_is_merged_into_a_plain_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:

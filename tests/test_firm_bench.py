@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support import picture
+from clients import AsyncRewardClient
+from clients.errors import ServerError, Unauthorized
+from tests.support import free_port, picture
 from training.bench.cli import run
 
 # (id, source, edited, instruction, dimension, human) -> the tiny critic's score
@@ -34,6 +36,21 @@ GENS = [
 EXPECTED = {
     "edit": {"execution": 2 / 3, "consistency": 0.0, "overall": 2 / 5},
     "gen": {"easy": 0.5, "hard": 1.0, "overall": 0.75},
+}
+
+
+def matrix(*pairs: tuple[int, int]) -> list[list[int]]:
+    """counts[human - 1][predicted - 1] of (human, predicted) pairs."""
+    counts = [[0] * 5 for _ in range(5)]
+    for human, predicted in pairs:
+        counts[human - 1][predicted - 1] += 1
+    return counts
+
+
+# the (human, predicted) pairs above, per group; the failed item is in none
+CONFUSION = {
+    "edit": {"execution": matrix((4, 5), (2, 1), (5, 5)), "consistency": matrix((4, 4), (5, 5))},
+    "gen": {"easy": matrix((5, 5), (2, 1)), "hard": matrix((3, 5), (1, 1))},
 }
 
 
@@ -97,15 +114,68 @@ def test_bench_through_a_running_server_reproduces_the_hand_computed_mae(
 
     with Image.open(output / "confusion.png") as png:
         assert png.format == "PNG" and png.width > 4 * png.height / 2
+    assert results["confusion"] == CONFUSION
     assert results["confusion_panels"] == ["Edit: execution", "Edit: consistency", "Gen: easy", "Gen: hard"]
 
 
-def test_bench_with_a_given_engine_in_process_matches(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    bench = make_bench(tmp_path / "bench")
-    (bench / "gen.jsonl").unlink()  # an editing critic only
+def test_bench_in_process_skips_the_task_whose_critic_is_switched_off(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = make_bench(tmp_path / "bench")  # editing and generation items, an editing critic only
     engine = f"--edit-model {tiny_checkpoint} --gen-model none --engine transformers --device cpu"
     output = tmp_path / "results"
-    assert run([str(bench), "--engine-args", engine, "--output", str(output), *FIELDS[:4]]) == 1
+    assert run([str(bench), "--engine-args", engine, "--output", str(output), *FIELDS]) == 1  # p4 failed
     results = json.loads((output / "results.json").read_text())
     assert {g: v["mae"] for g, v in results["mae"]["edit"].items()} == pytest.approx(EXPECTED["edit"])
     assert "gen" not in results["mae"] and results["label"] == str(tiny_checkpoint)
+    assert list(results["skipped"]) == ["gen"] and "switched off" in results["skipped"]["gen"]
+    assert results["confusion"] == {"edit": CONFUSION["edit"]}
+    assert {item["task"] for item in results["items"]} == {"edit"}
+    errors = capsys.readouterr().err
+    assert "the gen items are skipped" in errors and "g1" not in errors
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status"),
+    [
+        (ServerError(500, "internal_error", "internal server error"), 1),  # that request's items fail
+        (Unauthorized(401, "unauthorized", "unknown key"), 2),  # no later request can succeed
+    ],
+)
+def test_a_refused_request_keeps_what_was_scored(
+    server_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    refusal: ServerError,
+    status: int,
+) -> None:
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise refusal
+
+    monkeypatch.setattr(AsyncRewardClient, "score_generations", refuse)
+    bench = make_bench(tmp_path / "bench")
+    output = tmp_path / "results"
+    assert run([str(bench), "--url", server_url, "--output", str(output), *FIELDS]) == status
+
+    results = json.loads((output / "results.json").read_text())
+    assert {g: v["mae"] for g, v in results["mae"]["edit"].items()} == pytest.approx(EXPECTED["edit"])
+    assert results["mae"]["gen"]["overall"] == {"mae": None, "scored": 0, "failed": 4}
+    gen_errors = {item["error"] for item in results["items"] if item["task"] == "gen"}
+    errors = capsys.readouterr().err
+    if status == 1:
+        assert gen_errors == {"request_failed: HTTP 500 internal_error: internal server error"}
+        assert results["aborted"] is None
+    else:
+        assert gen_errors == {"not_scored: the run stopped: HTTP 401 unauthorized: unknown key"}
+        assert "stopped early: HTTP 401 unauthorized: unknown key" in errors
+
+
+def test_no_server_stops_the_run_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = make_bench(tmp_path / "bench")
+    output = tmp_path / "results"
+    url = f"http://127.0.0.1:{free_port()}"
+    assert run([str(bench), "--url", url, "--output", str(output), "--timeout-s", "5", *FIELDS]) == 2
+    errors = capsys.readouterr().err
+    assert errors.startswith("firm-bench: ") and url in errors and "Traceback" not in errors
+    assert not (output / "results.json").exists()

@@ -6,7 +6,10 @@ The defaults are the paper's recipe (full fine-tune, learning rate 1e-5, cosine 
 warm-up, one epoch). `--lora` trains low-rank adapters instead and merges them into the weights
 at the end. The output folder holds the model, its processor and tokenizer, and a model card
 (README.md, plus firm_training.json with the settings and the loss before and after), and is
-served as it is: `firm-serve --edit-model critics/my-edit-critic`.
+served as it is: `firm-serve --edit-model critics/my-edit-critic --gen-model none`.
+
+A record whose answer is longer than the served critic may write (`--max-answer-tokens`, the
+server's max_new_tokens) is left out with a warning: it would teach answers cut off at serving.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.settings import Settings
 from training.model_card import write_model_card
-from training.sft_data import Collator, Example, load_examples
+from training.sft_data import Collator, Example, load_examples, split_long_answers
 
 log = logging.getLogger("firm-train")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the language model's projections
+SERVED_MAX_NEW_TOKENS: int = Settings.model_fields["max_new_tokens"].default  # what firm-serve lets a judge write
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto, cpu, cuda (default: auto).")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="Training dtype; auto is bf16 on GPU.")
     add("--image-pixel-budget", type=int, default=1024 * 1024, help="Downscale images as firm-serve does (default).")
+    add(
+        "--max-answer-tokens",
+        type=int,
+        default=SERVED_MAX_NEW_TOKENS,
+        help="Leave out records whose answer has more tokens: the served critic writes at most firm-serve's "
+        f"--max-new-tokens and would be cut off (default: {SERVED_MAX_NEW_TOKENS}; 0 keeps every record).",
+    )
     add("--measure-examples", type=int, default=32, help="Records whose loss is measured before and after (0: skip).")
     add("--logging-steps", type=int, default=10, help="Log the training loss every N steps (default: 10).")
     add("--save-steps", type=int, default=0, help="Also keep a trainer checkpoint every N steps (default: never).")
@@ -73,16 +85,21 @@ class Loaded:
     dtype: Any
 
 
-def load_base(args: argparse.Namespace) -> Loaded:
+def load_processor(args: argparse.Namespace) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(args.base_model, revision=args.revision)
+
+
+def load_base(args: argparse.Namespace, processor: Any) -> Loaded:
     """The base checkpoint through the same classes firm-serve loads it with."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, set_seed
 
     from server.engines.transformers import resolve_device, resolve_dtype
 
+    set_seed(args.seed)  # before any weight is made: LoRA's initial weights come from this seed
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    processor = AutoProcessor.from_pretrained(args.base_model, revision=args.revision)
     model = AutoModelForImageTextToText.from_pretrained(args.base_model, revision=args.revision, dtype=dtype)
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -100,8 +117,28 @@ def load_base(args: argparse.Namespace) -> Loaded:
         for name, parameter in model.named_parameters():
             if ".visual." in f".{name}" or name.startswith("visual."):
                 parameter.requires_grad_(False)
-    torch.manual_seed(args.seed)
     return Loaded(model.to(device), processor, device, dtype)
+
+
+def servable_examples(args: argparse.Namespace, processor: Any) -> tuple[list[Example], list[str]]:
+    """The records to train on, and the ids of those left out for answers the served critic could not finish."""
+    examples = load_examples(args.records)
+    if not args.max_answer_tokens:
+        return examples, []
+    kept, too_long = split_long_answers(examples, processor.tokenizer, args.max_answer_tokens)
+    if too_long:
+        shown = ", ".join(too_long[:5]) + (", ..." if len(too_long) > 5 else "")
+        log.warning(
+            "%d of %d records have answers over %d tokens, which the served critic would cut off; "
+            "they are left out: %s",
+            len(too_long),
+            len(examples),
+            args.max_answer_tokens,
+            shown,
+        )
+    if not kept:
+        raise ValueError(f"every record's answer is over --max-answer-tokens {args.max_answer_tokens}")
+    return kept, too_long
 
 
 def measure_loss(loaded: Loaded, collator: Collator, examples: Sequence[Example]) -> float | None:
@@ -191,8 +228,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()):
         raise FileExistsError(f"{args.output} is not empty; choose a new folder")
-    examples = load_examples(args.records)
-    loaded = load_base(args)
+    processor = load_processor(args)
+    examples, too_long = servable_examples(args, processor)
+    loaded = load_base(args, processor)
     collator = Collator(loaded.processor, args.image_pixel_budget)
     probe = random.Random(args.seed).sample(examples, min(args.measure_examples, len(examples)))
     before = measure_loss(loaded, collator, probe)
@@ -208,6 +246,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "base_model": args.base_model,
         "records": [str(p) for p in args.records],
         "examples": len(examples),
+        "left_out": {"answer_over_max_tokens": too_long},
         "method": "lora (merged)" if args.lora else "full",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "records"},
         "loss": {"before": before, "after": after, "measured_on": len(probe), "logged": losses},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ tags:
 
 A reward critic for image editing and text-to-image generation, fine-tuned with `firm-train`
 on {examples} records curated with `firm-curate`. It answers the prompts of the FIRM reward
-server's judges in their formats and is served with:
+server's judges in their formats and is served with one of:
 
 ```bash
-firm-serve --edit-model {output}      # an editing critic
-firm-serve --gen-model {output}       # a generation critic
+firm-serve --edit-model {output} --gen-model none    # an editing critic
+firm-serve --gen-model {output} --edit-model none    # a generation critic
 ```
+
+Without `none`, the server also loads its default critic for the other task.
 
 ## Training
 
@@ -37,6 +40,7 @@ firm-serve --gen-model {output}       # a generation critic
 | epochs | {epochs} (max steps {max_steps}) |
 | batch | {batch_size} x {grad_accum} accumulated |
 | records | {records} |
+| left out (answer over {max_answer_tokens} tokens) | {left_out} |
 | loss on {measured_on} records, before -> after | {before} -> {after} |
 
 The loss covers the critic's answers only. All settings and the logged losses are in
@@ -53,12 +57,13 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> None:
     text = _CARD.format(
         base_model=report["base_model"],
         examples=report["examples"],
-        output=folder,
+        output=shlex.quote(str(folder)),
         method=report["method"],
         records=", ".join(Path(p).name for p in report["records"]),
         measured_on=loss["measured_on"],
         before=_fmt(loss["before"]),
         after=_fmt(loss["after"]),
+        left_out=len(report["left_out"]["answer_over_max_tokens"]),
         **{
             k: settings[k]
             for k in (
@@ -69,6 +74,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> None:
                 "max_steps",
                 "batch_size",
                 "grad_accum",
+                "max_answer_tokens",
             )
         },
     )

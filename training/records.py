@@ -37,10 +37,8 @@ class AnswerMismatch(ValueError):
 _JUDGES: dict[str, Judge] = {}
 
 
-def judge(name: str, templates: Mapping[str, Path | None] | None = None) -> Judge:
-    """The server's judge `name` (packaged template unless `templates` overrides it)."""
-    if templates:
-        return load_judges(templates)[name]
+def judge(name: str) -> Judge:
+    """The server's judge `name`, with its packaged template (read once per process)."""
     if not _JUDGES:
         _JUDGES.update(load_judges())
     return _JUDGES[name]

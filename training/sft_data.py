@@ -52,6 +52,18 @@ def load_examples(paths: Sequence[Path]) -> list[Example]:
     return examples
 
 
+def split_long_answers(examples: Sequence[Example], tokenizer: Any, max_tokens: int) -> tuple[list[Example], list[str]]:
+    """(examples whose answer fits in `max_tokens` tokens, ids of the others)."""
+    kept, too_long = [], []
+    for example in examples:
+        count = len(tokenizer(example.answer, add_special_tokens=False)["input_ids"])
+        if count <= max_tokens:
+            kept.append(example)
+        else:
+            too_long.append(example.id)
+    return kept, too_long
+
+
 def end_of_turn(tokenizer: Any) -> str:
     """The token that closes an assistant turn in the chat template (Qwen: <|im_end|>)."""
     return END_OF_TURN if END_OF_TURN in tokenizer.get_vocab() else tokenizer.eos_token

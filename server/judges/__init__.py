@@ -7,7 +7,7 @@ escaping. Any template can be replaced from configuration with a file of the use
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,6 +34,7 @@ __all__ = [
     "JudgeOutcome",
     "ParseError",
     "TemplateError",
+    "checked_template",
     "expected_score",
     "gen_fields",
     "load_judges",
@@ -154,16 +155,20 @@ def default_template_text(name: str) -> str:
     return resources.files("server.judges").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8")
 
 
-def _checked_template(spec: JudgeSpec, text: str, origin: str) -> string.Template:
+def checked_template(
+    text: str, fields: Sequence[str], origin: str, what: str, error: type[TemplateError] = TemplateError
+) -> string.Template:
+    """`text` as a template that uses exactly the placeholders `fields`: a template missing one
+    would silently drop a field, and one with an unknown name fails only when it is filled in."""
     template = string.Template(text)
     if not template.is_valid():
-        raise TemplateError(f"{origin}: invalid '$' placeholder (write '$$' for a literal '$')")
+        raise error(f"{origin}: invalid '$' placeholder (write '$$' for a literal '$')")
     found = set(template.get_identifiers())
-    missing = [f for f in spec.fields if f not in found]
-    unknown = sorted(found - set(spec.fields))
+    missing = [f for f in fields if f not in found]
+    unknown = sorted(found - set(fields))
     if missing or unknown:
-        raise TemplateError(
-            f"{origin}: template for {spec.name} must use placeholders {['$' + f for f in spec.fields]}; "
+        raise error(
+            f"{origin}: {what} must use placeholders {['$' + f for f in fields]}; "
             f"missing {['$' + f for f in missing]}, unknown {['$' + f for f in unknown]}"
         )
     return template
@@ -179,5 +184,5 @@ def load_judges(overrides: Mapping[str, Path | None] | None = None) -> dict[str,
             text, origin = Path(path).read_text(encoding="utf-8"), str(path)
         else:
             text, origin = default_template_text(name), f"built-in {name}.txt"
-        judges[name] = Judge(spec, _checked_template(spec, text, origin))
+        judges[name] = Judge(spec, checked_template(text, spec.fields, origin, f"template for {spec.name}"))
     return judges

@@ -4,8 +4,10 @@
     firm-bench bench/ --engine-args "--edit-model ./my-critic --gen-model none --device cuda"
 
 Prints the paper's table with FIRM-8B and GPT-5 beside this critic, and writes `results.json`
-(figures and every item's prediction), `table.txt` and `confusion.png` into --output.
-Exit status: 0 when every item was scored, 1 when some failed (they are listed), 2 usage error.
+(figures, confusion matrices and every item's prediction), `table.txt` and `confusion.png` into
+--output. A task whose critic the server has switched off is skipped, with a note.
+Exit status: 0 when every item was scored, 1 when some failed (they are listed), 2 for a usage
+error or when no request could get through (a refused key, no server); what was scored is kept.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from clients import AsyncRewardClient
+from clients.errors import FirmError
+from clients.protocol import ModelCard
 from training.bench.data import EDIT_FIELDS, GEN_FIELDS, BenchItem, load_edit_items, load_gen_items
-from training.bench.plot import draw_confusions
+from training.bench.plot import confusion_matrices, draw_confusions
 from training.bench.report import metrics, per_item, table
-from training.bench.scoring import InProcessScorer, Prediction, Scorer, score_items
+from training.bench.scoring import BenchAborted, BenchScores, InProcessScorer, score_items
 from training.manifest import ManifestError, parse_field_map
 
 _EPILOG = f"""\
@@ -32,6 +38,7 @@ edit columns: {", ".join(EDIT_FIELDS)} (dimension: execution or consistency; hum
 gen columns: {", ".join(GEN_FIELDS)} (difficulty: easy or hard; requirement optional).
 Rename columns with --edit-field NAME=COLUMN and --gen-field NAME=COLUMN.
 """
+MAX_LISTED = 20  # failed items printed; results.json has them all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,44 +89,85 @@ def load_items(args: argparse.Namespace) -> list[BenchItem]:
     return items
 
 
-async def predict(args: argparse.Namespace, items: list[BenchItem]) -> tuple[list[Prediction], str]:
+async def predict(args: argparse.Namespace, items: list[BenchItem]) -> tuple[BenchScores, str]:
     """Predictions and the name of the model that made them."""
     if args.engine_args is not None:
         scorer = InProcessScorer(shlex.split(args.engine_args))
         await scorer.start()
         try:
-            predictions = await score_items(scorer, items, args.score_mode)
+            cards = scorer.service.cards()
+            scores = await score_items(scorer, items, args.score_mode, served={c.task for c in cards})
         finally:
             await scorer.aclose()
-        names = [m.name for m in scorer.service.cards()]
-        return predictions, " + ".join(dict.fromkeys(names))
+        return scores, _model_name(cards)
     settings: dict[str, Any] = {"timeout_s": args.timeout_s}
     if args.api_key:
         settings["api_key"] = args.api_key
     async with AsyncRewardClient(args.url.split(","), **settings) as client:
-        client_scorer: Scorer = client
-        predictions = await score_items(client_scorer, items, args.score_mode)
-        names = [m.name for m in (await client.models()).models]
-    return predictions, " + ".join(dict.fromkeys(names))
+        cards = await _served_models(client)
+        scores = await score_items(client, items, args.score_mode, served={c.task for c in cards})
+    return scores, _model_name(cards)
 
 
-def write_results(args: argparse.Namespace, items: list[BenchItem], predictions: list[Prediction], model: str) -> str:
-    figures = metrics(items, predictions)
+async def _served_models(client: AsyncRewardClient) -> list[ModelCard]:
+    """The server's critics. Asked first, so a server that is down or refuses the key stops the run at once."""
+    try:
+        return (await client.models()).models
+    except FirmError as exc:
+        raise BenchAborted(str(exc)) from exc
+    except httpx.HTTPStatusError as exc:
+        raise BenchAborted(f"GET /v1/models: HTTP {exc.response.status_code}: {exc.response.text[:300]}") from exc
+
+
+def _model_name(cards: Sequence[ModelCard]) -> str:
+    return " + ".join(dict.fromkeys(card.name for card in cards))
+
+
+def write_results(args: argparse.Namespace, items: list[BenchItem], scores: BenchScores, model: str) -> str:
+    """Write results.json, table.txt and confusion.png over the tasks that were not skipped; the table."""
+    kept = [(i, p) for i, p in zip(items, scores.predictions, strict=True) if i.task not in scores.skipped]
+    kept_items, predictions = [i for i, _ in kept], [p for _, p in kept]
+    figures = metrics(kept_items, predictions)
     label = args.label or model
     text = table(figures, label)
     args.output.mkdir(parents=True, exist_ok=True)
-    panels = draw_confusions(items, predictions, args.output / "confusion.png")
+    matrices = confusion_matrices(kept_items, predictions)
+    panels = draw_confusions(matrices, args.output / "confusion.png")
     results = {
         "label": label,
         "model": model,
         "score_mode": args.score_mode,
         "mae": figures,
+        "skipped": scores.skipped,
+        "aborted": scores.aborted,
+        "confusion": matrices,
         "confusion_panels": panels,
-        "items": per_item(items, predictions),
+        "items": per_item(kept_items, predictions),
     }
     (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (args.output / "table.txt").write_text(text + "\n", encoding="utf-8")
     return text
+
+
+def report(args: argparse.Namespace, items: list[BenchItem], scores: BenchScores, model: str) -> int:
+    """Print and write what was scored, and why the rest was not; the exit status."""
+    for task, why in scores.skipped.items():
+        print(f"firm-bench: the {task} items are skipped: {why}", file=sys.stderr)
+    if all(item.task in scores.skipped for item in items):
+        print("firm-bench: nothing to score: the critic serves none of the benchmark's tasks", file=sys.stderr)
+        return 2
+    if scores.aborted is None or any(p.value is not None for p in scores.predictions):
+        print(write_results(args, items, scores, model))
+    pairs = zip(items, scores.predictions, strict=True)
+    failed = [(i.id, p.error) for i, p in pairs if p.value is None and i.task not in scores.skipped]
+    for item_id, error in failed[:MAX_LISTED]:
+        print(f"firm-bench: {item_id} failed: {error}", file=sys.stderr)
+    if len(failed) > MAX_LISTED:
+        print(f"firm-bench: {len(failed) - MAX_LISTED} more items failed (results.json lists them)", file=sys.stderr)
+    if scores.aborted is not None:
+        print(f"firm-bench: stopped early: {scores.aborted}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -127,15 +175,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         items = load_items(args)
-        predictions, model = asyncio.run(predict(args, items))
-    except (ManifestError, ValueError, OSError) as exc:
+        scores, model = asyncio.run(predict(args, items))
+    except (ManifestError, ValueError, OSError, BenchAborted) as exc:
         print(f"firm-bench: {exc}", file=sys.stderr)
         return 2
-    print(write_results(args, items, predictions, model))
-    failed = [(i.id, p.error) for i, p in zip(items, predictions, strict=True) if p.value is None]
-    for item_id, error in failed:
-        print(f"firm-bench: {item_id} failed: {error}", file=sys.stderr)
-    return 1 if failed else 0
+    return report(args, items, scores, model)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -57,14 +57,26 @@ def _panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], title: str, count
     draw.text((left, top + 5 * CELL + 20), "predicted (rows: human)", fill="black", font=font)
 
 
-def draw_confusions(items: Sequence[BenchItem], predictions: Sequence[Prediction], path: Path) -> list[str]:
-    """Write the PNG; returns the titles of the panels drawn (groups with items)."""
-    panels = [(t, g, title) for t, g, title in PANELS if any(i.task == t and i.group == g for i in items)]
+Matrices = dict[str, dict[str, list[list[int]]]]  # task -> group -> counts[human - 1][written - 1]
+
+
+def confusion_matrices(items: Sequence[BenchItem], predictions: Sequence[Prediction]) -> Matrices:
+    """The count matrix of every benchmark group that has items, as results.json keeps them."""
+    matrices: Matrices = {}
+    for task, group, _ in PANELS:
+        if any(i.task == task and i.group == group for i in items):
+            matrices.setdefault(task, {})[group] = confusion(items, predictions, task, group)
+    return matrices
+
+
+def draw_confusions(matrices: Matrices, path: Path) -> list[str]:
+    """Write the PNG, a panel per matrix; returns the titles of the panels drawn."""
+    panels = [(t, g, title) for t, g, title in PANELS if g in matrices.get(t, {})]
     width = MARGIN + 5 * CELL + 24
     height = TITLE + 5 * CELL + 44
     image = Image.new("RGB", (max(1, len(panels)) * width + 16, height + 16), "white")
     draw = ImageDraw.Draw(image)
     for n, (task, group, title) in enumerate(panels):
-        _panel(draw, (8 + n * width, 8), title, confusion(items, predictions, task, group))
+        _panel(draw, (8 + n * width, 8), title, matrices[task][group])
     image.save(path, format="PNG")
     return [title for _, _, title in panels]

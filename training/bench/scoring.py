@@ -3,15 +3,20 @@
 Both expose `score_edits` and `score_generations` with the client's arguments and return the
 protocol's responses, so the bench has one code path. An editing pair rated on both dimensions is
 scored once. An item the critic failed on keeps its error and no score: it is counted, never 0.
+
+A request that fails fails its chunk's items only, and the run goes on. A task whose critic is
+switched off is skipped as a whole. An error no later request can escape (a refused API key, no
+server at all) stops the run; what was scored before it is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from clients.errors import FirmError, NoServerAvailable, NotFound, Unauthorized, error_for
 from clients.images import encode
 from clients.protocol import (
     DimensionScore,
@@ -23,11 +28,22 @@ from clients.protocol import (
 )
 from training.bench.data import BenchItem
 
+R = TypeVar("R", EditScoreResponse, GenScoreResponse)
+FATAL = (Unauthorized, NoServerAvailable)  # every later request would fail the same way
+
 
 class Scorer(Protocol):
     async def score_edits(self, sources: Any, edited: Any, instructions: Any, **options: Any) -> EditScoreResponse: ...
 
     async def score_generations(self, images: Any, prompts: Any, **options: Any) -> GenScoreResponse: ...
+
+
+class BenchAborted(Exception):
+    """No further request can succeed: the run stops and keeps what it has."""
+
+
+class _TaskSkipped(Exception):
+    """The task's critic is switched off on the server."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +53,15 @@ class Prediction:
     value: float | None  # what is compared with the human score (per the score mode)
     reasoning: str | None = None
     error: str | None = None
+
+
+@dataclass
+class BenchScores:
+    """A prediction per item, in order, and what kept items from being scored."""
+
+    predictions: list[Prediction]
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> why none of its items was scored
+    aborted: str | None = None  # why the run stopped early
 
 
 def _prediction(score: DimensionScore | None, error: Any, mode: ScoreMode) -> Prediction:
@@ -49,54 +74,93 @@ def _prediction(score: DimensionScore | None, error: Any, mode: ScoreMode) -> Pr
     return Prediction(score.score, score.expected, value, reasoning=score.reasoning)
 
 
+def _chunk_failed(exc: FirmError) -> Prediction:
+    """What a failed request leaves its items with; raises when the task or the whole run cannot go on."""
+    if isinstance(exc, FATAL):
+        raise BenchAborted(str(exc)) from exc
+    if isinstance(exc, NotFound):
+        raise _TaskSkipped(str(exc)) from exc
+    return Prediction(None, None, None, error=f"request_failed: {exc}")
+
+
+Done = dict[int, Prediction]  # position of the item in the bench -> its prediction
+
+
 async def _score_edit_items(
-    scorer: Scorer, items: Sequence[BenchItem], mode: ScoreMode, chunk: int
-) -> list[Prediction]:
-    pairs: dict[tuple[Path, Path, str], int] = {}
-    for item in items:
-        pairs.setdefault((item.images[0], item.images[1], item.text), len(pairs))
+    scorer: Scorer, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
+) -> None:
+    pairs: dict[tuple[Path, Path, str], list[tuple[int, BenchItem]]] = {}
+    for n, item in items:
+        pairs.setdefault((item.images[0], item.images[1], item.text), []).append((n, item))
     keys = list(pairs)
-    results = []
     for start in range(0, len(keys), chunk):
         part = keys[start : start + chunk]
-        reply = await scorer.score_edits(
-            [k[0] for k in part], [k[1] for k in part], [k[2] for k in part], score_mode=mode, return_reasoning=True
-        )
-        results += reply.results
-    predictions = []
-    for item in items:
-        result = results[pairs[(item.images[0], item.images[1], item.text)]]
-        predictions.append(_prediction(getattr(result, item.group), result.error, mode))
-    return predictions
+        try:
+            reply = await scorer.score_edits(
+                [k[0] for k in part], [k[1] for k in part], [k[2] for k in part], score_mode=mode, return_reasoning=True
+            )
+        except FirmError as exc:
+            failed = _chunk_failed(exc)
+            done.update((n, failed) for key in part for n, _ in pairs[key])
+            continue
+        for key, result in zip(part, reply.results, strict=True):
+            done.update((n, _prediction(getattr(result, item.group), result.error, mode)) for n, item in pairs[key])
 
 
-async def _score_gen_items(scorer: Scorer, items: Sequence[BenchItem], mode: ScoreMode, chunk: int) -> list[Prediction]:
-    predictions = []
+async def _score_gen_items(
+    scorer: Scorer, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
+) -> None:
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
-        reply = await scorer.score_generations(
-            [i.images[0] for i in part],
-            [i.text for i in part],
-            requirements=[i.requirement for i in part],
-            score_mode=mode,
-            return_reasoning=True,
-        )
-        predictions += [_prediction(r.instruction_following, r.error, mode) for r in reply.results]
-    return predictions
+        try:
+            reply = await scorer.score_generations(
+                [i.images[0] for _, i in part],
+                [i.text for _, i in part],
+                requirements=[i.requirement for _, i in part],
+                score_mode=mode,
+                return_reasoning=True,
+            )
+        except FirmError as exc:
+            failed = _chunk_failed(exc)
+            done.update((n, failed) for n, _ in part)
+            continue
+        for (n, _), result in zip(part, reply.results, strict=True):
+            done[n] = _prediction(result.instruction_following, result.error, mode)
 
 
 async def score_items(
-    scorer: Scorer, items: Sequence[BenchItem], mode: ScoreMode = "argmax", chunk: int = 32
-) -> list[Prediction]:
-    """A prediction per item, in order."""
-    edits = [i for i in items if i.task == "edit"]
-    gens = [i for i in items if i.task == "gen"]
-    by_id: dict[int, Prediction] = {}
-    for group, score in ((edits, _score_edit_items), (gens, _score_gen_items)):
-        if group:
-            for item, prediction in zip(group, await score(scorer, group, mode, chunk), strict=True):
-                by_id[id(item)] = prediction
-    return [by_id[id(item)] for item in items]
+    scorer: Scorer,
+    items: Sequence[BenchItem],
+    mode: ScoreMode = "argmax",
+    chunk: int = 32,
+    served: set[str] | None = None,
+) -> BenchScores:
+    """Score every item of the tasks in `served` (default: all), at most `chunk` items a request."""
+    scores = BenchScores(predictions=[])
+    done: Done = {}
+    for task, score in (("edit", _score_edit_items), ("gen", _score_gen_items)):
+        group = [(n, item) for n, item in enumerate(items) if item.task == task]
+        if not group:
+            continue
+        if served is not None and task not in served:
+            scores.skipped[task] = f"the {task} critic is switched off on this server"
+            continue
+        try:
+            await score(scorer, group, mode, chunk, done)
+        except _TaskSkipped as exc:
+            scores.skipped[task] = str(exc)
+        except BenchAborted as exc:
+            scores.aborted = str(exc)
+            break
+    for n, item in enumerate(items):
+        if item.task in scores.skipped:
+            prediction = Prediction(None, None, None, error=f"skipped: {scores.skipped[item.task]}")
+        elif n in done:
+            prediction = done[n]
+        else:
+            prediction = Prediction(None, None, None, error=f"not_scored: the run stopped: {scores.aborted}")
+        scores.predictions.append(prediction)
+    return scores
 
 
 class InProcessScorer:
@@ -117,17 +181,36 @@ class InProcessScorer:
         await self.service.close()
 
     async def score_edits(self, sources: Any, edited: Any, instructions: Any, **options: Any) -> EditScoreResponse:
+        """As the client's; a refused request raises the client's exception for its status."""
         items = [
             {"id": str(i), "source": encode(s), "edited": encode(e), "instruction": t}
             for i, (s, e, t) in enumerate(zip(sources, edited, instructions, strict=True))
         ]
-        return await self.service.score_edits(EditScoreRequest(items=items, **options))
+        return await _as_client_errors(lambda: self.service.score_edits(EditScoreRequest(items=items, **options)))
 
     async def score_generations(self, images: Any, prompts: Any, **options: Any) -> GenScoreResponse:
+        """As the client's; a refused request raises the client's exception for its status."""
         requirements = options.pop("requirements", None) or [None] * len(images)
         items = [
             {"id": str(i), "image": encode(image), "prompt": prompt}
             | ({"requirement": requirement} if requirement else {})
             for i, (image, prompt, requirement) in enumerate(zip(images, prompts, requirements, strict=True))
         ]
-        return await self.service.score_generations(GenScoreRequest(items=items, **options))
+        return await _as_client_errors(lambda: self.service.score_generations(GenScoreRequest(items=items, **options)))
+
+
+async def _as_client_errors(call: Callable[[], Awaitable[R]]) -> R:
+    """Run a service call, its refusals raised as the client would raise the server's answer to them."""
+    from pydantic import ValidationError
+
+    from server.errors import ServiceError
+    from server.images import ImageTooLarge
+
+    try:
+        return await call()
+    except ServiceError as exc:
+        raise error_for(exc.status, exc.code, exc.message, exc.retry_after) from exc
+    except ImageTooLarge as exc:
+        raise error_for(413, "image_too_large", str(exc), None) from exc
+    except ValidationError as exc:
+        raise error_for(422, "invalid_request", str(exc), None) from exc

@@ -1,9 +1,10 @@
 """A small OpenAI-compatible chat client for the curation steps: bounded concurrency, retries, usage.
 
 Each step of a pipeline has its own endpoint, model and key (`Endpoint`). Calls that fail in a
-way a later attempt may not (connection errors, timeouts, 408/409/425/429/5xx) are retried with
-exponential backoff and jitter, honouring `Retry-After`; anything else fails at once. Every
-call's token usage is added up per step for the summary.
+way a later attempt may not (connection, timeout and protocol errors, a body that does not
+decode, 408/409/425/429/5xx) are retried with exponential backoff and jitter, honouring
+`Retry-After`; anything else fails at once. A call that fails for good raises ChatError, which
+fails its item only. Every call's token usage is added up per step for the summary.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class ChatClient:
                 last = attempt == self.retry.max_retries
                 try:
                     response = await self._http.post("/chat/completions", json=body)
-                except httpx.TransportError as exc:
+                except httpx.HTTPError as exc:  # connection, timeout, protocol, undecodable body
                     if last:
                         raise ChatError(f"{self.endpoint.model}: {type(exc).__name__}: {exc}") from exc
                     await self._back_off(attempt, None)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from server.judges import JUDGES, TemplateError
 from training.curation.chat import ChatClient, Endpoint, RetryPolicy
-from training.curation.common import Context, Pipeline
+from training.curation.common import MAX_ANSWER_CHARS, Context, Pipeline
 from training.curation.edit import EditPipeline
 from training.curation.gen import GenPipeline
 from training.curation.prompts import PromptError, load_prompt
-from training.curation.runner import RunReport, run_pipeline, write_summary
+from training.curation.runner import RunReport, run_pipeline
 from training.curation.store import RecordStore
 from training.manifest import ManifestError, parse_field_map, read_manifest
 
@@ -48,15 +48,26 @@ from their content. Run the same command again to resume: done items are skipped
 
 
 def _add_common(parser: argparse.ArgumentParser, task: str) -> None:
-    parser.add_argument("input", type=Path, help="JSONL manifest of the items to curate.")
-    parser.add_argument("--output", type=Path, required=True, help="JSONL file of records (appended; resumable).")
-    parser.add_argument("--summary", type=Path, help="Summary JSON (default: OUTPUT with .summary.json).")
-    parser.add_argument("--image-root", type=Path, help="Folder image paths are relative to (default: the input's).")
-    parser.add_argument(
-        "--field", action="append", metavar="NAME=COLUMN", help=f"Read NAME ({', '.join(FIELDS[task])}) from COLUMN."
-    )
-    parser.add_argument("--id-field", default="id", help="Column holding the item id (default: id).")
-    parser.add_argument("--limit", type=int, help="Curate only the first N items of the input.")
+    _add_input(parser, task)
+    _add_endpoints(parser, task)
+    _add_calls(parser)
+    _add_records(parser)
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def _add_input(parser: argparse.ArgumentParser, task: str) -> None:
+    add = parser.add_argument
+    add("input", type=Path, help="JSONL manifest of the items to curate.")
+    add("--output", type=Path, required=True, help="JSONL file of records (appended; resumable).")
+    add("--summary", type=Path, help="Summary JSON (default: OUTPUT with .summary.json).")
+    add("--image-root", type=Path, help="Folder image paths are relative to (default: the input's).")
+    add("--field", action="append", metavar="NAME=COLUMN", help=f"Read NAME ({', '.join(FIELDS[task])}) from COLUMN.")
+    add("--id-field", default="id", help="Column holding the item id (default: id).")
+    add("--limit", type=int, help="Curate only the first N items of the input.")
+
+
+def _add_endpoints(parser: argparse.ArgumentParser, task: str) -> None:
+    """The shared endpoint flags, and one group per step overriding them."""
     parser.add_argument(
         "--base-url",
         default=os.environ.get("OPENAI_BASE_URL"),
@@ -74,41 +85,43 @@ def _add_common(parser: argparse.ArgumentParser, task: str) -> None:
         group.add_argument(
             f"--{step}-prompt", type=Path, help=f"File replacing the built-in {step} prompt (same placeholders)."
         )
-    parser.add_argument("--concurrency", type=int, default=16, help="Items curated at once (default: 16).")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="Sampling temperature of the teachers (default: 0)."
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, default=1024, help="Most tokens a teacher may write per call (default: 1024)."
-    )
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="Time limit of one call (default: 300).")
-    parser.add_argument(
-        "--max-retries", type=int, default=4, help="Retries of a failed call, with backoff (default: 4)."
-    )
-    parser.add_argument(
-        "--backoff-s", type=float, default=1.0, help="First retry wait, doubled each retry (default: 1)."
-    )
-    parser.add_argument(
+
+
+def _add_calls(parser: argparse.ArgumentParser) -> None:
+    """How the teachers are called: concurrency, sampling, time limits, retries."""
+    add = parser.add_argument
+    add("--concurrency", type=int, default=16, help="Items curated at once (default: 16).")
+    add("--temperature", type=float, default=0.0, help="Sampling temperature of the teachers (default: 0).")
+    add("--max-tokens", type=int, default=1024, help="Most tokens a teacher may write per call (default: 1024).")
+    add("--timeout-s", type=float, default=300.0, help="Time limit of one call (default: 300).")
+    add("--max-retries", type=int, default=4, help="Retries of a failed call, with backoff (default: 4).")
+    add("--backoff-s", type=float, default=1.0, help="First retry wait, doubled each retry (default: 1).")
+
+
+def _add_records(parser: argparse.ArgumentParser) -> None:
+    """What the records hold: image size, answer length, the judge templates they are rendered with."""
+    add = parser.add_argument
+    add(
         "--image-pixel-budget",
         type=int,
         default=1024 * 1024,
         help="Images sent to teachers are downscaled to this many pixels (default: 1048576).",
     )
-    parser.add_argument(
+    add(
         "--max-answer-chars",
         type=int,
-        default=1000,
-        help="Longest critic answer kept; a longer one fails its item, since the served critic writes "
-        "at most 256 tokens (default: 1000).",
+        default=MAX_ANSWER_CHARS,
+        help="Longest critic answer kept; a longer one fails its item. The served critic writes at most 256 "
+        f"tokens, and {MAX_ANSWER_CHARS} characters of English are about 200 of them, which leaves room for "
+        f"wordier text; firm-train checks the exact token count (default: {MAX_ANSWER_CHARS}).",
     )
-    parser.add_argument(
+    add(
         "--template",
         action="append",
         metavar="JUDGE=FILE",
         help="Render records with your own judge template, as firm-serve would with the same file "
         f"({', '.join(JUDGES)}).",
     )
-    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +154,8 @@ def _client(args: argparse.Namespace, step: str) -> ChatClient:
         raise ValueError(
             f"step '{step}' needs a base URL and a model (--{step}-base-url/--base-url, --{step}-model/--model)"
         )
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"step '{step}': the base URL must start with http:// or https://, got {base_url!r}")
     endpoint = Endpoint(
         base_url, model, getattr(args, f"{step}_api_key") or args.api_key, args.temperature, args.max_tokens
     )
@@ -166,8 +181,6 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
         max_answer_chars=args.max_answer_chars,
         templates=_templates(args.template),
     )
-    for name in context.templates:  # fail now, not on the first item
-        context.judge(name)
     if args.task == "edit":
         return EditPipeline(
             _client(args, "describe"),
@@ -189,11 +202,12 @@ async def _curate(args: argparse.Namespace) -> RunReport:
     pipeline = build_pipeline(args)
     fields = parse_field_map(args.field, FIELDS[args.task])
     rows = list(read_manifest(args.input, fields, pipeline.required, args.id_field))[: args.limit]
-    with RecordStore(args.output, len(pipeline.judges)) as store:
-        report = await run_pipeline(pipeline, rows, store, workers=args.concurrency, progress=not args.no_progress)
-        summary = report.summary(pipeline, store)
     summary_path = args.summary or args.output.with_name(args.output.stem + ".summary.json")
-    write_summary(summary_path, summary)
+    with RecordStore(args.output, len(pipeline.judges)) as store:
+        report = await run_pipeline(
+            pipeline, rows, store, summary_path, workers=args.concurrency, progress=not args.no_progress
+        )
+    summary = report.written_summary
     print(
         json.dumps(summary["items"] | {"tokens": summary["tokens"]["total"], "summary": str(summary_path)}),
         file=sys.stderr,

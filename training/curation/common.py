@@ -10,10 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.judges import JUDGES, Judge
+from PIL import Image
+
+from server.judges import JUDGES, Judge, load_judges
 from training.curation.chat import ChatClient, image_data_url
 from training.manifest import Row
-from training.records import AnswerMismatch, checked_answer, judge, relative_path
+from training.records import AnswerMismatch, checked_answer, relative_path
+
+
+class BadImage(ValueError):
+    """An image file Pillow cannot decode: its item fails, the run goes on."""
 
 
 class Pipeline(Protocol):
@@ -28,6 +34,12 @@ class Pipeline(Protocol):
     async def curate(self, row: Row) -> list[dict[str, Any]]: ...
 
 
+# The served critic writes at most 256 new tokens (firm-serve --max-new-tokens). English reasoning runs
+# at about 3.5 characters a token, so 700 characters (~200 tokens) leaves room for the JSON around it
+# and for wordier text; firm-train counts the exact tokens with the checkpoint's tokenizer.
+MAX_ANSWER_CHARS = 700
+
+
 @dataclass
 class Context:
     """Where images are read from and records point to, and the critic's answer budget."""
@@ -35,15 +47,26 @@ class Context:
     image_root: Path
     records_dir: Path
     pixel_budget: int | None = 1024 * 1024
-    max_answer_chars: int = 1000
+    max_answer_chars: int = MAX_ANSWER_CHARS
     templates: Mapping[str, Path | None] = field(default_factory=dict)
+    _judges: dict[str, Judge] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Read once per run, and checked before any teacher is called.
+        self._judges = load_judges(self.templates)
 
     def judge(self, name: str) -> Judge:
-        return judge(name, self.templates)
+        return self._judges[name]
 
     async def data_urls(self, *paths: Path) -> list[str]:
         """Data URLs of image files, encoded off the event loop."""
-        return await asyncio.to_thread(lambda: [image_data_url(p, self.pixel_budget) for p in paths])
+        return await asyncio.to_thread(lambda: [self._data_url(p) for p in paths])
+
+    def _data_url(self, path: Path) -> str:
+        try:
+            return image_data_url(path, self.pixel_budget)
+        except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # how Pillow refuses a bad file
+            raise BadImage(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
     def image_refs(self, *paths: Path) -> list[str]:
         return [relative_path(p, self.records_dir) for p in paths]

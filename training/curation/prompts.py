@@ -10,6 +10,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+from server.judges import TemplateError, checked_template
+
 DESCRIBE = """\
 The first image is an original picture and the second is an edited version of it. You are not \
 told what the edit was meant to do.
@@ -84,7 +86,7 @@ PLACEHOLDERS = {
 }
 
 
-class PromptError(ValueError):
+class PromptError(TemplateError):
     """A replacement prompt that does not use exactly its step's placeholders."""
 
 
@@ -92,11 +94,4 @@ def load_prompt(step: str, path: Path | None = None) -> string.Template:
     """The prompt of `step`, built in or from the user's file, checked for its placeholders."""
     default, fields = PLACEHOLDERS[step]
     text = default if path is None else Path(path).read_text(encoding="utf-8")
-    template = string.Template(text)
-    found = set(template.get_identifiers())
-    if not template.is_valid() or found != set(fields):
-        want = ", ".join("$" + f for f in fields) or "none"
-        raise PromptError(
-            f"{path or step}: the {step} prompt must use the placeholders {want}; it uses {sorted(found)}"
-        )
-    return template
+    return checked_template(text, fields, str(path or step), f"the {step} prompt", PromptError)

@@ -3,6 +3,8 @@
 Items already in the output are skipped. An item that fails (a teacher call that kept failing, a
 reply without what was asked, a missing image) is counted and reported with its reason, and
 left out of the output, so the next run tries it again. Nothing is written as a made-up score.
+Any other exception is a bug: it stops the run, and the summary still says what was done and why
+the run stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from training.curation.chat import ChatError
-from training.curation.common import Pipeline
+from training.curation.common import BadImage, Pipeline
 from training.curation.replies import ReplyError
 from training.curation.store import RecordStore
 from training.manifest import ManifestError, Row
@@ -28,8 +30,8 @@ from training.records import AnswerMismatch
 
 log = logging.getLogger(__name__)
 
-# What fails one item and leaves the others running.
-ITEM_ERRORS = (ChatError, ReplyError, AnswerMismatch, ManifestError, OSError, ValueError)
+# What fails one item and leaves the others running; anything else stops the run.
+ITEM_ERRORS = (ChatError, ReplyError, AnswerMismatch, ManifestError, BadImage, OSError)
 MAX_LISTED_FAILURES = 200
 
 
@@ -43,6 +45,8 @@ class RunReport:
     written: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    aborted: str | None = None  # why the run stopped before every item was tried
+    written_summary: dict[str, Any] = field(default_factory=dict)  # what went into the summary file
 
     def summary(self, pipeline: Pipeline, store: RecordStore) -> dict[str, Any]:
         histograms: dict[str, Counter[int]] = {name: Counter() for name in pipeline.judges}
@@ -69,6 +73,7 @@ class RunReport:
             "tokens": {"by_step": tokens, "total": total},
             "repaired_lines": store.repaired,
             "seconds": round(self.seconds, 3),
+            "aborted": self.aborted,
         }
 
 
@@ -89,9 +94,15 @@ async def _work(
 
 
 async def run_pipeline(
-    pipeline: Pipeline, rows: Sequence[Row], store: RecordStore, *, workers: int, progress: bool = True
+    pipeline: Pipeline,
+    rows: Sequence[Row],
+    store: RecordStore,
+    summary_path: Path,
+    *,
+    workers: int,
+    progress: bool = True,
 ) -> RunReport:
-    """Curate every row not yet in `store`, `workers` items at a time."""
+    """Curate every row not yet in `store`, `workers` items at a time; the summary is written however it ends."""
     started = time.monotonic()
     report = RunReport(task=pipeline.task, input_items=len(rows))
     todo = [row for row in rows if row.id not in store.done]
@@ -102,15 +113,32 @@ async def run_pipeline(
     count = max(1, min(workers, len(todo)))
     for _ in range(count):
         queue.put_nowait(None)
-    with tqdm(total=len(todo), desc=f"curate {pipeline.task}", unit="item", disable=not progress) as bar:
-        bar.set_postfix(errors=0)
-        try:
-            await asyncio.gather(*(_work(pipeline, queue, store, report, bar) for _ in range(count)))
-        finally:
-            for client in pipeline.clients().values():
-                await client.aclose()
-    report.seconds = time.monotonic() - started
+    try:
+        with tqdm(total=len(todo), desc=f"curate {pipeline.task}", unit="item", disable=not progress) as bar:
+            bar.set_postfix(errors=0)
+            await _run_workers(count, lambda: _work(pipeline, queue, store, report, bar))
+    except BaseException as exc:
+        report.aborted = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        for client in pipeline.clients().values():
+            await client.aclose()
+        report.seconds = time.monotonic() - started
+        report.written_summary = report.summary(pipeline, store)
+        write_summary(summary_path, report.written_summary)
     return report
+
+
+async def _run_workers(count: int, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `count` workers; the first unexpected exception cancels the others and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(count):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        if len(failed.exceptions) == 1:
+            raise failed.exceptions[0] from None
+        raise
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
