@@ -2,17 +2,23 @@
 
 What a user scaling out relies on: requests spread over the replicas (each answer names its
 replica), every route answers exactly as a plain `firm-serve` does, each replica's metrics are
-visible with its identity, split critics are routed by path, and a replica killed under load
-is replaced while the client's retries lose no request.
+visible with its identity, split critics are routed by path, a replica killed under load is
+replaced while the ingress (or the client's retries) loses no request, and overload is refused
+with 429. The failure tests run on the simulated engine of `bench/sim_engine.py`: replicas start
+in a second and every engine call takes half a second, so a kill reliably catches requests in
+flight. Health checks, the ingress's body handling and the shipped configs are checked without Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,19 +28,31 @@ from PIL import Image
 
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 import ray  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from clients import AsyncRewardClient  # noqa: E402
 from clients.images import encode  # noqa: E402
 from clients.retry import RetryPolicy  # noqa: E402
 from deploy.ray.app import build, build_app  # noqa: E402
+from deploy.ray.critic import CriticUnhealthy, FirmCritic, MissingApiKeys, replica_settings  # noqa: E402
+from deploy.ray.forwarding import Answer, Forwarded  # noqa: E402
+from deploy.ray.router import PathRouter  # noqa: E402
 from deploy.ray.settings import RaySettings  # noqa: E402
+from server.scoring import DISABLED, DRAINING, FAILED, LOADING, READY, SLEEPING, UNHEALTHY  # noqa: E402
+from server.security import is_loopback  # noqa: E402
 from tests.support import b64, free_port, metric_value, picture  # noqa: E402
 
 RAY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ray"
 APP, SPLIT_APP = "firm", "firm-split"
 REPLICA_HEADER = "x-firm-replica"
 WAIT_S = 120.0  # most any cluster change may take before the test gives up
+SIM_SERVER = {"engine": "bench.sim_engine:SimulatedEngine", "edit_model": "sim", "gen_model": "sim", "max_wait_ms": 20}
+SIM_APPS: dict[str, dict[str, Any]] = {
+    "firm-kill": {"min_replicas": 2, "max_replicas": 2, "forward_attempts": 1},  # a dying replica's requests: 503
+    "firm-resend": {"min_replicas": 2, "max_replicas": 2},  # the default forward_attempts: sent on
+    "firm-busy": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+}
 
 
 def _server_settings(cache_dir: Path) -> dict[str, Any]:
@@ -58,7 +76,19 @@ def ray_cluster() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_url(ray_cluster: int, tiny_checkpoint: Path, cache_dir: Path) -> str:
+def sim_urls(ray_cluster: int) -> dict[str, str]:
+    """Applications of simulated critics for the failure tests, started without waiting: they come up
+    while the tiny critic loads. Their replicas reserve no CPU, so they never hold back the others."""
+    targets = []
+    for name, layout in SIM_APPS.items():
+        settings = RaySettings(server=SIM_SERVER, num_gpus=0, num_cpus=0, ingress_num_cpus=0, **layout)
+        targets.append(serve.RunTarget(build_app(settings), name=name, route_prefix=f"/{name}"))
+    serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    return {name: f"http://127.0.0.1:{ray_cluster}/{name}" for name in SIM_APPS}
+
+
+@pytest.fixture(scope="module")
+def ray_url(ray_cluster: int, sim_urls: dict[str, str], tiny_checkpoint: Path, cache_dir: Path) -> str:
     """Both critics in each of two replicas, behind the path-routing ingress."""
     settings = RaySettings(
         server=_server_settings(cache_dir),
@@ -68,10 +98,18 @@ def ray_url(ray_cluster: int, tiny_checkpoint: Path, cache_dir: Path) -> str:
         max_replicas=2,
         health_check_period_s=1,
         metrics_push_interval_s=1,
-        forward_attempts=1,  # a request caught by a dying replica comes back 503: the client's retries take over
     )
     serve.run(build_app(settings), name=APP, route_prefix="/")
     return f"http://127.0.0.1:{ray_cluster}"
+
+
+def _sim_url(sim_urls: dict[str, str], app: str) -> str:
+    """The URL of a simulated application once it is running."""
+    deadline = time.monotonic() + WAIT_S
+    while (status := serve.status().applications.get(app)) is None or status.status != "RUNNING":
+        assert time.monotonic() < deadline, f"{app} did not start: {status}"
+        time.sleep(0.2)
+    return sim_urls[app]
 
 
 def _unique_picture(colour: str, serial: int) -> Image.Image:
@@ -129,9 +167,9 @@ async def _replicas_answering(url: str, route: str, body: dict[str, Any], reques
     return [a.headers[REPLICA_HEADER] for a in answers]
 
 
-def _critic_actors(deployment: str = "FirmCritic") -> dict[str, str]:
+def _critic_actors(app: str = APP, deployment: str = "FirmCritic") -> dict[str, str]:
     """Replica id -> actor name of the live replicas of `deployment` (Ray names replica actors)."""
-    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     return {name.removeprefix(prefix): name for name in names}
 
@@ -190,6 +228,7 @@ def test_metrics_show_every_replica_with_its_identity(ray_url: str) -> None:
             break
         time.sleep(0.5)
     assert labelled == replicas
+    assert REPLICA_HEADER not in httpx.get(f"{ray_url}/metrics").headers, "the page is every replica's, not one's"
     names = [family.name for family in text_string_to_metric_families(page)]
     assert len(names) == len(set(names)), "each metric family appears once, merged over the replicas"
     assert metric_value(page, "firm_items_total", deployment="FirmCritic", task="gen") > 0
@@ -211,49 +250,125 @@ def test_split_critics_are_routed_by_path(ray_cluster: int, server_url: str, cac
         serve.delete(SPLIT_APP)
 
 
-def test_killed_replica_is_replaced_and_no_request_is_lost(ray_url: str) -> None:
-    before = _critic_actors()
-    assert len(before) == 2
-    victim_id, victim = sorted(before.items())[0]
+class _RecordingTransport(httpx.AsyncBaseTransport):
+    """The client's HTTP transport, noting the status and error code of every scoring answer it gets."""
 
-    async def load() -> list[Any]:
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.answers: list[tuple[int, str | None]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST":
+            body = await response.aread()
+            code = json.loads(body)["error"]["code"] if response.status_code != 200 else None
+            self.answers.append((response.status_code, code))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _kill_a_busy_replica(app: str, steady: asyncio.Event) -> tuple[str, int]:
+    """Kill the first critic replica found with requests in flight: (its id, how many it held).
+
+    Only once answers flow: a request the replica has not yet accepted is rerouted by Ray itself,
+    so a kill in the first instants might catch nothing the ingress would see.
+    """
+    await steady.wait()
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        for replica_id, name in sorted(_critic_actors(app).items()):
+            actor = ray.get_actor(name, namespace="serve")
+            if ongoing := await actor.get_num_ongoing_requests.remote():
+                ray.kill(actor, no_restart=True)
+                return replica_id, ongoing
+        await asyncio.sleep(0.02)
+    raise AssertionError("no critic replica ever had a request in flight")
+
+
+def _score_while_killing(url: str, app: str, transport: _RecordingTransport) -> tuple[list[Any], str, int]:
+    """Four closed-loop clients score three groups each while a busy replica is killed under them."""
+
+    async def load() -> tuple[list[Any], str, int]:
         retry = RetryPolicy(max_attempts=8, backoff_s=0.25, max_backoff_s=2.0)
-        async with AsyncRewardClient(ray_url, timeout_s=WAIT_S, retry=retry, cooldown_s=1.0) as client:
-            done = asyncio.Event()
+        async with AsyncRewardClient(
+            url, timeout_s=WAIT_S, retry=retry, cooldown_s=0.5, http_transport=transport
+        ) as client:
+            steady = asyncio.Event()
 
             async def worker(w: int) -> list[Any]:
                 replies = []
-                for n in range(6):
+                for n in range(3):
                     images = [_unique_picture(c, 10_000 + 100 * w + 10 * n + k) for k, c in enumerate(("red", "blue"))]
                     replies.append(await client.score_generation_group("a red square", images))
-                    done.set()
+                    steady.set()
                 return replies
 
-            async def kill_when_busy() -> None:
-                await done.wait()  # the load is under way: requests are in flight on both replicas
-                await asyncio.to_thread(ray.kill, ray.get_actor(victim, namespace="serve"), no_restart=True)
+            killing = _kill_a_busy_replica(app, steady)
+            (victim, ongoing), *results = await asyncio.gather(killing, *map(worker, range(4)))
+        return [reply for replies in results for reply in replies], victim, ongoing
 
-            results = await asyncio.gather(kill_when_busy(), *(worker(w) for w in range(4)))
-            return [reply for replies in results[1:] for reply in replies]
+    return asyncio.run(load())
 
-    replies = asyncio.run(load())
-    assert len(replies) == 24
-    assert [reply.errors() for reply in replies] == [[]] * 24
+
+def _assert_all_scored(replies: list[Any]) -> None:
+    assert len(replies) == 12
+    assert [reply.errors() for reply in replies] == [[]] * 12
     assert all(all(reply.mask()) and reply.group.scored == 2 for reply in replies)
 
+
+def test_killed_replica_is_replaced_and_the_client_retries_its_requests(sim_urls: dict[str, str]) -> None:
+    app = "firm-kill"
+    url = _sim_url(sim_urls, app)
+    before = _critic_actors(app)
+    assert len(before) == 2
+    transport = _RecordingTransport()
+    replies, victim, ongoing = _score_while_killing(url, app, transport)
+    _assert_all_scored(replies)
+    assert ongoing >= 1
+    assert (503, "replica_lost") in transport.answers, "the kill caught no request, so nothing was retried"
+
     deadline = time.monotonic() + WAIT_S
-    while not (victim_id not in (now := _critic_actors()) and len(now) == 2 and _running(APP, "FirmCritic") == 2):
+    while not (victim not in (now := _critic_actors(app)) and len(now) == 2 and _running(app, "FirmCritic") == 2):
         assert time.monotonic() < deadline, f"the killed replica was not replaced: {now}"
-        time.sleep(0.5)
+        time.sleep(0.2)
     (replacement,) = set(now) - set(before)
     seen: set[str] = set()
     for round_ in range(10):  # the replacement takes its share of requests
         body = {"items": [{"image": _unique("orange", 50_000 + round_), "prompt": "an orange square"}]}
-        seen.update(r.split("#")[1] for r in asyncio.run(_replicas_answering(ray_url, "/v1/gen/score", body, 8)))
+        seen.update(r.split("#")[1] for r in asyncio.run(_replicas_answering(url, "/v1/gen/score", body, 8)))
         if replacement in seen:
             break
-    assert replacement in seen and victim_id not in seen
-    assert json.loads(httpx.get(f"{ray_url}/readyz").text)["ready"] is True
+    assert replacement in seen and victim not in seen
+    assert httpx.get(f"{url}/readyz").json()["ready"] is True
+
+
+def test_ingress_resends_the_requests_of_a_killed_replica(sim_urls: dict[str, str]) -> None:
+    assert "forward_attempts" not in SIM_APPS["firm-resend"] and RaySettings().forward_attempts == 2
+    transport = _RecordingTransport()
+    replies, _, ongoing = _score_while_killing(_sim_url(sim_urls, "firm-resend"), "firm-resend", transport)
+    _assert_all_scored(replies)
+    assert ongoing >= 1, "the kill caught no request"
+    assert transport.answers == [(200, None)] * len(replies), "no 503 reaches the client: the ingress sent them on"
+
+
+def test_overload_is_refused_with_429_and_retry_after(sim_urls: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="max_queued_requests"):
+        RaySettings(max_queued_requests=0)  # Ray takes -1 (no bound) or a positive bound
+    url = _sim_url(sim_urls, "firm-busy")  # one replica taking one request at a time, one more waiting
+    body = {"items": [{"image": b64("red"), "prompt": "a red square"}]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as http:
+            return await asyncio.gather(*(http.post("/v1/gen/score", json=body) for _ in range(6)))
+
+    answers = asyncio.run(burst())
+    statuses = sorted(a.status_code for a in answers)
+    assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert float(refused.headers["retry-after"]) > 0
 
 
 def _serve_configs() -> list[tuple[str, dict[str, Any]]]:
@@ -273,3 +388,139 @@ def test_shipped_serve_configs_deploy_this_application(name: str, config: dict[s
     for application in config["applications"]:
         assert application["import_path"] == "deploy.ray.app:build", name
         build(application.get("args", {}))  # every argument is a valid setting, the server's included
+
+    # KubeRay binds Serve's proxy on every interface of each pod; the config files say where theirs listen.
+    exposed = name == "rayservice.yaml" or not is_loopback(config.get("http_options", {}).get("host", "127.0.0.1"))
+    if config.get("proxy_location", "EveryNode") == "EveryNode" and name != "rayservice.yaml":
+        assert exposed, f"{name}: a proxy on every node serves other machines only on a non-loopback host"
+    if exposed:
+        assert all(a.get("args", {}).get("require_api_keys") for a in config["applications"]), name
+
+
+def test_replicas_refuse_to_start_without_required_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FIRM_API_KEYS", raising=False)
+    monkeypatch.delenv("FIRM_API_KEY_FILE", raising=False)
+    server = {"tiny": True}
+    assert replica_settings(server, require_api_keys=False).key_ring().enabled is False
+    with pytest.raises(MissingApiKeys):
+        replica_settings(server, require_api_keys=True)
+    keyed = replica_settings({**server, "api_keys": "trainer:0123456789abcdef"}, require_api_keys=True)
+    assert keyed.key_ring().enabled
+
+
+class _FakeService:
+    """A scoring service whose critics go through the given states, one per call."""
+
+    def __init__(self, *states: dict[str, str]) -> None:
+        self.sequence = list(states)
+
+    def states(self) -> dict[str, str]:
+        return self.sequence.pop(0) if len(self.sequence) > 1 else self.sequence[0]
+
+
+class _BareCritic(FirmCritic.func_or_class):  # type: ignore[name-defined,misc]
+    """The replica class built without Ray: tests set the attributes a method reads."""
+
+    def __del__(self) -> None:  # Ray awaits the replica's async __del__; nothing would await it here
+        pass
+
+
+def _bare_critic(service: _FakeService) -> Any:
+    """A replica with only what `check_health` and `_loaded` read."""
+    critic = object.__new__(_BareCritic)
+    critic.identity, critic.service = "FirmCritic#test", service
+    critic.closed = False
+    critic._lifespan = contextlib.AsyncExitStack()
+    critic._lifespan.callback(lambda: setattr(critic, "closed", True))
+    return critic
+
+
+@pytest.mark.parametrize("state", [READY, DISABLED, SLEEPING, DRAINING])
+def test_health_check_passes_for_working_states(state: str) -> None:
+    asyncio.run(_bare_critic(_FakeService({"edit": state, "gen": READY})).check_health())
+
+
+@pytest.mark.parametrize("state", [UNHEALTHY, FAILED, LOADING])
+def test_health_check_fails_an_unhealthy_replica(state: str) -> None:
+    with pytest.raises(CriticUnhealthy, match=state):
+        asyncio.run(_bare_critic(_FakeService({"edit": READY, "gen": state})).check_health())
+
+
+def test_replica_starts_only_once_every_critic_has_loaded() -> None:
+    loading = {"edit": LOADING, "gen": LOADING}
+    critic = _bare_critic(_FakeService(loading, {"edit": READY, "gen": LOADING}, {"edit": READY, "gen": DISABLED}))
+    asyncio.run(critic._loaded())
+    assert critic.service.sequence == [{"edit": READY, "gen": DISABLED}] and not critic.closed
+
+
+def test_a_critic_that_failed_to_load_fails_its_replica() -> None:
+    critic = _bare_critic(_FakeService({"edit": LOADING, "gen": READY}, {"edit": FAILED, "gen": READY}))
+    with pytest.raises(CriticUnhealthy, match="did not load"):
+        asyncio.run(critic._loaded())
+    assert critic.closed, "the engines that did load are closed before the replica fails"
+
+
+class _FlakyBoard:
+    """A metrics board whose pushes fail or succeed as scripted; it stops the pusher when the script ends."""
+
+    def __init__(self, script: list[bool]) -> None:
+        self.script, self.done = script, asyncio.Event()
+        self.push = self
+
+    async def remote(self, replica: str, page: str) -> None:
+        if not self.script:
+            self.done.set()
+            await asyncio.Event().wait()
+        if not self.script.pop(0):
+            raise ConnectionError("board is restarting")
+
+
+def test_board_outage_logs_one_traceback_then_one_line_per_push(caplog: pytest.LogCaptureFixture) -> None:
+    critic = object.__new__(_BareCritic)
+    critic.identity, critic.push_interval_s = "FirmCritic#test", 0.0
+    critic.app = SimpleNamespace(state=SimpleNamespace(metrics=SimpleNamespace(registry=CollectorRegistry())))
+    critic.board = _FlakyBoard([False, False, False, True, False, False])
+
+    async def run() -> None:
+        pushing = asyncio.create_task(critic._share_metrics())
+        await asyncio.wait_for(critic.board.done.wait(), timeout=10)
+        pushing.cancel()
+        await asyncio.gather(pushing, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO, logger="deploy.ray.critic"):
+        asyncio.run(run())
+    failures = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(failures) == 5
+    assert [r.exc_info is not None for r in failures] == [True, False, False, True, False]
+    assert sum("again" in r.getMessage() for r in caplog.records) == 1
+
+
+class _FakeHandle:
+    """A deployment handle that records what it is asked to forward."""
+
+    deployment_name = "FirmCritic"
+
+    def __init__(self) -> None:
+        self.forwarded: list[Forwarded] = []
+        self.forward = self
+
+    async def remote(self, request: Forwarded) -> Answer:
+        self.forwarded.append(request)
+        return Answer(200, [], b"{}")
+
+
+def test_ingress_forwards_nothing_when_the_client_leaves_during_the_upload() -> None:
+    critic = _FakeHandle()
+    router = PathRouter({"edit": critic, "gen": critic}, board=_FakeHandle(), max_body_bytes=1 << 20, attempts=2)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "POST", "path": "/v1/gen/score", "headers": [], "client": ("127.0.0.1", 1)}
+    messages = [{"type": "http.request", "body": b'{"items": [', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(router(scope, receive, send))
+    assert critic.forwarded == [] and sent == []

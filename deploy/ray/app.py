@@ -56,8 +56,14 @@ def _critic(settings: RaySettings, task: str | None, board: Application) -> Appl
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         autoscaling_config=settings.autoscaling(),
         max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=settings.health_check_timeout_s,
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
     )
-    return deployment.bind(server, board=board, push_interval_s=settings.metrics_push_interval_s)
+    return deployment.bind(
+        server,
+        board=board,
+        push_interval_s=settings.metrics_push_interval_s,
+        require_api_keys=settings.require_api_keys,
+    )

@@ -1,9 +1,11 @@
 """An HTTP request carried whole between Ray deployments, and played against an ASGI app.
 
-The ingress reads a request and hands it to a critic replica through a Ray deployment handle
-(Ray's own transport inside the cluster; nothing here listens on a port). The replica runs it
-through the very FastAPI app `firm-serve` serves, middleware and all. Scoring bodies and
-answers are small enough to travel in one piece.
+The ingress reads a request and hands it to a critic replica through a Ray deployment handle.
+Between the two, the request travels inside Ray's own transport: Ray serialises the `Forwarded`
+dataclass (and the `Answer` coming back) with its object serialisation, and nothing here listens
+on a port. Only the external wire, client to Serve proxy, is HTTP with JSON bodies, exactly as
+with `firm-serve`. The replica runs the request through the very FastAPI app `firm-serve`
+serves, middleware and all. Scoring bodies and answers are small enough to travel in one piece.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message
 
 Headers = list[tuple[bytes, bytes]]
+REPLICA_HEADER = b"x-firm-replica"  # names the critic replica that produced an answer
 
 
 @dataclass(frozen=True)

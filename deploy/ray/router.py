@@ -2,14 +2,17 @@
 
 `/v1/edit/*` goes to the deployment serving the editing critic and `/v1/gen/*` to the one
 serving generation (the same deployment unless the critics are split). `/readyz` and
-`/v1/models` ask every deployment and merge the answers; `/metrics` answers with every replica's
-series from the metrics board; every other path (`/healthz`, the API docs) goes to the first
-deployment, whose app answers it as `firm-serve` does, 404 included.
+`/v1/models` ask every deployment and merge the answers; `/metrics` answers with the metrics
+board's pages (each replica's as of its last push); every other path (`/healthz`, the API
+docs) goes to the first deployment, whose app answers it as `firm-serve` does, 404 included.
 
 A critic replica that dies under a request is the one failure the ingress absorbs: scoring is
 idempotent, so the request is sent again (another replica takes it) and, when the attempts run
 out, answered 503 with Retry-After, which clients retry. Ray's own answer would be a 500, which
-means a bug and is never retried.
+means a bug and is never retried. When `max_queued_requests` requests already wait for a free
+critic replica, the next is answered 429 with Retry-After rather than queued without end.
+A client that disconnects before its body has arrived gets nothing forwarded: a truncated body
+must not be scored.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clients.protocol import ModelsResponse, ReadinessResponse
-from deploy.ray.forwarding import Answer, Forwarded
+from deploy.ray.forwarding import REPLICA_HEADER, Answer, Forwarded
 from server.errors import error_response
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,10 @@ RETRY_AFTER_S = 1.0
 
 class BodyTooLarge(Exception):
     """The request body passed the limit while it streamed in."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its whole body arrived."""
 
 
 @serve.deployment
@@ -80,6 +87,9 @@ class PathRouter:
             message = f"request body is over the limit of {self.max_body_bytes} bytes"
             await error_response(413, "body_too_large", message, limit=self.max_body_bytes)(scope, receive, send)
             return
+        except ClientGone:
+            log.info("client left during the upload of %s %s; nothing forwarded", scope["method"], path)
+            return
         request = Forwarded(
             method=scope["method"],
             path=path,
@@ -100,7 +110,7 @@ class PathRouter:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -119,7 +129,8 @@ class PathRouter:
         answer = await self._forward(self.deployments[0], request)
         if request.path == "/metrics" and answer.status == 200:  # the replica checked the key, if one is needed
             page = (await self.board.merged.remote()).encode("utf-8")
-            return Answer(200, _with_length(answer.headers, len(page)), page)
+            headers = [(k, v) for k, v in answer.headers if k.lower() != REPLICA_HEADER]  # the page is every replica's
+            return Answer(200, _with_length(headers, len(page)), page)
         return answer
 
     async def _forward(self, deployment: DeploymentHandle, request: Forwarded) -> Answer:

@@ -50,6 +50,12 @@ class RaySettings(BaseSettings):
         description="Most requests a critic replica takes at once; more wait in the ingress. Ray's default (5) "
         "would starve the micro-batcher.",
     )
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Most requests each ingress replica holds waiting for a critic replica with a free slot; "
+        "past it the client gets 429 with Retry-After instead of an ever longer wait. -1: no bound.",
+    )
     upscale_delay_s: float = Field(30.0, ge=0.0, description="How long load must stay high before adding a replica.")
     downscale_delay_s: float = Field(
         600.0, ge=0.0, description="How long load must stay low before removing a replica."
@@ -70,10 +76,15 @@ class RaySettings(BaseSettings):
         description="Attempts the ingress makes when a critic replica dies under a request (scoring is idempotent); "
         "after the last one the client gets 503 with Retry-After.",
     )
+    require_api_keys: bool = Field(
+        False,
+        description="A critic replica without API keys (FIRM_API_KEYS, or api_keys / api_key_file under server) "
+        "refuses to start. Set it whenever the Serve proxy listens on more than loopback.",
+    )
     metrics_push_interval_s: float = Field(
         5.0,
         gt=0.0,
-        description="How often each critic replica shares its metrics, so /metrics on any replica shows them all.",
+        description="How often each critic replica pushes its metrics page to the board that /metrics reads.",
     )
 
     @model_validator(mode="after")
@@ -82,6 +93,8 @@ class RaySettings(BaseSettings):
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests is -1 (no bound) or at least 1")
         self.critic_settings()  # fail at deploy time, not in every replica
         return self
 
