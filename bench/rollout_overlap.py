@@ -78,7 +78,8 @@ def main() -> None:
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         cache = args.cache_dir or root / "cache"
-        url = args.url or stack.enter_context(running_server(cache, "--max-wait-ms", "20"))
+        # no answer cache, and a seed per mode: the second mode must not be answered from the first one's calls
+        url = args.url or stack.enter_context(running_server(cache, "--max-wait-ms", "20", "--cache-size", "0"))
         prompts = _prompts(root, args.task)
         print(f"task={args.task} G={args.group_size} groups/step={args.groups_per_step} steps={args.steps}")
         print(f"{'overlap':>8} {'sampling s':>11} {'waiting s':>10} {'training s':>11} {'waiting share':>14}")
@@ -95,6 +96,7 @@ def main() -> None:
                 sample_steps=args.sample_steps,
                 max_sequence_length=16,
                 overlap=overlap,
+                seed=int(overlap),
                 progress=False,
                 tensorboard=False,
             )
