@@ -179,3 +179,28 @@ def test_ingress_forwards_nothing_when_the_client_leaves_during_the_upload() -> 
 
     asyncio.run(router(scope, receive, send))
     assert critic.forwarded == [] and sent == []
+
+
+def test_settings_reach_the_critic_deployments() -> None:
+    """Resources, autoscaling and the split are what Ray is asked for (read back from the bound application)."""
+    app = build(
+        {
+            "split": True,
+            "num_gpus": 1,
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": 24,
+            "upscale_delay_s": 3,
+            "downscale_delay_s": 120,
+            "server": {"tiny": True},
+        }
+    )
+    ingress = app._bound_deployment
+    assert ingress.name == "FirmIngress"
+    critics = {task: bound._bound_deployment for task, bound in ingress.init_args[0].items()}
+    assert {task: d.name for task, d in critics.items()} == {"edit": "FirmEditCritic", "gen": "FirmGenCritic"}
+    for deployment in critics.values():
+        assert deployment.ray_actor_options["num_gpus"] == 1
+        scaling = deployment._deployment_config.autoscaling_config
+        assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 24)
+        assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (3, 120)
