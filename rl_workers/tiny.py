@@ -8,12 +8,13 @@ noise, not pictures: they exercise sampling, rewards and the update, not image q
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from server.tiny import SPECIAL_TOKENS, train_bpe
 
 TINY_VERSION = "2"
 _CORPUS = [
@@ -26,33 +27,11 @@ _CORPUS = [
     "the user's requirements while maintaining consistency with the original input where appropriate.",
     "system user assistant 0 1 2 3 4 5 6 7 8 9",
 ]
-_QWEN_SPECIAL = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 
 
 def _bpe(special: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary and merges trained on the small corpus above."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS * 4, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return model["vocab"], merges
+    return train_bpe(_CORPUS * 4, special, vocab_size, split_digits=False)
 
 
 def _sd3_text(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict[str, Any]:
@@ -138,13 +117,13 @@ def _qwen_text() -> dict[str, Any]:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    vocab, merges = _bpe(list(_QWEN_SPECIAL), 700)
+    vocab, merges = _bpe(list(SPECIAL_TOKENS), 700)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=list(_QWEN_SPECIAL[1:]),
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
     )
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(
@@ -153,7 +132,7 @@ def _qwen_text() -> dict[str, Any]:
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIAL}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     ends = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
     rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
     text_config = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2}

@@ -117,29 +117,42 @@ def synthetic_examples(count: int, seed: int) -> list[Example]:
 # ----------------------------------------------------------------------------- building
 
 
-def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+def train_bpe(
+    corpus: list[str], special_tokens: list[str], vocab_size: int, *, split_digits: bool = True
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary and merges trained on `corpus` (with Qwen's pre-tokenizer, where
+    every digit is a token of its own, unless `split_digits` is False). Also used for the tiny generators."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
+    if split_digits:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        bpe.decoder = decoders.ByteLevel()
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = train_bpe(corpus, list(SPECIAL_TOKENS), vocab_size)
     return Qwen2Tokenizer(
-        vocab=model["vocab"],
+        vocab=vocab,
         merges=merges,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
