@@ -204,7 +204,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         self.cme_weights()
         self.qma_weights()
-        if not is_loopback(self.host) and not (self.api_keys or self.api_key_file) and not self.insecure:
+        try:
+            keyed = self.key_ring().enabled  # a key file that holds no key counts as none
+        except OSError as exc:
+            raise ValueError(f"cannot read the API key file: {exc}") from exc
+        if not is_loopback(self.host) and not keyed and not self.insecure:
             raise ValueError(
                 f"binding {self.host} without API keys would let anyone score; set --api-keys or --api-key-file, "
                 "or pass --insecure if the network is trusted"

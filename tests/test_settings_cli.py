@@ -79,3 +79,17 @@ def test_a_template_without_its_placeholder_stops_startup(tmp_path: Path) -> Non
     result = _firm_serve("--edit-execution-template", str(template), "--port", "0")
     assert result.returncode != 0
     assert "missing ['$instruction']" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_public_address_with_an_empty_key_file_still_needs_keys(tmp_path: Path) -> None:
+    """A key file holding only comments leaves authentication off, so it must not pass for keys."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# no keys yet\n")
+    with pytest.raises(ValidationError, match="without API keys"):
+        Settings(host="0.0.0.0", api_key_file=empty)
+    with pytest.raises(ValidationError, match="cannot read the API key file"):
+        Settings(api_key_file=tmp_path / "missing.txt")
