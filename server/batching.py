@@ -59,37 +59,46 @@ class Runner:
         raise NotImplementedError
 
     async def _run_engine(self, requests: list[GenerationRequest]) -> list[Outcome]:
-        """One engine batch; if it fails whole, each call is retried alone so a bad input fails only itself."""
-        outcomes = await self._run_batch(requests)
-        if len(requests) > 1 and all(isinstance(o, BaseException) for o in outcomes):
+        """One engine batch; if it raised, each call is retried alone so a bad input fails only itself."""
+        outcomes, raised = await self._run_batch(requests)
+        if raised and len(requests) > 1:
             log.warning("retrying the %d calls of a failed batch one by one on %s", len(requests), self.label)
-            outcomes = [(await self._run_batch([r]))[0] for r in requests]
+            outcomes = [(await self._run_batch([r]))[0][0] for r in requests]
         self._done.append((time.monotonic(), len(requests)))
         return outcomes
 
-    async def _run_batch(self, requests: list[GenerationRequest]) -> list[Outcome]:
+    async def _run_batch(self, requests: list[GenerationRequest]) -> tuple[list[Outcome], bool]:
+        """The outcomes, and whether the engine failed the batch whole (raised, or answered the wrong count).
+
+        An engine may also answer some or all calls with an EngineError of their own (vllm, openai): those
+        are that call's failure and are not retried here, but a batch without a single result still
+        counts as a failed batch for readiness."""
         self.metrics.engine_batch_size.labels(model=self.label).observe(len(requests))
         started = time.perf_counter()
         try:
             results = await self.engine.generate(requests)
         except Exception as exc:  # the engine's failure becomes each item's engine_error
             log.exception("engine %s failed on a batch of %d", self.label, len(requests))
-            return self._failed(requests, EngineError(f"engine failed: {type(exc).__name__}: {exc}"))
+            self._count_failure()
+            return [EngineError(f"engine failed: {type(exc).__name__}: {exc}")] * len(requests), True
         finally:
             self.metrics.engine_batch_seconds.labels(model=self.label).observe(time.perf_counter() - started)
         if len(results) != len(requests):
-            return self._failed(
-                requests, EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
-            )
-        self.consecutive_failures = 0
-        return [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
+            self._count_failure()
+            error = EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
+            return [error] * len(requests), True
+        outcomes = [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
+        if any(isinstance(o, GenerationResult) for o in outcomes):
+            self.consecutive_failures = 0
+        else:
+            self._count_failure()
+        return outcomes, False
 
-    def _failed(self, requests: list[GenerationRequest], error: EngineError) -> list[Outcome]:
+    def _count_failure(self) -> None:
         self.metrics.engine_failures.labels(model=self.label).inc()
         self.consecutive_failures += 1
         if self.consecutive_failures == self.unhealthy_after:
             log.error("engine %s failed %d batches in a row: readiness is now false", self.label, self.unhealthy_after)
-        return [error] * len(requests)
 
 
 def _wrong_type(result: object) -> EngineError:

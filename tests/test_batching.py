@@ -20,15 +20,16 @@ class EchoEngine(Engine):
         self.delay = delay
         self.batches: list[list[str]] = []
         self.fail_on: set[str] = set()
+        self.refuse: set[str] = set()  # answered with an EngineError of their own, as vllm and openai do
         self.drop_one = False
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
         texts = [str(r.parts[-1]) for r in requests]
         self.batches.append(texts)
         await asyncio.sleep(self.delay)
         if self.fail_on & set(texts):
             raise RuntimeError("device fell over")
-        results = [GenerationResult(text=t) for t in texts]
+        results = [EngineError("refused") if t in self.refuse else GenerationResult(text=t) for t in texts]
         return results[:-1] if self.drop_one else results
 
 
@@ -126,6 +127,26 @@ def test_repeated_engine_failures_make_the_runner_unhealthy_until_a_success() ->
 
     batcher_health = asyncio.run(_with_batcher(engine, max_batch_size=1, max_wait_s=0.0, work=work))
     assert batcher_health == [True, True, False, True]
+
+
+def test_an_engine_that_answers_only_errors_turns_unhealthy_without_retrying_them() -> None:
+    """Engines that report failures per call (vllm, openai): no second round of calls, and readiness still drops."""
+    engine = EchoEngine(delay=0.0)
+    engine.refuse = {"down-1", "down-2"}
+
+    async def work(batcher: MicroBatcher) -> list[bool]:
+        seen = []
+        for _ in range(3):
+            outcomes = await batcher.submit([_request("down-1"), _request("down-2")])
+            assert all(isinstance(o, EngineError) for o in outcomes)
+            seen.append(batcher.healthy)
+        await batcher.submit([_request("down-1"), _request("fine")])  # one success is enough
+        seen.append(batcher.healthy)
+        return seen
+
+    health = asyncio.run(_with_batcher(engine, max_batch_size=2, max_wait_s=0.05, work=work))
+    assert health == [True, True, False, True]
+    assert [len(b) for b in engine.batches] == [2, 2, 2, 2]  # never split and retried one by one
 
 
 def test_closed_loop_workers_are_gathered_into_one_batch_per_round() -> None:
