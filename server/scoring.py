@@ -149,8 +149,13 @@ class ScoringService:
             if first.state != READY:
                 continue
             for model in sharing:
-                model.state = SLEEPING
-            await first.engine.sleep()
+                model.state = SLEEPING  # before the engine call: no new call may start on weights being offloaded
+            try:
+                await first.engine.sleep()
+            except BaseException:
+                for model in sharing:  # the weights stayed: keep scoring rather than answer 503 until a wake
+                    model.state = READY
+                raise
             log.info("%s is asleep", "+".join(m.task for m in sharing))
         return self.states()
 

@@ -89,3 +89,21 @@ def test_server_weights_apply_when_the_request_has_none(tiny_checkpoint: Path, c
     done = response.results[0]
     assert done.execution is not None and done.consistency is not None
     assert done.reward == pytest.approx(cme_reward(done.execution.score, done.consistency.score, response.weights))
+
+
+def test_an_engine_that_refuses_to_sleep_keeps_its_models_scoring(tiny_checkpoint: Path, cache_dir: Path) -> None:
+    """A failed offload leaves the weights loaded: the models stay ready instead of answering 503 until a wake."""
+
+    async def work(service: ScoringService) -> dict[str, str]:
+        engine = next(iter(service.models.values())).engine
+
+        async def refuse() -> None:
+            raise RuntimeError("sleep mode is off")
+
+        engine.sleep = refuse  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            await service.sleep()
+        return service.states()
+
+    states, _ = _serve(cache_dir, work)
+    assert set(states.values()) == {"ready"}

@@ -71,7 +71,7 @@ class Engine(abc.ABC):
 
     batches_itself: ClassVar[bool] = False
     supports_constraints: ClassVar[bool] = False
-    supports_sleep: ClassVar[bool] = False
+    supports_sleep: bool = False  # an engine may decide per instance (vllm: only with --sleep-mode)
     name: ClassVar[str] = "engine"
 
     def __init__(self, model: str, watch_tokens: Sequence[str], *, revision: str | None = None, **options: Any) -> None:

@@ -67,7 +67,7 @@ class _StopCancelled:
 
 class TransformersEngine(Engine):
     batches_itself: ClassVar[bool] = False
-    supports_sleep: ClassVar[bool] = True
+    supports_sleep = True
     name: ClassVar[str] = "transformers"
 
     def __init__(

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 class VLLMEngine(Engine):
     batches_itself: ClassVar[bool] = True
     supports_constraints: ClassVar[bool] = True
-    supports_sleep: ClassVar[bool] = True
     name: ClassVar[str] = "vllm"
 
     def __init__(
@@ -62,6 +61,7 @@ class VLLMEngine(Engine):
             "enforce_eager": enforce_eager,
             "disable_log_stats": True,
         }
+        self.supports_sleep = sleep_mode  # without it vLLM refuses to sleep: answer 409, not 500
         if sleep_mode:
             # The multimodal processor cache can hand back stale entries after a wake-up, which
             # silently changes scores; with sleep on it is switched off.
