@@ -36,7 +36,7 @@ from clients.protocol import (
 from server.assembly import build_service
 from server.errors import error_response, install_error_handlers
 from server.idempotency import RecentAnswers
-from server.logs import RequestContext
+from server.logs import RequestContext, caller
 from server.metrics import Metrics
 from server.scoring import DISABLED, READY, ScoringService
 from server.security import Authentication
@@ -184,9 +184,10 @@ def _service(request: Request) -> ScoringService:
 
 
 async def _once(request: Request, score: Callable[[T], Awaitable[R]], body: T) -> R:
-    """Score, unless this is a retry (same X-Request-ID and route) of a request already answered."""
+    """Score, unless this is a retry (same caller, route and X-Request-ID) of a request already answered.
+    The caller (the API key's name) is part of the key: another caller reusing an id gets its own scores."""
     client_id = request.scope.get("state", {}).get("client_request_id")
-    key = f"{request.url.path}:{client_id}" if client_id else None
+    key = f"{caller.get()}:{request.url.path}:{client_id}" if client_id else None
     answer, replayed = await request.app.state.answers.once(key, lambda: score(body))
     if replayed:
         request.app.state.metrics.replayed.inc()

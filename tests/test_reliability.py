@@ -20,6 +20,7 @@ from clients.images import encode
 from tests.support import b64, free_port, metric_value, picture, running_server
 
 SCORING_KEY = "trainer-key-0123456789"
+OTHER_KEY = "other-key-9876543210"
 ADMIN_KEY = "admin-key-0123456789ab"
 
 
@@ -37,7 +38,7 @@ def _unique(i: int, n: int = 1) -> dict:
 
 @pytest.fixture(scope="module")
 def keyed_url(tiny_checkpoint: Path, cache_dir: Path) -> Iterator[str]:
-    args = ("--api-keys", f"trainer:{SCORING_KEY}", "--admin-key", ADMIN_KEY, "--protect-metrics")
+    args = ("--api-keys", f"trainer:{SCORING_KEY},other:{OTHER_KEY}", "--admin-key", ADMIN_KEY, "--protect-metrics")
     with running_server(cache_dir, *args) as url:
         yield url
 
@@ -190,6 +191,18 @@ def test_a_retry_with_the_same_request_id_gets_the_first_answer(server_url: str)
     assert first.headers["x-request-id"] == "retry-test-7f3a"
     assert first.json() == again.json()
     assert metric_value(_metrics(server_url), "firm_replayed_requests_total") == before + 1
+
+
+def test_a_request_id_reused_by_another_caller_gets_its_own_scores(keyed_url: str) -> None:
+    def post(key: str, body: dict) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}", "X-Request-ID": "shared-id-1"}
+        return httpx.post(f"{keyed_url}/v1/gen/score", json=body, headers=headers, timeout=60)
+
+    mine, theirs = _unique(6000), _unique(6001)
+    theirs["items"][0]["id"] = "their-item"
+    assert post(SCORING_KEY, mine).status_code == 200
+    reply = post(OTHER_KEY, theirs)
+    assert reply.status_code == 200 and reply.json()["results"][0]["id"] == "their-item"
 
 
 # ---------------------------------------------------------------------------- logs
