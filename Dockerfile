@@ -1,7 +1,8 @@
 # FIRM reward server on one GPU box: both critics on vLLM.
 #
 #   docker build -t firm-reward-server .
-#   docker run --gpus all --shm-size 16g -p 8000:8000 -v firm-models:/models firm-reward-server
+#   docker run --gpus all --shm-size 16g -p 8000:8000 -v firm-models:/models \
+#       -e FIRM_API_KEYS="trainer:$(openssl rand -hex 24)" firm-reward-server
 #
 # Flags after the image name go to firm-serve, e.g. `... firm-reward-server --max-batch-size 32`.
 

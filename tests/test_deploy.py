@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -93,6 +94,20 @@ def test_compose_keeps_the_model_cache_and_restarts():
     assert volume in _compose()["volumes"], "the model cache must be a named volume"
     assert firm["restart"] == "unless-stopped"
     assert "ipc" in firm or "shm_size" in firm, "vLLM needs more shared memory than Docker's 64 MB"
+
+
+def test_the_container_environment_is_one_the_server_accepts():
+    """The image listens on 0.0.0.0; with the keys compose requires, the settings validate, and without them not."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    image_env = dict(item.split("=", 1) for ins, rest in _instructions() if ins == "ENV" for item in rest.split())
+    host = image_env["FIRM_HOST"]
+    assert "FIRM_API_KEYS" in _firm()["environment"]
+    Settings(host=host, api_keys="trainer:0123456789abcdef")
+    with pytest.raises(ValidationError, match="without API keys"):
+        Settings(host=host)
 
 
 def test_compose_environment_matches_the_server_settings():
@@ -216,12 +231,20 @@ def test_docker_compose_accepts_the_file():
     command = _compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    for extra in ([], ["--profile", "grafana"]):
-        done = subprocess.run(
+
+    def config(*extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [*command, "-f", str(COMPOSE), *extra, "config", "--quiet"],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
+            env={k: v for k, v in os.environ.items() if k != "FIRM_API_KEYS"} | env,
         )
+
+    for extra in ([], ["--profile", "grafana"]):
+        done = config(*extra, FIRM_API_KEYS="trainer:0123456789abcdef")
         assert done.returncode == 0, done.stderr
+    # the server listens beyond loopback in the container: without keys the stack does not start
+    done = config()
+    assert done.returncode != 0 and "FIRM_API_KEYS" in done.stderr
