@@ -49,7 +49,7 @@ def measure(settings: RolloutSettings, url: str, steps: int) -> Timings:
     critic = RemoteCritic(settings.task, [url], score_mode="expected")
     try:
         generator = load_generator(settings, torch.device("cpu"))
-        conditions = endless(load_conditions(settings.prompts, settings.task), 0, 1, settings.seed)
+        conditions = endless(load_conditions(settings.prompts, settings.task), settings.seed)
         worker = RolloutWorker(settings, generator, critic, conditions)
         worker.step()
         total = Timings()

@@ -36,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="GRPO on Stable Diffusion 3.5 (t2i, QMA reward) or Qwen-Image-Edit (edit, CME reward), "
         "with rewards from a running firm-serve.",
         epilog=_EPILOG,
-        env_prefix="FIRM_RL_",
     )
 
 

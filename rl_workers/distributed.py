@@ -17,7 +17,6 @@ import torch
 class Ranks:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -39,7 +38,7 @@ def init_from_env(device: torch.device) -> Ranks:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank())
+    return Ranks(rank=dist.get_rank(), world=dist.get_world_size())
 
 
 def _reduce(values: dict[str, float], ranks: Ranks, device: torch.device, op: str) -> dict[str, float]:

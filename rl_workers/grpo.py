@@ -11,6 +11,7 @@ forwarded, so they contribute nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,14 +51,16 @@ class UpdateStats:
     max_ratio_deviation: float = 0.0  # max |ratio - 1|: 0 for the policy that sampled
 
     def means(self) -> dict[str, float]:
-        terms, steps = max(self.terms, 1), max(self.optimizer_steps, 1)
+        """Means over the update; NaN when nothing trained, so an empty update never reads as a calm one."""
+        terms = self.terms or math.nan
+        steps = self.optimizer_steps or math.nan
         return {
             "train/loss": self.loss / terms,
             "train/policy_loss": self.policy_loss / terms,
             "train/kl": self.kl / terms,
             "train/clip_fraction": self.clipped / terms,
             "train/grad_norm": self.grad_norm / steps,
-            "train/max_ratio_deviation": self.max_ratio_deviation,
+            "train/max_ratio_deviation": self.max_ratio_deviation if self.terms else math.nan,
             "train/samples": float(self.samples),
             "train/optimizer_steps": float(self.optimizer_steps),
         }

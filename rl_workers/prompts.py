@@ -12,14 +12,15 @@ from PIL import Image
 from rl_workers.generators.base import Condition
 
 
-def load_conditions(path: Path, task: str) -> list[Condition]:
-    """T2I: one prompt per line (or JSONL with "prompt"). Editing: JSONL with "source" (an image path,
+def load_conditions(path: Path, task: str, rank: int = 0, world: int = 1) -> list[Condition]:
+    """Rank `rank`'s share of the prompts (every `world`-th line; all of them when there are fewer lines
+    than ranks), so each worker reads only its own source images.
+
+    T2I: one prompt per line (or JSONL with "prompt"). Editing: JSONL with "source" (an image path,
     relative to the file) and "instruction". Blank lines are skipped; an unreadable line names its number."""
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
     conditions = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = line.strip()
-        if not text:
-            continue
+    for number, text in lines[rank::world] or lines:
         try:
             conditions.append(_condition(text, task, path.parent, f"{path.name}:{number}"))
         except (ValueError, KeyError, OSError) as exc:
@@ -44,11 +45,10 @@ def _condition(text: str, task: str, root: Path, default_id: str) -> Condition:
         )
 
 
-def endless(conditions: list[Condition], rank: int, world: int, seed: int) -> Iterator[Condition]:
-    """This rank's share of the prompts, reshuffled every pass."""
-    share = conditions[rank::world] or conditions
-    rng = random.Random(seed + rank)
+def endless(conditions: list[Condition], seed: int) -> Iterator[Condition]:
+    """The prompts over and over, reshuffled every pass."""
+    rng = random.Random(seed)
     while True:
-        order = list(share)
+        order = list(conditions)
         rng.shuffle(order)
         yield from order

@@ -14,7 +14,6 @@ from typing import Any
 from PIL import Image
 
 from clients import RewardClient
-from clients.errors import RequestFailed
 from clients.protocol import EditGroupResponse, GenGroupResponse, ScoreMode
 from rl_workers.generators.base import Condition
 
@@ -45,21 +44,15 @@ def rewards_of(reply: EditGroupResponse | GenGroupResponse, task: str) -> GroupR
 
 
 class PendingRewards:
-    """A group being scored."""
+    """A group being scored. The client is not strict, so a call that failed after its retries comes
+    back as a reply whose every item has a null reward and `request_failed`."""
 
-    def __init__(self, call: Future[Any], task: str, size: int) -> None:
+    def __init__(self, call: Future[Any], task: str) -> None:
         self._call = call
         self._task = task
-        self._size = size
 
-    def result(self, timeout: float | None = None) -> GroupRewards:
-        """The group's rewards; a call that failed after its retries gives every sample a null reward."""
-        try:
-            reply = self._call.result(timeout)
-        except RequestFailed as exc:
-            nulls: list[float | None] = [None] * self._size
-            return GroupRewards(nulls, {name: list(nulls) for name in COMPONENTS[self._task]}, [f"group: {exc}"])
-        return rewards_of(reply, self._task)
+    def result(self) -> GroupRewards:
+        return rewards_of(self._call.result(), self._task)
 
 
 class RemoteCritic:
@@ -68,7 +61,7 @@ class RemoteCritic:
     def __init__(
         self,
         task: str,
-        base_urls: Sequence[str] | None = None,
+        base_urls: str | Sequence[str] | None = None,
         *,
         client: RewardClient | None = None,
         score_mode: ScoreMode | None = None,
@@ -76,7 +69,7 @@ class RemoteCritic:
         self.task = task
         self.score_mode = score_mode
         # not strict: a failed item or call comes back as a null reward, it does not stop training
-        self._client = client or RewardClient(list(base_urls) if base_urls else None, strict=False)
+        self._client = client or RewardClient(base_urls, strict=False)
 
     def submit(
         self, condition: Condition, images: Sequence[Image.Image], source: Image.Image | None = None
@@ -88,7 +81,7 @@ class RemoteCritic:
             call = self._client.submit("score_edit_group", source, condition.prompt, list(images), **options)
         else:
             call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
-        return PendingRewards(call, self.task, len(images))
+        return PendingRewards(call, self.task)
 
     def ready(self) -> bool:
         return self._client.ready()

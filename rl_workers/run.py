@@ -25,8 +25,8 @@ def run(settings: RolloutSettings) -> list[dict[str, float]]:
     metrics = None
     try:
         torch.manual_seed(settings.seed + ranks.rank)
-        conditions = load_conditions(settings.prompts, settings.task)
-        critic = RemoteCritic(settings.task, settings.reward_urls(), score_mode=settings.score_mode)
+        conditions = load_conditions(settings.prompts, settings.task, ranks.rank, ranks.world)
+        critic = RemoteCritic(settings.task, settings.reward_url, score_mode=settings.score_mode)
         if not critic.ready():
             raise ValueError("the reward server is not ready (is firm-serve running at the given URL?)")
         generator = load_generator(settings, device)
@@ -46,10 +46,10 @@ def run(settings: RolloutSettings) -> list[dict[str, float]]:
             settings,
             generator,
             critic,
-            endless(conditions, ranks.rank, ranks.world, settings.seed),
+            endless(conditions, settings.seed + ranks.rank),
             ranks,
             metrics,
-            eval_conditions=endless(conditions, ranks.rank, ranks.world, settings.seed + 1),  # training order unchanged
+            eval_conditions=endless(conditions, settings.seed + ranks.rank + 1),  # training order unchanged
         )
         return worker.run()
     finally:

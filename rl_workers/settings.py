@@ -8,12 +8,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.settings import default_cache_dir
+
 DEFAULT_MODELS = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "Qwen/Qwen-Image-Edit"}
 DEFAULT_GUIDANCE = {"t2i": 4.5, "edit": 4.0}
-
-
-def _default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "firm-reward-server"
 
 
 class RolloutSettings(BaseSettings):
@@ -31,7 +29,7 @@ class RolloutSettings(BaseSettings):
     revision: str | None = Field(None, description="Hub revision of the generator.")
     drop_t5: bool = Field(False, description="Load SD3 without its T5 text encoder (saves ~10 GB; lower quality).")
     tiny: bool = Field(False, description="Use a tiny random pipeline built locally (no download): smoke tests only.")
-    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where --tiny pipelines are built.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where --tiny pipelines are built.")
     prompts: Path = Field(
         ..., description="Prompt file: one text prompt per line (t2i), or JSONL of {source, instruction} (edit)."
     )
@@ -106,6 +104,3 @@ class RolloutSettings(BaseSettings):
     @property
     def guidance(self) -> float:
         return self.guidance_scale if self.guidance_scale is not None else DEFAULT_GUIDANCE[self.task]
-
-    def reward_urls(self) -> list[str] | None:
-        return [u.strip() for u in self.reward_url.split(",") if u.strip()] if self.reward_url else None

@@ -8,13 +8,10 @@ noise, not pictures: they exercise sampling, rewards and the update, not image q
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from server.tiny import SPECIAL_TOKENS, train_bpe
+from server.tiny import SPECIAL_TOKENS, build_once, train_bpe
 
 TINY_VERSION = "2"
 _CORPUS = [
@@ -192,19 +189,6 @@ BUILDERS = {"sd3": build_tiny_sd3, "qwen_edit": build_tiny_qwen_edit}
 
 
 def ensure_tiny_pipeline(cache_dir: Path, kind: str) -> Path:
-    """The tiny pipeline `kind` in `cache_dir`, built on first use (atomically: a crash leaves no half copy)."""
+    """The tiny pipeline `kind` in `cache_dir`, built on first use."""
     target = Path(cache_dir) / f"tiny-{kind.replace('_', '-')}-v{TINY_VERSION}"
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        BUILDERS[kind](staging / "pipeline")
-        try:
-            os.replace(staging / "pipeline", target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(target, "model_index.json", BUILDERS[kind])

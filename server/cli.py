@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the FIRM reward models (FIRM-Edit: execution + consistency -> CME reward; "
         "FIRM-Gen: instruction following + quality -> QMA reward) over HTTP for RL training.",
         epilog=_EPILOG,
-        env_prefix="FIRM_",
     )
 
 

@@ -35,8 +35,10 @@ def _choices(annotation: object) -> tuple[object, ...]:
 
 
 def settings_parser(
-    settings: type[BaseSettings], *, prog: str, description: str, epilog: str, env_prefix: str
+    settings: type[BaseSettings], *, prog: str, description: str, epilog: str
 ) -> argparse.ArgumentParser:
+    """One flag per field; the environment variable shown is the settings class's own prefix plus the name."""
+    env_prefix = settings.model_config.get("env_prefix", "")
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,

@@ -19,7 +19,7 @@ from server.security import KeyRing, is_loopback, load_keys
 DISABLED = "none"
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "firm-reward-server"
 
 
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         "Its scores are meaningless: for smoke tests only.",
     )
     cache_dir: Path = Field(
-        default_factory=_default_cache_dir, description="Where the --tiny checkpoint is built and kept."
+        default_factory=default_cache_dir, description="Where the --tiny checkpoint is built and kept."
     )
 
     # engine

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,21 +331,27 @@ def build_tiny_checkpoint(path: Path, *, steps: int = 300, seed: int = 0, shape:
     return path
 
 
-def ensure_tiny_checkpoint(cache_dir: Path, shape: str = "cpu") -> Path:
-    """The tiny critic in `cache_dir`, built on first use (atomically, so a crash leaves no half copy)."""
-    suffix = "" if shape == "cpu" else f"-{shape}"
-    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_VERSION}{suffix}"
-    if (target / "tiny_critic.json").exists():
+def build_once(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(path)` unless it already holds `marker`. The build happens in a staging
+    folder renamed into place, so a crash leaves no half copy and two processes racing keep one copy."""
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_checkpoint(staging / "model", shape=shape)
+        build(staging / "model")
         try:
             os.replace(staging / "model", target)
         except OSError:
-            if not (target / "tiny_critic.json").exists():  # another process won the race: use its copy
+            if not (target / marker).exists():  # another process won the race: use its copy
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_checkpoint(cache_dir: Path, shape: str = "cpu") -> Path:
+    """The tiny critic in `cache_dir`, built on first use."""
+    suffix = "" if shape == "cpu" else f"-{shape}"
+    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_VERSION}{suffix}"
+    return build_once(target, "tiny_critic.json", lambda path: build_tiny_checkpoint(path, shape=shape))

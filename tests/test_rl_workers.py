@@ -58,7 +58,7 @@ def _settings(task: str, cache_dir: Path, prompts: Path, tmp_path: Path, **extra
 
 def _worker(settings: RolloutSettings, critic: RemoteCritic) -> RolloutWorker:
     generator = load_generator(settings, torch.device("cpu"))
-    conditions = endless(load_conditions(settings.prompts, settings.task), 0, 1, settings.seed)
+    conditions = endless(load_conditions(settings.prompts, settings.task), settings.seed)
     return RolloutWorker(settings, generator, critic, conditions)
 
 
@@ -231,6 +231,7 @@ def test_unreachable_server_gives_masked_failures_not_zeros(
     assert not rollout.advantages.mask.any()
     assert result.update.samples == 0
     assert result.figures["reward/failed_fraction"] == 1.0 and math.isnan(result.figures["reward/mean"])
+    assert math.isnan(result.figures["train/loss"]) and math.isnan(result.figures["train/kl"])  # not a calm 0
 
 
 def test_firm_rollout_cli_trains_and_saves(
@@ -295,7 +296,7 @@ def test_every_rank_starts_from_the_same_adapter(cache_dir: Path, prompt_files: 
     critic = RemoteCritic("t2i", client=client)
     try:
         workers = [
-            RolloutWorker(settings, load_generator(settings, torch.device("cpu")), critic, iter([]), Ranks(rank, 1, 0))
+            RolloutWorker(settings, load_generator(settings, torch.device("cpu")), critic, iter([]), Ranks(rank, 1))
             for rank in (0, 1)
         ]
     finally:
