@@ -35,7 +35,7 @@ from clients.protocol import (
     RewardWeights,
     ScoreMode,
 )
-from clients.transport import Transport
+from clients.transport import Transport, server_error
 
 T = TypeVar("T")
 R = TypeVar("R", EditScoreResponse, GenScoreResponse)
@@ -95,7 +95,8 @@ class AsyncRewardClient:
 
     async def models(self) -> ModelsResponse:
         response = await self._transport.get("/v1/models")
-        response.raise_for_status()
+        if response.status_code != 200:  # the same typed errors as the scoring calls (a wrong key: Unauthorized)
+            raise server_error(response)
         return ModelsResponse.model_validate(response.json())
 
     async def ready(self) -> bool:

@@ -124,6 +124,9 @@ class ItemError(_Message):
     message: str
     field: str | None = Field(default=None, description="The request field at fault, when there is one.")
 
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
 
 class DimensionScore(_Message):
     score: int | None = Field(default=None, ge=1, le=5, description="The integer the judge wrote.")
@@ -191,7 +194,7 @@ class _ScoreResponse(_Message):
 
     def errors(self) -> list[tuple[str, str]]:
         """(id, reason) of every failed item."""
-        return [(r.id, f"{r.error.code}: {r.error.message}") for r in self.results if r.error]  # type: ignore[attr-defined]
+        return [(r.id, str(r.error)) for r in self.results if r.error]  # type: ignore[attr-defined]
 
 
 class EditScoreResponse(_ScoreResponse):

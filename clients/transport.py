@@ -49,7 +49,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _server_error(response: httpx.Response) -> ServerError:
+def server_error(response: httpx.Response) -> ServerError:
     try:
         body = response.json()["error"]
         code, message = str(body.get("code", "http_error")), str(body.get("message", ""))
@@ -155,7 +155,7 @@ class Transport:
             replica.outstanding -= 1
         if response.status_code == 200:
             return response.json()
-        error = _server_error(response)
+        error = server_error(response)
         if response.status_code == 503:
             self._rest(replica, f"{error.code}: {error.message}")
         raise error

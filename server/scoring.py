@@ -390,10 +390,6 @@ class ScoringService:
 
     # ------------------------------------------------------------------ generation
 
-    @staticmethod
-    def _gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
-        return gen_fields(prompt, requirement)
-
     async def score_generations(self, request: GenScoreRequest) -> GenScoreResponse:
         return await self._serve("gen/score", len(request.items), request, self._score_generations)
 
@@ -401,7 +397,7 @@ class ScoringService:
         fields = [(f"items[{i}].image", item.image) for i, item in enumerate(request.items)]
         images = await asyncio.to_thread(_decode_all, fields, self.limits)
         prepared: list[Prepared | ItemError] = [
-            image if isinstance(image, ItemError) else Prepared((image,), self._gen_fields(it.prompt, it.requirement))
+            image if isinstance(image, ItemError) else Prepared((image,), gen_fields(it.prompt, it.requirement))
             for image, it in zip(images, request.items, strict=True)
         ]
         judged = await self._judge(model, prepared)
@@ -419,7 +415,7 @@ class ScoringService:
     ) -> GenGroupResponse:
         fields = [(f"images[{i}]", image) for i, image in enumerate(request.images)]
         images = await asyncio.to_thread(_decode_all, fields, self.limits)
-        text = self._gen_fields(request.prompt, request.requirement)
+        text = gen_fields(request.prompt, request.requirement)
         prepared: list[Prepared | ItemError] = [
             image if isinstance(image, ItemError) else Prepared((image,), text) for image in images
         ]

@@ -215,3 +215,20 @@ def test_weights_and_score_mode_pass_through(client: RewardClient) -> None:
     )
     assert reply.score_mode == "expected" and reply.weights.w1 == 0.5
     assert reply.results[0].reward not in (None, 0.9)
+
+
+def test_models_raises_the_typed_error_of_a_refusal() -> None:
+    """`models()` maps a refusal like the scoring calls do: a wrong key is Unauthorized, not an httpx error."""
+    import httpx
+
+    from clients.errors import Unauthorized
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "missing or wrong API key"}})
+
+    async def ask() -> None:
+        async with AsyncRewardClient("http://critic", http_transport=httpx.MockTransport(refuse)) as client:
+            await client.models()
+
+    with pytest.raises(Unauthorized):
+        asyncio.run(ask())

@@ -35,7 +35,7 @@ def _dimension(reply: EditScoreResponse | GenScoreResponse, name: str) -> np.nda
 def _info(reply: EditScoreResponse | GenScoreResponse, dimensions: tuple[str, str]) -> dict[str, Any]:
     info: dict[str, Any] = {name: _dimension(reply, name) for name in dimensions}
     info["mask"] = np.asarray(reply.mask(), dtype=bool)
-    info["errors"] = [None if r.error is None else f"{r.error.code}: {r.error.message}" for r in reply.results]
+    info["errors"] = [None if r.error is None else str(r.error) for r in reply.results]
     return info
 
 

@@ -36,7 +36,7 @@ def _scores(client: RewardClient, task: str, infos: Sequence[dict[str, Any]]) ->
     out = []
     for result in reply.results:
         if result.reward is None:
-            reason = f"{result.error.code}: {result.error.message}" if result.error else "no reward"
+            reason = str(result.error) if result.error else "no reward"
             out.append({"score": math.nan, "valid": 0.0, "error": reason})
         else:
             out.append({"score": result.reward, "valid": 1.0})

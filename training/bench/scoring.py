@@ -66,7 +66,7 @@ class BenchScores:
 
 def _prediction(score: DimensionScore | None, error: Any, mode: ScoreMode) -> Prediction:
     if score is None or score.score is None:
-        why = f"{error.code}: {error.message}" if error is not None else "no score"
+        why = str(error) if error is not None else "no score"
         return Prediction(None, None, None, error=why)
     value = score.expected if mode == "expected" else float(score.score)
     if value is None:
