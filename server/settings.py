@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     gen_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the gen model.")
     tiny: bool = Field(
         False,
-        description="Serve a tiny randomly initialised critic built locally (no download) for both tasks. "
+        description="Serve a tiny randomly initialised critic built locally (no download) for every enabled task. "
         "Its scores are meaningless: for smoke tests only.",
     )
     cache_dir: Path = Field(
