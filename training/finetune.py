@@ -27,6 +27,7 @@ from typing import Any
 
 from server.settings import Settings
 from training.model_card import write_model_card
+from training.records import SERVED_PIXEL_BUDGET
 from training.sft_data import Collator, Example, load_examples, split_long_answers
 
 log = logging.getLogger("firm-train")
@@ -62,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gradient-checkpointing", action="store_true", help="Trade compute for memory (8B on one GPU).")
     add("--device", default="auto", help="auto, cpu, cuda (default: auto).")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="Training dtype; auto is bf16 on GPU.")
-    add("--image-pixel-budget", type=int, default=1024 * 1024, help="Downscale images as firm-serve does (default).")
+    add(
+        "--image-pixel-budget",
+        type=int,
+        default=SERVED_PIXEL_BUDGET,
+        help="Downscale images as firm-serve does (default).",
+    )
     add(
         "--max-answer-tokens",
         type=int,

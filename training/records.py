@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from server.judges import JUDGES, Judge, ParseError, load_judges
+from server.settings import Settings
+
+# firm-serve's default pixel budget: training and curation downscale images as the server does
+SERVED_PIXEL_BUDGET: int = Settings.model_fields["image_pixel_budget"].default
 
 
 @dataclass(frozen=True)

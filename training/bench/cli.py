@@ -100,7 +100,7 @@ async def predict(args: argparse.Namespace, items: list[BenchItem]) -> tuple[Ben
         finally:
             await scorer.aclose()
         return scores, _model_name(cards)
-    settings: dict[str, Any] = {"timeout_s": args.timeout_s}
+    settings: dict[str, Any] = {"timeout_s": args.timeout_s, "strict": False}  # a failed item fails alone
     if args.api_key:
         settings["api_key"] = args.api_key
     async with AsyncRewardClient(args.url.split(","), **settings) as client:

@@ -24,10 +24,16 @@ PANELS = (
 
 
 def confusion(items: Sequence[BenchItem], predictions: Sequence[Prediction], task: str, group: str) -> list[list[int]]:
-    """counts[human - 1][written - 1] over the scored items of one group."""
+    """counts[human - 1][written - 1] over the scored items of one group (a failed item, even one with a
+    written score but no value in the chosen score mode, is left out, as it is from the MAE)."""
     counts = [[0] * 5 for _ in range(5)]
     for item, prediction in zip(items, predictions, strict=True):
-        if item.task == task and item.group == group and prediction.written is not None:
+        if (
+            item.task == task
+            and item.group == group
+            and prediction.written is not None
+            and prediction.value is not None
+        ):
             human = min(5, max(1, int(item.human + 0.5)))
             counts[human - 1][prediction.written - 1] += 1
     return counts

@@ -27,6 +27,7 @@ from training.curation.prompts import PromptError, load_prompt
 from training.curation.runner import RunReport, run_pipeline
 from training.curation.store import RecordStore
 from training.manifest import ManifestError, parse_field_map, read_manifest
+from training.records import SERVED_PIXEL_BUDGET
 
 STEPS = {
     "edit": (
@@ -104,7 +105,7 @@ def _add_records(parser: argparse.ArgumentParser) -> None:
     add(
         "--image-pixel-budget",
         type=int,
-        default=1024 * 1024,
+        default=SERVED_PIXEL_BUDGET,
         help="Images sent to teachers are downscaled to this many pixels (default: 1048576).",
     )
     add(

@@ -15,7 +15,7 @@ from PIL import Image
 from server.judges import JUDGES, Judge, load_judges
 from training.curation.chat import ChatClient, image_data_url
 from training.manifest import Row
-from training.records import AnswerMismatch, checked_answer, relative_path
+from training.records import SERVED_PIXEL_BUDGET, AnswerMismatch, checked_answer, relative_path
 
 
 class BadImage(ValueError):
@@ -46,7 +46,7 @@ class Context:
 
     image_root: Path
     records_dir: Path
-    pixel_budget: int | None = 1024 * 1024
+    pixel_budget: int | None = SERVED_PIXEL_BUDGET
     max_answer_chars: int = MAX_ANSWER_CHARS
     templates: Mapping[str, Path | None] = field(default_factory=dict)
     _judges: dict[str, Judge] = field(init=False, repr=False)
