@@ -26,6 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.throughput import percentile
 from clients.images import encode
 from server.judges import SCORE_TOKENS, load_judges
 from server.tiny import COOL, WARM, draw_square, ensure_tiny_checkpoint
@@ -111,12 +112,11 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as cache, running_server(Path(cache), *flags, tiny=False, timeout=900) as url:
         asyncio.run(_drive(url, bodies[:4], 4))  # warm-up
         elapsed, latencies, failures = asyncio.run(_drive(url, bodies, args.concurrency))
-    latencies.sort()
     return {
-        "items_per_s": args.items / elapsed,
+        "items_per_s": (args.items - failures) / elapsed,  # one item per request; failures are not throughput
         "seconds": elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
         "failed_requests": failures,
     }
 

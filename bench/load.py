@@ -30,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.throughput import percentile
 from tests.support import b64, running_server
 
 IMAGE = b64("red")
@@ -46,10 +47,9 @@ class Run:
 
     def row(self) -> str:
         sent = sum(self.statuses.values()) or 1
-        lat = sorted(self.latencies) or [float("nan")]
 
         def pct(p: float) -> float:
-            return 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]
+            return 1000 * percentile(self.latencies, p)
 
         share = {code: 100 * self.statuses[code] / sent for code in (429, 503, 504)}
         return (
@@ -154,7 +154,10 @@ async def closed_loop(url: str, concurrency: int, seconds: float, items: int, la
 
 def _server_pid(url: str) -> int | None:
     port = url.rsplit(":", 1)[1].strip("/")
-    out = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True, check=False).stdout
+    try:
+        out = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:  # no `ss` here: memory is not measured
+        return None
     return int(out.split("pid=")[1].split(",")[0]) if "pid=" in out else None
 
 
@@ -187,7 +190,7 @@ def main() -> None:
                     runs += [(f"{m}x {capacity * m:.1f}/s", capacity * m) for m in (1, 2, 10)]
                 else:
                     run = asyncio.run(open_loop(url, rate, args.seconds, args.items, label))
-            run.peak_rss_mib = memory.peak
+            run.peak_rss_mib = memory.peak if pid is not None else float("nan")  # a remote server: unknown
             print(run.row(), flush=True)
         if capacity is not None:
             print(f"capacity measured closed-loop at {args.concurrency} clients: {capacity:.1f} requests/s")

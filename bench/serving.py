@@ -29,17 +29,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.client_overhead import photo_like
+from bench.throughput import engine_batches, percentile
 from clients.images import encode
-from tests.support import metric_value, running_server
+from tests.support import running_server
 
 
 def _images(count: int, side: int) -> list[str]:
     return [encode(photo_like(side, seed), "JPEG", 90) for seed in range(count)]
-
-
-async def _batches(client: httpx.AsyncClient) -> tuple[float, float]:
-    page = (await client.get("/metrics")).text
-    return metric_value(page, "firm_engine_batch_size_sum"), metric_value(page, "firm_engine_batch_size_count")
 
 
 async def run_level(
@@ -77,10 +73,10 @@ async def run_level(
         async def counters_after_warmup() -> None:
             nonlocal sum0, count0
             await asyncio.sleep(warmup)
-            sum0, count0 = await _batches(client)
+            sum0, count0 = await engine_batches(client)
 
         await asyncio.gather(counters_after_warmup(), *(worker(w) for w in range(workers)))
-        sum1, count1 = await _batches(client)
+        sum1, count1 = await engine_batches(client)
     window = [f for f in finished if measuring <= f[1] <= stop]
     rate = 0.0
     for w in range(workers):
@@ -88,12 +84,12 @@ async def run_level(
         if len(ends) < 2:
             raise RuntimeError(f"worker {w} completed fewer than two groups in the window: raise --seconds")
         rate += (len(ends) - 1) / (ends[-1] - ends[0])
-    latencies = sorted(latency for _, _, latency in window)
+    latencies = [latency for _, _, latency in window]
     return {
         "candidates_per_s": rate * group,
-        "p50": latencies[len(latencies) // 2],
-        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-        "mean_batch": (sum1 - sum0) / max(count1 - count0, 1),
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+        "mean_batch": (sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan"),
     }
 
 

@@ -37,9 +37,7 @@ class LevelResult:
     mean_batch: float
 
     def row(self) -> str:
-        lat = sorted(self.latencies) or [float("nan")]
-        p50 = lat[len(lat) // 2]
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        p50, p99 = percentile(self.latencies, 0.5), percentile(self.latencies, 0.99)
         return (
             f"{self.concurrency:>6} {self.items / self.seconds:>9.2f} {p50 * 1000:>9.0f} {p99 * 1000:>9.0f} "
             f"{self.mean_batch:>10.2f} {len(self.latencies):>9} {self.errors:>7}"
@@ -68,7 +66,14 @@ def _body(task: str, items: int, serial: int) -> tuple[str, dict]:
     return "/v1/gen/score", {"items": [{"image": img, "prompt": "a red square"} for img in images]}
 
 
-async def _batches(client: httpx.AsyncClient) -> tuple[float, float]:
+def percentile(values: list[float], fraction: float) -> float:
+    """The `fraction` percentile of `values` (NaN for none), as every benchmark here reports it."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+async def engine_batches(client: httpx.AsyncClient) -> tuple[float, float]:
+    """(sum, count) of the engine batch sizes the server has observed so far."""
     page = (await client.get("/metrics")).text
     return metric_value(page, "firm_engine_batch_size_sum"), metric_value(page, "firm_engine_batch_size_count")
 
@@ -79,7 +84,7 @@ async def run_level(url: str, task: str, concurrency: int, seconds: float, items
     errors = 0
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        sum0, count0 = await _batches(client)
+        sum0, count0 = await engine_batches(client)
         stop = time.monotonic() + seconds
 
         async def worker() -> None:
@@ -96,7 +101,7 @@ async def run_level(url: str, task: str, concurrency: int, seconds: float, items
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.monotonic() - started
-        sum1, count1 = await _batches(client)
+        sum1, count1 = await engine_batches(client)
     mean_batch = (sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan")
     done = len(latencies) * items - errors
     return LevelResult(concurrency, done, errors, elapsed, latencies, mean_batch)
