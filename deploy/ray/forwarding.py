@@ -39,9 +39,6 @@ class Answer:
     headers: Headers
     body: bytes
 
-    def header(self, name: bytes) -> bytes | None:
-        return next((value for key, value in self.headers if key.lower() == name), None)
-
 
 async def play(app: ASGIApp, request: Forwarded) -> Answer:
     """Run `request` through `app` in this process and collect its whole response."""

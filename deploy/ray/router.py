@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clients.protocol import ModelsResponse, ReadinessResponse
 from deploy.ray.forwarding import REPLICA_HEADER, Answer, Forwarded
 from server.errors import error_response
+from server.scoring import DISABLED
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _merge_readiness(answers: list[Answer]) -> Answer:
         except ValidationError:
             return answer  # a refusal (no replica yet, overload) says more than a merge could
         for task, state in readiness.models.items():
-            if state != "disabled" or task not in states:
+            if state != DISABLED or task not in states:
                 states[task] = state
     ready = all(answer.status == 200 for answer in answers)
     merged = ReadinessResponse(ready=ready, models=states)
