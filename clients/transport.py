@@ -29,6 +29,7 @@ from clients.errors import (
     ServerError,
     error_for,
 )
+from clients.retry import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,13 @@ class Replica:
     check_ready: bool = False
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def server_error(response: httpx.Response) -> ServerError:
     try:
         body = response.json()["error"]
         code, message = str(body.get("code", "http_error")), str(body.get("message", ""))
     except (ValueError, KeyError, TypeError, AttributeError):
         code, message = "http_error", response.text[:300]
-    return error_for(response.status_code, code, message, _retry_after(response))
+    return error_for(response.status_code, code, message, retry_after(response.headers))
 
 
 class Transport:

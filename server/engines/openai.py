@@ -22,12 +22,11 @@ from typing import Any, ClassVar
 import httpx
 from PIL import Image
 
-from clients.retry import RetryPolicy
+from clients.retry import RETRY_STATUS, RetryPolicy
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, WatchedStep
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 COOLDOWN_S = 5.0
 BACKOFF = RetryPolicy(backoff_s=0.1, max_backoff_s=2.0)  # between attempts at a remote call
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from clients.retry import RETRY_STATUS, RetryPolicy, retry_after
 from server.images import fit_to_budget
 
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
@@ -40,22 +39,6 @@ class Endpoint:
     api_key: str | None = None
     temperature: float = 0.0
     max_tokens: int = 1024
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_retries: int = 4
-    backoff_s: float = 1.0  # first wait; doubled each retry, with up to 50% jitter
-    max_backoff_s: float = 30.0
-
-    def wait(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None:
-            try:
-                return min(float(retry_after), self.max_backoff_s)
-            except ValueError:
-                pass  # an HTTP date: fall back to our own backoff
-        base = min(self.backoff_s * 2**attempt, self.max_backoff_s)
-        return base * (1 + random.random() / 2)
 
 
 @dataclass
@@ -101,12 +84,12 @@ def user_turn(text: str, image_urls: Sequence[str] = ()) -> list[dict[str, Any]]
 
 @dataclass
 class ChatClient:
-    """Calls one endpoint; at most `concurrency` calls are in flight at once."""
+    """Calls one endpoint over at most `concurrency` connections (the runner's worker count bounds the calls)."""
 
     endpoint: Endpoint
     concurrency: int = 8
     timeout_s: float = 300.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(backoff_s=1.0))
     usage: Usage = field(default_factory=Usage)
 
     def __post_init__(self) -> None:
@@ -117,7 +100,6 @@ class ChatClient:
             timeout=httpx.Timeout(self.timeout_s, connect=min(30.0, self.timeout_s)),
             limits=httpx.Limits(max_connections=self.concurrency),
         )
-        self._gate = asyncio.Semaphore(self.concurrency)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -130,25 +112,24 @@ class ChatClient:
             "temperature": self.endpoint.temperature,
             "max_tokens": self.endpoint.max_tokens,
         }
-        async with self._gate:
-            for attempt in range(self.retry.max_retries + 1):
-                last = attempt == self.retry.max_retries
-                try:
-                    response = await self._http.post("/chat/completions", json=body)
-                except httpx.HTTPError as exc:  # connection, timeout, protocol, undecodable body
-                    if last:
-                        raise ChatError(f"{self.endpoint.model}: {type(exc).__name__}: {exc}") from exc
-                    await self._back_off(attempt, None)
-                    continue
-                if response.status_code in RETRY_STATUS and not last:
-                    await self._back_off(attempt, response.headers.get("retry-after"))
-                    continue
-                return self._text(response)
+        for attempt in range(self.retry.max_attempts):
+            last = attempt == self.retry.max_attempts - 1
+            try:
+                response = await self._http.post("/chat/completions", json=body)
+            except httpx.HTTPError as exc:  # connection, timeout, protocol, undecodable body
+                if last:
+                    raise ChatError(f"{self.endpoint.model}: {type(exc).__name__}: {exc}") from exc
+                await self._back_off(attempt, None)
+                continue
+            if response.status_code in RETRY_STATUS and not last:
+                await self._back_off(attempt, retry_after(response.headers))
+                continue
+            return self._text(response)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
-    async def _back_off(self, attempt: int, retry_after: str | None) -> None:
+    async def _back_off(self, attempt: int, asked: float | None) -> None:
         self.usage.retries += 1
-        await asyncio.sleep(self.retry.wait(attempt, retry_after))
+        await asyncio.sleep(self.retry.delay(attempt, asked))
 
     def _text(self, response: httpx.Response) -> str:
         if response.status_code != 200:

@@ -18,8 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clients.retry import RetryPolicy
 from server.judges import JUDGES, TemplateError
-from training.curation.chat import ChatClient, Endpoint, RetryPolicy
+from training.curation.chat import ChatClient, Endpoint
 from training.curation.common import MAX_ANSWER_CHARS, Context, Pipeline
 from training.curation.edit import EditPipeline
 from training.curation.gen import GenPipeline
@@ -160,7 +161,7 @@ def _client(args: argparse.Namespace, step: str) -> ChatClient:
     endpoint = Endpoint(
         base_url, model, getattr(args, f"{step}_api_key") or args.api_key, args.temperature, args.max_tokens
     )
-    retry = RetryPolicy(max_retries=args.max_retries, backoff_s=args.backoff_s)
+    retry = RetryPolicy(max_attempts=args.max_retries + 1, backoff_s=args.backoff_s)
     return ChatClient(endpoint, concurrency=args.concurrency, timeout_s=args.timeout_s, retry=retry)
 
 
