@@ -120,8 +120,8 @@ class Transport:
                 break
             # Straight to another server after a server-specific failure; otherwise back off.
             others_awake = any(r.resting_until <= time.monotonic() for r in self.replicas)
-            retry_after = last.retry_after if isinstance(last, ServerError) else None
-            wait = 0.0 if others_awake and not isinstance(last, Overloaded) else policy.delay(attempt, retry_after)
+            asked = last.retry_after if isinstance(last, ServerError) else None
+            wait = 0.0 if others_awake and not isinstance(last, Overloaded) else policy.delay(attempt, asked)
             if time.monotonic() + wait >= deadline:
                 raise DeadlineExceeded(
                     f"the {self.config.timeout_s:g} s deadline leaves no time for another attempt; last error: {last}"
