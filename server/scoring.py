@@ -119,16 +119,16 @@ class ScoringService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _runners(self) -> list[TaskModel]:
-        """Task models with distinct engines (a shared engine is started once)."""
-        seen: dict[int, TaskModel] = {}
+    def _engine_groups(self) -> list[list[TaskModel]]:
+        """The task models grouped by engine: a shared engine is started, put to sleep and closed once."""
+        groups: dict[int, list[TaskModel]] = {}
         for model in self.models.values():
-            seen.setdefault(id(model.engine), model)
-        return list(seen.values())
+            groups.setdefault(id(model.engine), []).append(model)
+        return list(groups.values())
 
     async def start(self) -> None:
-        for first in self._runners():
-            sharing = [m for m in self.models.values() if m.engine is first.engine]
+        for sharing in self._engine_groups():
+            first = sharing[0]
             try:
                 await first.engine.start()
                 await first.runner.start()
@@ -144,14 +144,13 @@ class ScoringService:
     async def sleep(self) -> dict[str, str]:
         """Offload every engine's weights; scoring answers 503 until `wake`."""
         self._check_sleep_support()
-        for first in self._runners():
-            sharing = [m for m in self.models.values() if m.engine is first.engine]
-            if first.state != READY:
+        for sharing in self._engine_groups():
+            if sharing[0].state != READY:
                 continue
             for model in sharing:
                 model.state = SLEEPING  # before the engine call: no new call may start on weights being offloaded
             try:
-                await first.engine.sleep()
+                await sharing[0].engine.sleep()
             except BaseException:
                 for model in sharing:  # the weights stayed: keep scoring rather than answer 503 until a wake
                     model.state = READY
@@ -161,11 +160,10 @@ class ScoringService:
 
     async def wake(self) -> dict[str, str]:
         self._check_sleep_support()
-        for first in self._runners():
-            sharing = [m for m in self.models.values() if m.engine is first.engine]
-            if first.state != SLEEPING:
+        for sharing in self._engine_groups():
+            if sharing[0].state != SLEEPING:
                 continue
-            await first.engine.wake()
+            await sharing[0].engine.wake()
             for model in sharing:
                 model.state = READY
             log.info("%s is awake", "+".join(m.task for m in sharing))
@@ -177,9 +175,9 @@ class ScoringService:
                 raise Unsupported(f"the {model.engine.name} engine of the {model.task} model cannot sleep")
 
     async def close(self) -> None:
-        for model in self._runners():
-            await model.runner.close()
-            await model.engine.close()
+        for first, *_ in self._engine_groups():
+            await first.runner.close()
+            await first.engine.close()
 
     def states(self) -> dict[str, str]:
         states = {}

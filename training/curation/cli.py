@@ -183,20 +183,14 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
         max_answer_chars=args.max_answer_chars,
         templates=_templates(args.template),
     )
-    if args.task == "edit":
-        return EditPipeline(
-            _client(args, "describe"),
-            _client(args, "grade"),
-            context,
-            load_prompt("describe", args.describe_prompt),
-            load_prompt("grade", args.grade_prompt),
-        )
-    return GenPipeline(
-        _client(args, "plan"),
-        _client(args, "check"),
+    first, second = (step for step, _ in STEPS[args.task])
+    pipeline = EditPipeline if args.task == "edit" else GenPipeline
+    return pipeline(
+        _client(args, first),
+        _client(args, second),
         context,
-        load_prompt("plan", args.plan_prompt),
-        load_prompt("check", args.check_prompt),
+        load_prompt(first, getattr(args, f"{first}_prompt")),
+        load_prompt(second, getattr(args, f"{second}_prompt")),
     )
 
 
