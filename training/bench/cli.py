@@ -29,7 +29,7 @@ from clients.protocol import ModelCard
 from training.bench.data import EDIT_FIELDS, GEN_FIELDS, BenchItem, load_edit_items, load_gen_items
 from training.bench.plot import confusion_matrices, draw_confusions
 from training.bench.report import metrics, per_item, table
-from training.bench.scoring import BenchAborted, BenchScores, InProcessScorer, score_items
+from training.bench.scoring import BenchAborted, BenchScores, score_items
 from training.manifest import ManifestError, parse_field_map
 
 _EPILOG = f"""\
@@ -91,19 +91,31 @@ def load_items(args: argparse.Namespace) -> list[BenchItem]:
 
 async def predict(args: argparse.Namespace, items: list[BenchItem]) -> tuple[BenchScores, str]:
     """Predictions and the name of the model that made them."""
-    if args.engine_args is not None:
-        scorer = InProcessScorer(shlex.split(args.engine_args))
-        await scorer.start()
-        try:
-            cards = scorer.service.cards()
-            scores = await score_items(scorer, items, args.score_mode, served={c.task for c in cards})
-        finally:
-            await scorer.aclose()
-        return scores, _model_name(cards)
     settings: dict[str, Any] = {"timeout_s": args.timeout_s, "strict": False}  # a failed item fails alone
     if args.api_key:
         settings["api_key"] = args.api_key
-    async with AsyncRewardClient(args.url.split(","), **settings) as client:
+    if args.engine_args is None:
+        return await _predict(AsyncRewardClient(args.url.split(","), **settings), args, items)
+    # In process: firm-serve's own app, reached through an ASGI transport instead of a socket, so
+    # requests are validated, limited and answered exactly as a served run's.
+    from server.app import create_app
+    from server.cli import load_settings
+
+    app = create_app(load_settings(shlex.split(args.engine_args)))
+    await app.state.service.start()  # the ASGI transport runs no lifespan: load the critics here
+    try:
+        client = AsyncRewardClient(
+            "http://firm-serve.in-process", http_transport=httpx.ASGITransport(app=app), **settings
+        )
+        return await _predict(client, args, items)
+    finally:
+        await app.state.service.close()
+
+
+async def _predict(
+    client: AsyncRewardClient, args: argparse.Namespace, items: list[BenchItem]
+) -> tuple[BenchScores, str]:
+    async with client:
         cards = await _served_models(client)
         scores = await score_items(client, items, args.score_mode, served={c.task for c in cards})
     return scores, _model_name(cards)

@@ -11,31 +11,20 @@ server at all) stops the run; what was scored before it is kept.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from clients.errors import FirmError, NoServerAvailable, NotFound, Unauthorized, error_for
-from clients.images import encode
+from clients import AsyncRewardClient
+from clients.errors import FirmError, NoServerAvailable, NotFound, Unauthorized
 from clients.protocol import (
     DimensionScore,
-    EditScoreRequest,
-    EditScoreResponse,
-    GenScoreRequest,
-    GenScoreResponse,
     ScoreMode,
 )
 from training.bench.data import BenchItem
 
-R = TypeVar("R", EditScoreResponse, GenScoreResponse)
 FATAL = (Unauthorized, NoServerAvailable)  # every later request would fail the same way
-
-
-class Scorer(Protocol):
-    async def score_edits(self, sources: Any, edited: Any, instructions: Any, **options: Any) -> EditScoreResponse: ...
-
-    async def score_generations(self, images: Any, prompts: Any, **options: Any) -> GenScoreResponse: ...
 
 
 class BenchAborted(Exception):
@@ -87,7 +76,7 @@ Done = dict[int, Prediction]  # position of the item in the bench -> its predict
 
 
 async def _score_edit_items(
-    scorer: Scorer, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
+    scorer: AsyncRewardClient, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
 ) -> None:
     pairs: dict[tuple[Path, Path, str], list[tuple[int, BenchItem]]] = {}
     for n, item in items:
@@ -108,7 +97,7 @@ async def _score_edit_items(
 
 
 async def _score_gen_items(
-    scorer: Scorer, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
+    scorer: AsyncRewardClient, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
 ) -> None:
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
@@ -129,7 +118,7 @@ async def _score_gen_items(
 
 
 async def score_items(
-    scorer: Scorer,
+    scorer: AsyncRewardClient,
     items: Sequence[BenchItem],
     mode: ScoreMode = "argmax",
     chunk: int = 32,
@@ -161,56 +150,3 @@ async def score_items(
             prediction = Prediction(None, None, None, error=f"not_scored: the run stopped: {scores.aborted}")
         scores.predictions.append(prediction)
     return scores
-
-
-class InProcessScorer:
-    """The scoring service of `firm-serve` built in this process from its flags (no HTTP)."""
-
-    def __init__(self, serve_args: Sequence[str]) -> None:
-        from server.assembly import build_service
-        from server.cli import load_settings
-        from server.metrics import Metrics
-
-        self.settings = load_settings(serve_args)
-        self.service = build_service(self.settings, Metrics())
-
-    async def start(self) -> None:
-        await self.service.start()
-
-    async def aclose(self) -> None:
-        await self.service.close()
-
-    async def score_edits(self, sources: Any, edited: Any, instructions: Any, **options: Any) -> EditScoreResponse:
-        """As the client's; a refused request raises the client's exception for its status."""
-        items = [
-            {"id": str(i), "source": encode(s), "edited": encode(e), "instruction": t}
-            for i, (s, e, t) in enumerate(zip(sources, edited, instructions, strict=True))
-        ]
-        return await _as_client_errors(lambda: self.service.score_edits(EditScoreRequest(items=items, **options)))
-
-    async def score_generations(self, images: Any, prompts: Any, **options: Any) -> GenScoreResponse:
-        """As the client's; a refused request raises the client's exception for its status."""
-        requirements = options.pop("requirements", None) or [None] * len(images)
-        items = [
-            {"id": str(i), "image": encode(image), "prompt": prompt}
-            | ({"requirement": requirement} if requirement else {})
-            for i, (image, prompt, requirement) in enumerate(zip(images, prompts, requirements, strict=True))
-        ]
-        return await _as_client_errors(lambda: self.service.score_generations(GenScoreRequest(items=items, **options)))
-
-
-async def _as_client_errors(call: Callable[[], Awaitable[R]]) -> R:
-    """Run a service call, its refusals raised as the client would raise the server's answer to them."""
-    from pydantic import ValidationError
-
-    from server.errors import ServiceError
-    from server.images import ImageTooLarge
-
-    try:
-        return await call()
-    except ServiceError as exc:
-        raise error_for(exc.status, exc.code, exc.message, exc.retry_after) from exc
-    except ImageTooLarge as exc:
-        raise error_for(413, "image_too_large", str(exc), None) from exc
-    except ValidationError as exc:
-        raise error_for(422, "invalid_request", str(exc), None) from exc
