@@ -72,15 +72,17 @@ def broadcast_from_main(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
 
 
 def average_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
+    """Average the LoRA gradients over ranks in one all-reduce (many small ones are latency-bound)."""
     if ranks.world == 1:
         return
     import torch.distributed as dist
 
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= ranks.world
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= ranks.world
+    for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = part.view_as(p)
 
 
 def shutdown(ranks: Ranks) -> None:

@@ -184,7 +184,7 @@ def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, promp
         for p in worker.params:
             p.add_(0.05)
     rollout.advantages = type(rollout.advantages)(
-        torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([False, True, True, True]), 0.5, 0.1, False
+        torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([False, True, True, True]), False
     )
     base, stats = _gradients(worker, [rollout])
     assert stats.samples == 3 and any(float(g.abs().sum()) > 0 for g in base)
@@ -194,13 +194,13 @@ def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, promp
     garbage.trajectory.latents = rollout.trajectory.latents.clone()
     garbage.trajectory.latents[0] += 3.0 * torch.randn_like(garbage.trajectory.latents[0])
     garbage.advantages = type(rollout.advantages)(
-        torch.tensor([100.0, -1.0, 0.5, -0.5]), rollout.advantages.mask, 0.5, 0.1, False
+        torch.tensor([100.0, -1.0, 0.5, -0.5]), rollout.advantages.mask, False
     )
     for a, b in zip(base, _gradients(worker, [garbage])[0], strict=True):
         assert torch.allclose(a, b)
     # unmasked, the same change does move the gradients
     garbage.advantages = type(rollout.advantages)(
-        torch.tensor([100.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), 0.5, 0.1, False
+        torch.tensor([100.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), False
     )
     assert any(not torch.allclose(a, b) for a, b in zip(base, _gradients(worker, [garbage])[0], strict=True))
 
