@@ -107,13 +107,13 @@ class EarlyRefusal:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         task = path.split("/")[2] if path.startswith(("/v1/edit/", "/v1/gen/")) else None
-        wait = self.service.saturated(task) if task else None
-        if wait is None:
+        refusal = self.service.overloaded(task) if task else None
+        if refusal is None:
             await self.app(scope, receive, send)
             return
-        self.service.metrics.rejected.labels(reason="overloaded").inc()
-        message = f"the {task} model's queue is full ({self.service.max_queue} judge calls); retry later"
-        response = error_response(429, "overloaded", message, limit=self.service.max_queue, retry_after=wait)
+        response = error_response(
+            refusal.status, refusal.code, refusal.message, limit=refusal.limit, retry_after=refusal.retry_after
+        )
         await response(scope, receive, send)
 
 

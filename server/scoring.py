@@ -217,27 +217,28 @@ class ScoringService:
             self.in_flight -= 1
             self._pending_calls[model.task] -= calls
 
-    def saturated(self, task: str) -> float | None:
-        """Retry-After seconds when `task`'s queue is already full (so a request can be refused unread)."""
+    def overloaded(self, task: str, calls: int = 1) -> Overloaded | None:
+        """The refusal (counted) when `calls` more judge calls would overflow `task`'s queue, with a
+        Retry-After from the recent drain rate; None when they fit. Pending calls are those of every
+        request of this model not yet answered. With the default of one call it tells, before a
+        body is read, whether the queue is already full."""
         model = self.models.get(task)  # type: ignore[call-overload]
-        if model is None or self._pending_calls[task] < self.max_queue:
+        pending = self._pending_calls[task]
+        if model is None or pending + calls <= self.max_queue:
             return None
+        self.metrics.rejected.labels(reason="overloaded").inc()
         rate = model.runner.drain_rate()
-        return min(max(self._pending_calls[task] / rate if rate else 1.0, 1.0), 60.0)
+        wait = (pending + calls) / rate if rate else 1.0
+        return Overloaded(
+            f"{pending} judge calls are already pending for the {task} model (limit {self.max_queue}); retry later",
+            limit=self.max_queue,
+            retry_after=min(max(wait, 1.0), 60.0),
+        )
 
     def _admit(self, model: TaskModel, calls: int) -> None:
-        """Refuse work the queue cannot take, before any of it is done, with a Retry-After from the
-        recent drain rate. Pending calls are those of every request of this model not yet answered."""
-        pending = self._pending_calls[model.task]
-        if pending + calls > self.max_queue:
-            self.metrics.rejected.labels(reason="overloaded").inc()
-            rate = model.runner.drain_rate()
-            wait = (pending + calls) / rate if rate else 1.0
-            raise Overloaded(
-                f"{pending} judge calls are already pending for the {model.task} model (limit {self.max_queue})",
-                limit=self.max_queue,
-                retry_after=min(max(wait, 1.0), 60.0),
-            )
+        """Refuse work the queue cannot take, before any of it is done."""
+        if (refusal := self.overloaded(model.task, calls)) is not None:
+            raise refusal
 
     def cards(self) -> list[ModelCard]:
         return [
