@@ -12,7 +12,7 @@ from server.engines import Engine, create_engine, resolve_engine_name
 from server.judges import SCORE_TOKENS, load_judges
 from server.metrics import Metrics
 from server.scoring import ScoringService, TaskModel
-from server.settings import DISABLED, Settings
+from server.settings import SWITCHED_OFF, Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ TASK_JUDGES: dict[Task, tuple[str, ...]] = {
 def model_sources(settings: Settings) -> dict[Task, tuple[str, str | None]]:
     """(checkpoint, revision) of each enabled task."""
     sources: dict[Task, tuple[str, str | None]] = {}
-    if settings.edit_model != DISABLED:
+    if settings.edit_model != SWITCHED_OFF:
         sources["edit"] = (settings.edit_model, settings.edit_revision)
-    if settings.gen_model != DISABLED:
+    if settings.gen_model != SWITCHED_OFF:
         sources["gen"] = (settings.gen_model, settings.gen_revision)
     if settings.tiny:  # the tiny critic stands in for every enabled task
         from server.tiny import ensure_tiny_checkpoint

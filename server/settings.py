@@ -16,7 +16,7 @@ from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode
 from server.images import ImageLimits
 from server.security import KeyRing, is_loopback, load_keys
 
-DISABLED = "none"
+SWITCHED_OFF = "none"  # the model setting that switches a critic off (its state is then "disabled")
 
 
 def default_cache_dir() -> Path:
@@ -213,7 +213,7 @@ class Settings(BaseSettings):
                 f"binding {self.host} without API keys would let anyone score; set --api-keys or --api-key-file, "
                 "or pass --insecure if the network is trusted"
             )
-        if self.edit_model == DISABLED and self.gen_model == DISABLED:
+        if self.edit_model == SWITCHED_OFF and self.gen_model == SWITCHED_OFF:
             raise ValueError("both models are switched off; at least one of --edit-model/--gen-model is needed")
         return self
 

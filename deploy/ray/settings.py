@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.settings import DISABLED, Settings
+from server.settings import SWITCHED_OFF, Settings
 
 TASKS = ("edit", "gen")
 
@@ -106,7 +106,7 @@ class RaySettings(BaseSettings):
         overrides = dict(self.server)
         if task is not None:
             other = "gen" if task == "edit" else "edit"
-            overrides[f"{other}_model"] = DISABLED
+            overrides[f"{other}_model"] = SWITCHED_OFF
         return overrides
 
     def critic_settings(self, task: str | None = None) -> Settings:
@@ -115,7 +115,7 @@ class RaySettings(BaseSettings):
     def critic_tasks(self) -> list[str]:
         """The critics that get a deployment of their own when split (the ones switched on)."""
         settings = self.critic_settings()
-        return [task for task in TASKS if getattr(settings, f"{task}_model") != DISABLED]
+        return [task for task in TASKS if getattr(settings, f"{task}_model") != SWITCHED_OFF]
 
     def autoscaling(self) -> dict[str, Any]:
         return {
