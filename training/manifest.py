@@ -59,25 +59,30 @@ def content_id(values: dict[str, Any]) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-def read_manifest(path: Path, fields: dict[str, str], required: Sequence[str], id_field: str = "id") -> Iterator[Row]:
-    """The rows of a JSONL manifest; raises ManifestError on a malformed line or a repeated id."""
-    seen: set[str] = set()
+def json_lines(path: Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file; a line that is not JSON raises `error`."""
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ManifestError(f"{path}:{number}: not JSON ({exc})") from exc
-            if not isinstance(raw, dict):
-                raise ManifestError(f"{path}:{number}: each line must be a JSON object")
-            missing = [f"{n} (column {fields[n]!r})" for n in required if raw.get(fields[n]) in (None, "")]
-            if missing:
-                raise ManifestError(f"{path}:{number}: missing {', '.join(missing)}")
-            values = {name: raw.get(column) for name, column in fields.items()}
-            item_id = str(raw[id_field]) if raw.get(id_field) not in (None, "") else content_id(values)
-            if item_id in seen:
-                raise ManifestError(f"{path}:{number}: id {item_id!r} appears twice")
-            seen.add(item_id)
-            yield Row(id=item_id, line=number, values=values)
+                raise error(f"{path}:{number}: not JSON ({exc})") from exc
+
+
+def read_manifest(path: Path, fields: dict[str, str], required: Sequence[str], id_field: str = "id") -> Iterator[Row]:
+    """The rows of a JSONL manifest; raises ManifestError on a malformed line or a repeated id."""
+    seen: set[str] = set()
+    for number, raw in json_lines(path, ManifestError):
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{path}:{number}: each line must be a JSON object")
+        missing = [f"{n} (column {fields[n]!r})" for n in required if raw.get(fields[n]) in (None, "")]
+        if missing:
+            raise ManifestError(f"{path}:{number}: missing {', '.join(missing)}")
+        values = {name: raw.get(column) for name, column in fields.items()}
+        item_id = str(raw[id_field]) if raw.get(id_field) not in (None, "") else content_id(values)
+        if item_id in seen:
+            raise ManifestError(f"{path}:{number}: id {item_id!r} appears twice")
+        seen.add(item_id)
+        yield Row(id=item_id, line=number, values=values)

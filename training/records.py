@@ -13,7 +13,6 @@ critic trained on these records is asked at serving time exactly what it learned
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from server.judges import JUDGES, Judge, ParseError, load_judges
 from server.settings import Settings
+from training.manifest import json_lines
 
 # firm-serve's default pixel budget: training and curation downscale images as the server does
 SERVED_PIXEL_BUDGET: int = Settings.model_fields["image_pixel_budget"].default
@@ -112,14 +112,7 @@ def record_answer(record: Mapping[str, Any]) -> str:
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Every record of a JSONL file; a malformed line raises with its line number."""
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc})") from exc
-            if "messages" not in record or len(record["messages"]) != 2:
-                raise ValueError(f"{path}:{number}: a record needs 'messages' with a user and an assistant turn")
-            yield record
+    for number, record in json_lines(path):
+        if "messages" not in record or len(record["messages"]) != 2:
+            raise ValueError(f"{path}:{number}: a record needs 'messages' with a user and an assistant turn")
+        yield record
