@@ -7,6 +7,8 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from clients import RewardClient
 from clients.retry import RetryPolicy
 from rl_workers.distributed import Ranks
 from rl_workers.generators import load_generator
-from rl_workers.grpo import UpdateStats, accumulate_gradients
+from rl_workers.grpo import Rollout, UpdateStats, accumulate_gradients
 from rl_workers.lora import reference_policy
 from rl_workers.prompts import endless, load_conditions
 from rl_workers.rewards import RemoteCritic
@@ -62,18 +64,31 @@ def _worker(settings: RolloutSettings, critic: RemoteCritic) -> RolloutWorker:
     return RolloutWorker(settings, generator, critic, conditions)
 
 
+@contextmanager
+def _served_worker(settings: RolloutSettings, url: str) -> Iterator[RolloutWorker]:
+    """A worker whose critic is the live server at `url` (closed on the way out)."""
+    critic = RemoteCritic(settings.task, url, score_mode=settings.score_mode)
+    try:
+        yield _worker(settings, critic)
+    finally:
+        critic.close()
+
+
+def _one_group(settings: RolloutSettings, url: str) -> tuple[RolloutWorker, Rollout]:
+    """A worker and one group it sampled and had scored."""
+    with _served_worker(settings, url) as worker:
+        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
+    return worker, rollout
+
+
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 def test_one_training_step(task: str, server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
     # two optimizer steps: the second mini-batch meets a policy the first one moved (large lr: it shows)
     settings = _settings(task, cache_dir, prompt_files[task], tmp_path, learning_rate=0.05, clip_range=1e-6)
-    critic = RemoteCritic(task, [server_url], score_mode="expected")
-    try:
-        worker = _worker(settings, critic)
+    with _served_worker(settings, server_url) as worker:
         lora_b = [p for name, p in worker.generator.transformer.named_parameters() if "lora_B" in name]
         assert lora_b and all(float(p.detach().abs().sum()) == 0 for p in lora_b)  # the policy starts as the base model
         result = worker.step()
-    finally:
-        critic.close()
 
     assert len(result.rollouts) == 2
     for rollout in result.rollouts:
@@ -115,12 +130,7 @@ def test_recorded_log_probs_match_recomputed(
     server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
 ) -> None:
     settings = _settings("edit", cache_dir, prompt_files["edit"], tmp_path, groups_per_step=1)
-    critic = RemoteCritic("edit", [server_url], score_mode="expected")
-    try:
-        worker = _worker(settings, critic)
-        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
-    finally:
-        critic.close()
+    worker, rollout = _one_group(settings, server_url)
     for j in range(rollout.trajectory.steps):
         with torch.no_grad():
             step = step_log_prob(
@@ -170,12 +180,7 @@ def _gradients(worker: RolloutWorker, rollouts: list, kl_beta: float = 0.0) -> t
 
 def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
     settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1, updates_per_step=1)
-    critic = RemoteCritic("t2i", [server_url], score_mode="expected")
-    try:
-        worker = _worker(settings, critic)
-        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
-    finally:
-        critic.close()
+    worker, rollout = _one_group(settings, server_url)
     with torch.no_grad():  # B = 0: the policy that sampled is the base model
         base_velocity = worker.generator.velocity(
             rollout.trajectory.latents[:, 0], rollout.trajectory.timesteps[0], rollout.conditioning
@@ -311,12 +316,7 @@ def test_checkpoint_reloads_at_the_strength_it_trained(
 ) -> None:
     """A saved adapter loaded with diffusers' `load_lora_weights` predicts what the trained policy predicts."""
     settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1, lora_rank=4, lora_alpha=8)
-    critic = RemoteCritic("t2i", [server_url], score_mode="expected")
-    try:
-        worker = _worker(settings, critic)
-        (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
-    finally:
-        critic.close()
+    worker, rollout = _one_group(settings, server_url)
     with torch.no_grad():
         for p in worker.params:
             p.add_(0.05)
@@ -334,15 +334,11 @@ def test_checkpoint_reloads_at_the_strength_it_trained(
 
 def test_evaluation_samples_with_the_ode(server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
     settings = _settings("edit", cache_dir, prompt_files["edit"], tmp_path, eval_steps=2)
-    critic = RemoteCritic("edit", [server_url], score_mode="expected")
-    try:
-        worker = _worker(settings, critic)
+    with _served_worker(settings, server_url) as worker:
         generator = worker.generator
         conditioning, latents = generator.prepare(next(worker.conditions), G, torch.Generator().manual_seed(1))
         runs = [sample(generator, conditioning, latents, steps=2, noise_level=0.7, sde=False) for _ in range(2)]
         score = worker.evaluate()
-    finally:
-        critic.close()
     assert torch.equal(runs[0].latents, runs[1].latents)  # deterministic: no noise drawn
     assert not runs[0].log_probs.any()
     assert 0.0 <= score <= 1.0
