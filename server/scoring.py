@@ -223,8 +223,10 @@ class ScoringService:
         request of this model not yet answered. With the default of one call it tells, before a
         body is read, whether the queue is already full."""
         model = self.models.get(task)  # type: ignore[call-overload]
+        if model is None:  # a switched-off task: the route answers 404 itself
+            return None
         pending = self._pending_calls[task]
-        if model is None or pending + calls <= self.max_queue:
+        if pending + calls <= self.max_queue:
             return None
         self.metrics.rejected.labels(reason="overloaded").inc()
         rate = model.runner.drain_rate()
