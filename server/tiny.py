@@ -28,7 +28,7 @@ from server.judges import JUDGES, load_judges
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -221,6 +221,9 @@ def _model(tokenizer: Any, seed: int, shape: TinyShape) -> Any:
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "mrope_section": list(shape.mrope_section),
+                # As in the released Qwen3-VL configs: vLLM reads a missing key as False, while
+                # transformers always interleaves, so without it image positions differ between them.
+                "mrope_interleaved": True,
             },
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
