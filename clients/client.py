@@ -18,8 +18,10 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from clients.config import ClientConfig
-from clients.errors import ItemsFailed, RequestFailed
+from clients.errors import BadResponse, FirmError, ItemsFailed, RequestFailed
 from clients.images import Encoder, ImageLike, split_batch
 from clients.protocol import (
     EditGroupResponse,
@@ -138,17 +140,30 @@ class AsyncRewardClient:
 
         async def send(chunk: list[dict[str, Any]]) -> R:
             async with gate:
-                try:
-                    return model.model_validate(await self._transport.post(path, {"items": chunk, **options}))
-                except RequestFailed as exc:
-                    if self.config.strict:
-                        raise
-                    return self._failed(model, [str(it["id"]) for it in chunk], exc, options, task)
+                ids = [str(it["id"]) for it in chunk]
+                return await self._reply(path, {"items": chunk, **options}, model, ids, task)
 
         replies = await asyncio.gather(*(send(c) for c in chunks))
         answered = next((r for r in replies if r.model != _UNANSWERED), replies[0])
         results = [result for reply in replies for result in reply.results]
         return self._check(answered.model_copy(update={"results": results}))
+
+    async def _reply(self, path: str, body: dict[str, Any], model: type[T], ids: list[str], task: str) -> T:
+        """The server's reply to one request. Not strict: any failure of the call (an error status after
+        the retries, no connection, a body that is not the protocol's reply) becomes a stand-in reply
+        whose items carry the error and a null reward, so a training loop never stops on a reward."""
+        try:
+            try:
+                reply = model.model_validate(await self._transport.post(path, body))  # type: ignore[attr-defined]
+            except ValidationError as exc:
+                raise BadResponse(f"the reply does not match the protocol: {exc}") from exc
+            if len(reply.results) != len(ids):
+                raise BadResponse(f"the reply holds {len(reply.results)} results for {len(ids)} items")
+            return reply  # type: ignore[no-any-return]
+        except FirmError as exc:
+            if self.config.strict:
+                raise
+            return self._failed(model, ids, exc, body, task)
 
     @staticmethod
     def _failed(model: type[T], ids: list[str], exc: Exception, options: dict[str, Any], task: str) -> T:
@@ -166,13 +181,7 @@ class AsyncRewardClient:
         return model.model_validate(fields)  # type: ignore[attr-defined]
 
     async def _group(self, path: str, body: dict[str, Any], model: type[T], n: int, task: str) -> T:
-        try:
-            reply = model.model_validate(await self._transport.post(path, body))  # type: ignore[attr-defined]
-        except RequestFailed as exc:
-            if self.config.strict:
-                raise
-            reply = self._failed(model, [str(i) for i in range(n)], exc, body, task)
-        return self._check(reply)
+        return self._check(await self._reply(path, body, model, [str(i) for i in range(n)], task))
 
     # ------------------------------------------------------------------ scoring
 

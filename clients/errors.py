@@ -11,6 +11,10 @@ class RequestFailed(FirmError):
     """A call failed after its retries (connection errors, overload, server deadline)."""
 
 
+class BadResponse(FirmError):
+    """The server answered 200 with a body that is not the protocol's reply to the request."""
+
+
 class DeadlineExceeded(RequestFailed):
     """The call's deadline passed before an answer came."""
 
@@ -51,6 +55,10 @@ class ServerTimeout(ServerError):
     """504: the server's own deadline passed; retried."""
 
 
+class ServerFault(ServerError):
+    """500/502: the server, or a proxy in front of it, failed; passing faults, so retried like 503."""
+
+
 class ItemsFailed(FirmError):
     """Strict mode: some items came back without a reward."""
 
@@ -68,10 +76,12 @@ _BY_STATUS: dict[int, type[ServerError]] = {
     413: PayloadTooLarge,
     422: BadRequest,
     429: Overloaded,
+    500: ServerFault,
+    502: ServerFault,
     503: Overloaded,
     504: ServerTimeout,
 }
-RETRYABLE = (Overloaded, ServerTimeout)
+RETRYABLE = (Overloaded, ServerTimeout, ServerFault)
 
 
 def error_for(status: int, code: str, message: str, retry_after: float | None) -> ServerError:

@@ -1,10 +1,11 @@
 """POST a protocol message to one of several servers, with failover and bounded retries.
 
-Replicas are picked by least outstanding requests. A replica that drops a connection or says
-it is not ready (503) rests for a cool-down and has its /readyz checked before it is used
-again. 429, 503 and 504 answers and connection errors are retried under the retry policy,
-honouring Retry-After; any other 4xx is the caller's bug and is raised at once. Every attempt
-of one call carries the same X-Request-ID, so a server can recognise a retry.
+Replicas are picked by least outstanding requests. A replica that drops a connection, says it
+is not ready (503) or sits behind a proxy that lost it (502) rests for a cool-down and has its
+/readyz checked before it is used again. 429, 500, 502, 503 and 504 answers and connection errors
+are retried under the retry policy, honouring Retry-After; any other 4xx is raised at once, since
+a retry would get the same answer. Every attempt of one call carries the same X-Request-ID, so a
+server can recognise a retry.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import httpx
 from clients.config import ClientConfig
 from clients.errors import (
     RETRYABLE,
+    BadResponse,
     DeadlineExceeded,
     FirmError,
     NoServerAvailable,
     Overloaded,
     RequestFailed,
     ServerError,
+    ServerFault,
     error_for,
 )
 from clients.retry import retry_after
@@ -118,16 +121,23 @@ class Transport:
                 last = exc
             if attempt + 1 == policy.max_attempts:
                 break
-            # Straight to another server after a server-specific failure; otherwise back off.
-            others_awake = any(r.resting_until <= time.monotonic() for r in self.replicas)
-            asked = last.retry_after if isinstance(last, ServerError) else None
-            wait = 0.0 if others_awake and not isinstance(last, Overloaded) else policy.delay(attempt, asked)
+            wait = self._wait(replica, last, attempt)
             if time.monotonic() + wait >= deadline:
                 raise DeadlineExceeded(
                     f"the {self.config.timeout_s:g} s deadline leaves no time for another attempt; last error: {last}"
                 ) from last
             await asyncio.sleep(wait)
         raise RequestFailed(f"{policy.max_attempts} attempts failed; last error: {last}") from last
+
+    def _wait(self, failed: Replica, error: FirmError, attempt: int) -> float:
+        """No wait when another server is awake and the failure was this server's own (a drop, a
+        timeout); otherwise back off, since an overloaded or faulting service needs time."""
+        now = time.monotonic()
+        elsewhere = any(r is not failed and r.resting_until <= now for r in self.replicas)
+        if elsewhere and not isinstance(error, (Overloaded, ServerFault)):
+            return 0.0
+        asked = error.retry_after if isinstance(error, ServerError) else None
+        return self.config.retry.delay(attempt, asked)
 
     async def _attempt(
         self, replica: Replica, path: str, body: dict[str, Any], headers: dict[str, str], deadline: float
@@ -141,14 +151,20 @@ class Transport:
         except httpx.TimeoutException as exc:
             self._rest(replica, f"no answer in time ({type(exc).__name__})")
             raise DeadlineExceeded(f"{replica.url} gave no answer before the deadline") from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             self._rest(replica, f"{type(exc).__name__}: {exc}")
             raise RequestFailed(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
         finally:
             replica.outstanding -= 1
         if response.status_code == 200:
-            return response.json()
+            try:
+                body = response.json()
+            except ValueError as exc:
+                raise BadResponse(f"{replica.url}: a 200 answer that is not JSON: {response.text[:200]!r}") from exc
+            if not isinstance(body, dict):
+                raise BadResponse(f"{replica.url}: a 200 answer that is not a JSON object: {response.text[:200]!r}")
+            return body
         error = server_error(response)
-        if response.status_code == 503:
+        if response.status_code in (502, 503):
             self._rest(replica, f"{error.code}: {error.message}")
         raise error

@@ -158,9 +158,13 @@ def test_dropped_connections_are_retried(proxy: FlakyProxy) -> None:
 
 def test_4xx_is_never_retried(proxy: FlakyProxy) -> None:
     proxy.faults.append("422")
-    with RewardClient(proxy.url, retry=FAST_RETRY) as client, pytest.raises(BadRequest, match="422"):
+    with RewardClient(proxy.url, retry=FAST_RETRY, strict=True) as client, pytest.raises(BadRequest, match="422"):
         _one_gen(client)
     assert proxy.posts == 1
+    proxy.faults.append("422")  # not strict: the item fails with the answer's status, the call does not raise
+    with RewardClient(proxy.url, retry=FAST_RETRY) as client:
+        reply = _one_gen(client)
+    assert proxy.posts == 2 and reply.mask() == [False] and "HTTP 422" in str(reply.results[0].error)
 
 
 def test_retries_are_bounded_then_items_fail_as_nan(proxy: FlakyProxy) -> None:
