@@ -48,16 +48,16 @@ class _Message(BaseModel):
 
 
 class RewardWeights(_Message):
-    """Weights of a gated reward R = P * (w1 + w2 * S); w1 + w2 must lie in (0, 1]."""
+    """Weights of a gated reward R = P * (w1 + w2 * S). As in the release, they are divided by w1 + w2
+    (so 1/1 means 0.5/0.5) and the reward is clamped to [0, 1]; w1 + w2 must be positive."""
 
-    w1: float = Field(ge=0.0, le=1.0)
-    w2: float = Field(ge=0.0, le=1.0)
+    w1: float = Field(ge=0.0, allow_inf_nan=False)
+    w2: float = Field(ge=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _sum_in_range(self) -> RewardWeights:
-        total = self.w1 + self.w2
-        if not 0.0 < total <= 1.0 + 1e-9:
-            raise ValueError(f"w1 + w2 must be in (0, 1], got {total:g}")
+    def _positive_sum(self) -> RewardWeights:
+        if not self.w1 + self.w2 > 0.0:
+            raise ValueError("w1 + w2 must be positive")
         return self
 
 
@@ -220,6 +220,18 @@ class GenGroupResponse(_ScoreResponse):
 Task = Literal["edit", "gen"]
 
 
+class JudgeCard(_Message):
+    """One judge of a model: where its prompt came from and how long its answers may be."""
+
+    name: str
+    prompt_source: str = Field(description="The template's origin: the release's file#CONSTANT, a file, or packaged.")
+    prompt_sha256: str = Field(description="SHA-256 of the released file the template was read from, else of the text.")
+    prompt_verified: bool | None = Field(
+        default=None, description="For the release's prompts: whether the file matched its pinned digest."
+    )
+    max_new_tokens: int
+
+
 class ModelCard(_Message):
     task: Task
     name: str
@@ -228,6 +240,7 @@ class ModelCard(_Message):
     engine_reason: str | None = Field(default=None, description="Why this engine serves the model.")
     dimensions: list[str]
     reward: Literal["CME", "QMA"]
+    judges: list[JudgeCard] = Field(default_factory=list)
 
 
 class ModelsResponse(_Message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -9,8 +10,10 @@ from clients.protocol import Task
 from server.audit import AuditLog
 from server.batching import DirectRunner, MicroBatcher, Runner
 from server.engines import Engine, create_engine, resolve_engine_name
-from server.judges import SCORE_TOKENS, load_judges
+from server.judges import SCORE_TOKENS, Judge
 from server.metrics import Metrics
+from server.prompts.release import PromptSource
+from server.prompts.sets import ReleasedPrompts, judges_for
 from server.scoring import ScoringService, TaskModel
 from server.settings import SWITCHED_OFF, Settings
 
@@ -79,13 +82,28 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
     }
 
 
+def released_prompts(settings: Settings) -> ReleasedPrompts:
+    source = PromptSource(settings.prompt_source, settings.cache_dir, allow_drift=settings.allow_prompt_drift)
+    return ReleasedPrompts(source)
+
+
+def task_judges(settings: Settings, task: Task, model: str, released: ReleasedPrompts) -> tuple[Judge, ...]:
+    """The judges of `task` for `model`: the prompt set the settings give it, with the task's token budget."""
+    names = TASK_JUDGES[task]
+    chosen = judges_for(model, names, settings.prompts, released, settings.template_overrides())
+    budget = settings.edit_max_new_tokens if task == "edit" else settings.gen_max_new_tokens
+    return tuple(dataclasses.replace(chosen[name], max_new_tokens=budget) for name in names)
+
+
 def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
-    """Engines are created here but load their weights in `ScoringService.start`.
+    """Engines are created here but load their weights in `ScoringService.start`. The judges' prompts
+    are obtained first, so a server that cannot have them refuses to start before loading any weights.
 
     Tasks served by the same checkpoint and revision share one engine (and so one batch queue).
     """
-    judges = load_judges(settings.template_overrides())
     sources = model_sources(settings)
+    released = released_prompts(settings)
+    judges = {task: task_judges(settings, task, source[0], released) for task, source in sources.items()}
     engine_name, reason = resolve_engine_name(settings.engine)
     log.info("engine %s (%s)", engine_name, reason)
     shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
@@ -104,7 +122,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             name="tiny-random" if settings.tiny else source[0],
             engine=engine,
             runner=runner,
-            judges=tuple(judges[name] for name in TASK_JUDGES[task]),
+            judges=judges[task],
             engine_reason=reason,
         )
     return ScoringService(
@@ -112,7 +130,6 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         metrics,
         limits=settings.image_limits(),
         max_items=settings.max_items_per_request,
-        max_new_tokens=settings.max_new_tokens,
         score_mode=settings.score_mode,
         cme_weights=settings.cme_weights(),
         qma_weights=settings.qma_weights(),

@@ -22,6 +22,8 @@ examples:
   firm-serve                                  # both critics from the hub, on 127.0.0.1:8000
   firm-serve --gen-model none --port 9000     # editing critic only
   firm-serve --tiny                           # tiny random critic built locally, for smoke tests
+  firm-serve prompts pull                     # cache the release's prompt files for offline starts
+  firm-serve prompts show --instruction "Make the car red."   # the exact text each judge is sent
 
 Every flag can also be set as an environment variable: --max-batch-size 32 is FIRM_MAX_BATCH_SIZE=32.
 """
@@ -42,6 +44,11 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prompts"]:
+        from server.prompts.cli import main as prompts_main
+
+        sys.exit(prompts_main(argv[1:]))
     try:
         settings = load_settings(argv)
     except ValidationError as exc:

@@ -40,11 +40,16 @@ class ImageTooLarge(ValueError):
         self.limit = limit
 
 
+# The Qwen3-VL image processor's own upper bound (its `longest_edge`, 4096 x 4096 pixels): within it the
+# processor keeps an image's size up to its 32-pixel grid, so the server leaves such images alone.
+QWEN3_VL_MAX_PIXELS = 16_777_216
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000  # refused before decoding: a bomb never reaches memory
-    pixel_budget: int = 1024 * 1024  # larger images are downscaled to this many pixels
+    pixel_budget: int = QWEN3_VL_MAX_PIXELS  # larger images are downscaled to this many pixels (a memory guard)
     max_aspect_ratio: float = 200.0  # Qwen vision processors refuse anything more elongated
 
 

@@ -30,12 +30,16 @@ def normalize(score: float) -> float:
 
 
 def gated_reward(primary: float, secondary: float, weights: RewardWeights) -> float:
-    """R = P * (w1 + w2 * S) on normalised scores.
+    """R = P * (w1 + w2 * S) on normalised scores, with the weights divided by w1 + w2 and R clamped
+    to [0, 1], as the release composes its rewards.
 
     >>> gated_reward(1.0, 0.5, CME_WEIGHTS)
     0.8
+    >>> gated_reward(1.0, 0.5, RewardWeights(w1=1.0, w2=1.0))  # the same as 0.5/0.5
+    0.75
     """
-    return primary * (weights.w1 + weights.w2 * secondary)
+    total = weights.w1 + weights.w2
+    return min(1.0, max(0.0, primary * (weights.w1 + weights.w2 * secondary) / total))
 
 
 def cme_reward(execution: float, consistency: float, weights: RewardWeights = CME_WEIGHTS) -> float:

@@ -28,6 +28,7 @@ from clients.protocol import (
     GenScoreRequest,
     GenScoreResponse,
     ItemError,
+    JudgeCard,
     ModelCard,
     ModelRef,
     RewardWeights,
@@ -41,7 +42,7 @@ from server.engines.base import Engine, GenerationRequest, GenerationResult
 from server.errors import DeadlineExceeded, ModelDisabled, NotReady, Overloaded, TooLarge, Unsupported
 from server.images import ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing, call_key
-from server.judges import Judge, ParseError, gen_fields
+from server.judges import Judge, ParseError, edit_fields, gen_fields
 from server.logs import request_id
 from server.metrics import Metrics
 from server.results import Judged, Response, edit_results, gen_results, without_reasoning
@@ -74,7 +75,7 @@ class Prepared:
     """An item ready for judging: its images in prompt order and the template fields."""
 
     images: tuple[Image.Image, ...]
-    fields: dict[str, str]
+    fields: dict[str, str | None]
 
 
 def _decode_all(images: Sequence[tuple[str, str]], limits: ImageLimits) -> list[Image.Image | ItemError]:
@@ -96,7 +97,6 @@ class ScoringService:
         *,
         limits: ImageLimits,
         max_items: int,
-        max_new_tokens: int,
         score_mode: ScoreMode,
         cme_weights: RewardWeights,
         qma_weights: RewardWeights,
@@ -114,7 +114,7 @@ class ScoringService:
         self.in_flight = 0
         self.draining = False
         self._pending_calls: dict[str, int] = {task: 0 for task in models}
-        self.max_items, self.max_new_tokens, self.score_mode = max_items, max_new_tokens, score_mode
+        self.max_items, self.score_mode = max_items, score_mode
         self.cme_weights, self.qma_weights = cme_weights, qma_weights
 
     # ------------------------------------------------------------------ lifecycle
@@ -252,6 +252,16 @@ class ScoringService:
                 engine_reason=m.engine_reason,
                 dimensions=[j.name for j in m.judges],
                 reward="CME" if m.task == "edit" else "QMA",
+                judges=[
+                    JudgeCard(
+                        name=j.name,
+                        prompt_source=j.origin,
+                        prompt_sha256=j.sha256,
+                        prompt_verified=j.verified,
+                        max_new_tokens=j.max_new_tokens,
+                    )
+                    for j in m.judges
+                ],
             )
             for m in self.models.values()
         ]
@@ -285,7 +295,7 @@ class ScoringService:
                     calls.append((index, judge))
                     parts = judge.prompt(item.images, **item.fields)
                     constraint = judge.spec.constraint if self.structured_outputs else None
-                    requests.append(GenerationRequest(parts, self.max_new_tokens, constraint))
+                    requests.append(GenerationRequest(parts, judge.max_new_tokens, constraint))
                     if self.sharing.enabled:
                         keys.append(call_key(model.name, model.engine.revision, judge.name, parts, digests))
         outcomes = await self.sharing.run(
@@ -307,7 +317,7 @@ class ScoringService:
             verdict = judge.judge(outcome)
         except ParseError as exc:
             self.metrics.parse_failures.labels(judge=judge.name).inc()
-            cut = "" if outcome.finished else " (the answer was cut off at max_new_tokens)"
+            cut = "" if outcome.finished else f" (cut off at its budget of {judge.max_new_tokens} new tokens)"
             judged.error = judged.error or ItemError(
                 code="parse_error", message=f"{judge.name}: {exc}{cut}", field=judge.name
             )
@@ -355,7 +365,7 @@ class ScoringService:
         for i, item in enumerate(request.items):
             source, edited = images[2 * i], images[2 * i + 1]
             bad = next((x for x in (source, edited) if isinstance(x, ItemError)), None)
-            prepared.append(bad or Prepared((source, edited), {"instruction": item.instruction}))  # type: ignore[arg-type]
+            prepared.append(bad or Prepared((source, edited), edit_fields(item.instruction)))  # type: ignore[arg-type]
         judged = await self._judge(model, prepared)
         mode, weights = request.score_mode or self.score_mode, request.weights or self.cme_weights
         ids = [item.id if item.id is not None else str(i) for i, item in enumerate(request.items)]
@@ -376,7 +386,7 @@ class ScoringService:
             if isinstance(source, ItemError)
             else c
             if isinstance(c, ItemError)
-            else Prepared((source, c), {"instruction": request.instruction})
+            else Prepared((source, c), edit_fields(request.instruction))
             for c in candidates
         ]
         judged = await self._judge(model, prepared)

@@ -13,7 +13,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode
-from server.images import ImageLimits
+from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits
+from server.prompts.release import DEFAULT_SOURCE
 from server.security import KeyRing, is_loopback, load_keys
 
 SWITCHED_OFF = "none"  # the model setting that switches a critic off (its state is then "disabled")
@@ -43,7 +44,25 @@ class Settings(BaseSettings):
         "Its scores are meaningless: for smoke tests only.",
     )
     cache_dir: Path = Field(
-        default_factory=default_cache_dir, description="Where the --tiny checkpoint is built and kept."
+        default_factory=default_cache_dir,
+        description="Where the --tiny checkpoint is built and the release's prompt files are kept.",
+    )
+
+    # prompts
+    prompts: str = Field(
+        "auto",
+        description="Prompt set of every judge: 'auto' (the released checkpoints get the release's prompts, a "
+        "critic trained with firm-train the set it was trained with, any other model this project's own), "
+        "'firm' (the release's, for every model), 'own' (this project's packaged templates) or a directory of "
+        "your own '<judge>.txt' templates.",
+    )
+    prompt_source: str = Field(
+        DEFAULT_SOURCE,
+        description="Where the release's prompt files are read: a base URL or a local directory laid out like "
+        "the release. They are checked against pinned SHA-256 digests and cached in --cache-dir.",
+    )
+    allow_prompt_drift: bool = Field(
+        False, description="Serve release prompt files whose digest differs from the pinned one (logged)."
     )
 
     # engine
@@ -57,7 +76,15 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto is bfloat16 on GPU and float32 on CPU."
     )
-    max_new_tokens: int = Field(256, ge=8, le=4096, description="Most tokens a judge may write per answer.")
+    edit_max_new_tokens: int = Field(
+        256, ge=8, description="Most tokens an edit judge may write per answer (the release's budget: 256)."
+    )
+    gen_max_new_tokens: int = Field(
+        8192,
+        ge=8,
+        description="Most tokens a generation judge may write per answer (the release's budget: 8192, room for "
+        "its requirement-by-requirement analysis).",
+    )
     max_batch_size: int = Field(
         256,
         ge=1,
@@ -81,7 +108,9 @@ class Settings(BaseSettings):
     )
 
     # vllm engine
-    max_model_len: int = Field(16384, ge=512, description="vllm: longest prompt + answer, in tokens.")
+    max_model_len: int = Field(
+        16384, ge=512, description="vllm: longest prompt + answer, in tokens; must leave room for the token budgets."
+    )
     edit_gpu_memory_utilization: float = Field(
         0.42, gt=0.0, le=0.95, description="vllm: share of GPU memory for the edit critic (both fit one GPU)."
     )
@@ -167,10 +196,10 @@ class Settings(BaseSettings):
         description="What feeds the reward by default: 'argmax' (the written score, as in the paper) or "
         "'expected' (probability-weighted mean over the score tokens; smoother rewards).",
     )
-    cme_w1: float = Field(0.6, ge=0.0, le=1.0, description="CME editing reward: constant weight w1.")
-    cme_w2: float = Field(0.4, ge=0.0, le=1.0, description="CME editing reward: consistency weight w2.")
-    qma_w1: float = Field(0.4, ge=0.0, le=1.0, description="QMA generation reward: constant weight w1.")
-    qma_w2: float = Field(0.6, ge=0.0, le=1.0, description="QMA generation reward: quality weight w2.")
+    cme_w1: float = Field(0.6, ge=0.0, description="CME editing reward: constant weight w1 (divided by w1 + w2).")
+    cme_w2: float = Field(0.4, ge=0.0, description="CME editing reward: consistency weight w2 (divided by w1 + w2).")
+    qma_w1: float = Field(0.4, ge=0.0, description="QMA generation reward: constant weight w1 (divided by w1 + w2).")
+    qma_w2: float = Field(0.6, ge=0.0, description="QMA generation reward: quality weight w2 (divided by w1 + w2).")
 
     # prompt templates
     edit_execution_template: Path | None = Field(None, description="Template file replacing the edit execution prompt.")
@@ -196,7 +225,10 @@ class Settings(BaseSettings):
         description="Most pixels an image may have; larger ones are refused before decoding.",
     )
     image_pixel_budget: int = Field(
-        1024 * 1024, ge=64, description="Images are downscaled to at most this many pixels before judging."
+        QWEN3_VL_MAX_PIXELS,
+        ge=64,
+        description="Images over this many pixels are downscaled before judging. The default is the Qwen3-VL "
+        "processor's own limit, so no image the critic would see whole is touched; lower it only to bound memory.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
@@ -213,6 +245,10 @@ class Settings(BaseSettings):
                 f"binding {self.host} without API keys would let anyone score; set --api-keys or --api-key-file, "
                 "or pass --insecure if the network is trusted"
             )
+        for budget in ("edit_max_new_tokens", "gen_max_new_tokens"):
+            if getattr(self, budget) >= self.max_model_len:
+                raise ValueError(f"{budget} ({getattr(self, budget)}) leaves no room for the prompt in "
+                                 f"max_model_len ({self.max_model_len})")
         if self.edit_model == SWITCHED_OFF and self.gen_model == SWITCHED_OFF:
             raise ValueError("both models are switched off; at least one of --edit-model/--gen-model is needed")
         return self

@@ -1,11 +1,15 @@
-"""The four FIRM judges: a prompt template (a data file) and a parser each.
+"""The four FIRM judges: a prompt template, a parser and a token budget each.
 
-Templates use `$name` placeholders (string.Template), so JSON braces in a rubric need no
-escaping. Any template can be replaced from configuration with a file of the user's own.
+Templates follow the release's conventions: `str.format` fields (`{prompt}`, `{requirement}`),
+JSON braces doubled where a template has fields, and a template without fields (quality) sent
+exactly as written. Where a template's text comes from is chosen per model (`server.prompts`):
+the release's own, verified at run time, this project's packaged templates (the released shape,
+in our own words), or the user's files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,13 +22,12 @@ from server.judges.parsing import (
     QUALITY_KEYS,
     ParsedAnswer,
     ParseError,
-    parse_boxed_score,
+    parse_alignment_rating,
     parse_json_score,
     parse_quality_scores,
 )
 
 SCORE_TOKENS = ("1", "2", "3", "4", "5")
-NO_REQUIREMENT = "none"  # what the instruction-following prompt reads when an item has no extra requirement
 P = TypeVar("P")
 
 __all__ = [
@@ -35,30 +38,34 @@ __all__ = [
     "ParseError",
     "TemplateError",
     "checked_template",
+    "edit_fields",
     "expected_score",
     "gen_fields",
     "load_judges",
+    "make_judge",
 ]
 
 
 class TemplateError(ValueError):
-    """A prompt template is missing a placeholder its judge fills in."""
+    """A prompt template is missing a field its judge fills in, or names one it does not."""
 
 
 @dataclass(frozen=True)
 class JudgeSpec:
     name: str
     task: str
-    fields: tuple[str, ...]
+    fields: dict[str, str]  # caller's name -> the template's field name; empty: the text is sent as written
+    required: tuple[str, ...]  # template fields a template must use (one it left out would be dropped silently)
     parse: Callable[[str], ParsedAnswer]
-    constraint: OutputConstraint  # the answer format, for engines with structured outputs
+    constraint: OutputConstraint  # the released answer format, for engines with structured outputs
+    max_new_tokens: int  # the release's budget for this judge
 
 
 _SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
 JSON_SCORE_SCHEMA = {
     "type": "object",
     "properties": {
-        "reasoning": {"type": "string", "maxLength": 1200},
+        "reasoning": {"type": "string"},
         "score": {"type": "array", "items": _SCORE, "minItems": 1, "maxItems": 1},
     },
     "required": ["reasoning", "score"],
@@ -66,27 +73,53 @@ JSON_SCORE_SCHEMA = {
 }
 QUALITY_SCHEMA = {
     "type": "object",
-    "properties": {key: _SCORE for key in QUALITY_KEYS},
-    "required": list(QUALITY_KEYS),
+    "properties": {
+        "score": {"type": "array", "items": _SCORE, "minItems": 3, "maxItems": 3},
+        "reasoning": {"type": "string"},
+    },
+    "required": ["score", "reasoning"],
     "additionalProperties": False,
 }
-BOXED_REGEX = r"[^\\]{0,1500}\\boxed\{[1-5]\}"
+# The analysis, the final paragraph, then the rating line and a box that repeats the same rating.
+ALIGNMENT_REGEX = (
+    r"[\s\S]*\*\*Final Analysis\*\*:[\s\S]*\*\*Final Alignment Rating: (?:"
+    + "|".join(rf"{n}\*\*\n\\boxed\{{{n}\}}" for n in SCORE_TOKENS)
+    + ")"
+)
+EDIT_FIELDS = {"instruction": "prompt", "requirement": "requirement"}
+GEN_FIELDS = {"prompt": "prompt", "requirement": "requirement"}
 
-
-# The order of `fields` is the order of the placeholders the template must contain.
 JUDGES: dict[str, JudgeSpec] = {
     spec.name: spec
     for spec in (
-        JudgeSpec("edit_execution", "edit", ("instruction",), parse_json_score, OutputConstraint(JSON_SCORE_SCHEMA)),
-        JudgeSpec("edit_consistency", "edit", ("instruction",), parse_json_score, OutputConstraint(JSON_SCORE_SCHEMA)),
+        JudgeSpec(
+            "edit_execution",
+            "edit",
+            EDIT_FIELDS,
+            ("prompt",),
+            parse_json_score,
+            OutputConstraint(JSON_SCORE_SCHEMA),
+            256,
+        ),
+        JudgeSpec(
+            "edit_consistency",
+            "edit",
+            EDIT_FIELDS,
+            ("prompt",),
+            parse_json_score,
+            OutputConstraint(JSON_SCORE_SCHEMA),
+            256,
+        ),
         JudgeSpec(
             "gen_instruction_following",
             "gen",
+            GEN_FIELDS,
             ("prompt", "requirement"),
-            parse_boxed_score,
-            OutputConstraint(regex=BOXED_REGEX),
+            parse_alignment_rating,
+            OutputConstraint(regex=ALIGNMENT_REGEX),
+            8192,
         ),
-        JudgeSpec("gen_quality", "gen", (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA)),
+        JudgeSpec("gen_quality", "gen", {}, (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA), 8192),
     )
 }
 
@@ -115,25 +148,39 @@ def expected_score(probs: Mapping[str, float]) -> float | None:
 @dataclass(frozen=True)
 class Judge:
     spec: JudgeSpec
-    template: string.Template
+    text: str  # the template
+    origin: str  # where the text came from: a file, a URL#CONSTANT, or the packaged template
+    sha256: str  # of the released file it was read from, else of the text itself
+    max_new_tokens: int
+    verified: bool | None = None  # for the release's prompts: whether the file matched its pinned digest
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def prompt(self, images: tuple[P, ...], **fields: str) -> tuple[P | str, ...]:
+    def render(self, **fields: str | None) -> str:
+        """The text a call carries, as the release renders it: `format` with a missing requirement as "",
+        and a template without fields sent as written."""
+        if not self.spec.fields:
+            return self.text
+        values = {self.spec.fields[name]: value or "" for name, value in fields.items()}
+        for name in self.spec.fields.values():
+            values.setdefault(name, "")
+        return self.text.format(**values)
+
+    def prompt(self, images: tuple[P, ...], **fields: str | None) -> tuple[P | str, ...]:
         """One user turn: the images first (they and the rubric form a shared prefix), then the text.
 
         The images are usually PIL images; anything standing for one (a file reference) works too.
         """
-        return (*images, self.template.substitute(fields))
+        return (*images, self.render(**fields))
 
     def judge(self, result: GenerationResult) -> JudgeOutcome:
         """Parse an answer; raises ParseError when it holds no valid score."""
         parsed = self.spec.parse(result.text)
         expected: dict[str, float | None] = {}
         for key, match in parsed.scores.items():
-            step = result.step_at(match.offset)
+            step = result.step_at(match.offset) if match.offset is not None else None
             expected[key] = expected_score(step.probs) if step is not None else None
         return JudgeOutcome(
             scores={k: m.value for k, m in parsed.scores.items()},
@@ -142,47 +189,73 @@ class Judge:
         )
 
 
-def gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
-    """Template fields of the instruction-following judge, as served and as trained.
+def edit_fields(instruction: str, requirement: str | None = None) -> dict[str, str | None]:
+    """Fields of the edit judges: the release renders the instruction as `{prompt}`."""
+    return {"instruction": instruction, "requirement": requirement}
+
+
+def gen_fields(prompt: str, requirement: str | None) -> dict[str, str | None]:
+    """Fields of the instruction-following judge; a missing requirement is rendered as "".
 
     >>> gen_fields("a red car", None)
-    {'prompt': 'a red car', 'requirement': 'none'}
+    {'prompt': 'a red car', 'requirement': None}
     """
-    return {"prompt": prompt, "requirement": requirement or NO_REQUIREMENT}
+    return {"prompt": prompt, "requirement": requirement}
 
 
-def default_template_text(name: str) -> str:
+def checked_template(text: str, spec: JudgeSpec, origin: str, error: type[TemplateError] = TemplateError) -> str:
+    """`text`, once it is a valid `str.format` template that uses the fields `spec` requires and no
+    other: one missing would silently drop a field, an unknown one fails only when it is filled in.
+    A judge without fields takes any text: it is sent as written."""
+    if not spec.fields:
+        return text
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise error(f"{origin}: {exc} (write {{{{ and }}}} for literal braces)") from exc
+    allowed = set(spec.fields.values())
+    unknown = sorted({n for n in names if n not in allowed})
+    missing = [f for f in spec.required if f not in names]
+    if missing or unknown:
+        raise error(
+            f"{origin}: the template for {spec.name} must use the fields "
+            f"{['{' + f + '}' for f in spec.required]} and may use {sorted('{' + f + '}' for f in allowed)}; "
+            f"missing {['{' + f + '}' for f in missing]}, unknown {['{' + f + '}' for f in unknown]}"
+        )
+    return text
+
+
+def make_judge(name: str, text: str, origin: str, *, sha256: str | None = None, verified: bool | None = None) -> Judge:
+    """Judge `name` with the template `text` (checked) and the release's token budget; its digest is
+    the text's unless given."""
+    spec = JUDGES[name]
+    return Judge(
+        spec=spec,
+        text=checked_template(text, spec, origin),
+        origin=origin,
+        sha256=sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        max_new_tokens=spec.max_new_tokens,
+        verified=verified,
+    )
+
+
+def packaged_template(name: str) -> str:
     return resources.files("server.judges").joinpath("templates", f"{name}.txt").read_text(encoding="utf-8")
 
 
-def checked_template(
-    text: str, fields: Sequence[str], origin: str, what: str, error: type[TemplateError] = TemplateError
-) -> string.Template:
-    """`text` as a template that uses exactly the placeholders `fields`: a template missing one
-    would silently drop a field, and one with an unknown name fails only when it is filled in."""
-    template = string.Template(text)
-    if not template.is_valid():
-        raise error(f"{origin}: invalid '$' placeholder (write '$$' for a literal '$')")
-    found = set(template.get_identifiers())
-    missing = [f for f in fields if f not in found]
-    unknown = sorted(found - set(fields))
-    if missing or unknown:
-        raise error(
-            f"{origin}: {what} must use placeholders {['$' + f for f in fields]}; "
-            f"missing {['$' + f for f in missing]}, unknown {['$' + f for f in unknown]}"
-        )
-    return template
-
-
-def load_judges(overrides: Mapping[str, Path | None] | None = None) -> dict[str, Judge]:
-    """Build every judge from its packaged template or from the user's file for it."""
+def load_judges(
+    overrides: Mapping[str, Path | None] | None = None, names: Sequence[str] | None = None
+) -> dict[str, Judge]:
+    """This project's own judges: the packaged template of each, or the user's file for it."""
     overrides = overrides or {}
     judges = {}
-    for name, spec in JUDGES.items():
+    for name in names or JUDGES:
         path = overrides.get(name)
         if path is not None:
-            text, origin = Path(path).read_text(encoding="utf-8"), str(path)
+            judges[name] = make_judge(name, Path(path).read_text(encoding="utf-8"), str(path))
         else:
-            text, origin = default_template_text(name), f"built-in {name}.txt"
-        judges[name] = Judge(spec, checked_template(text, spec.fields, origin, f"template for {spec.name}"))
+            judges[name] = make_judge(name, packaged_template(name), f"packaged {name}.txt")
     return judges
+
+
+__all__ += ["QUALITY_KEYS"]

@@ -1,19 +1,28 @@
-"""Parsers for what the critics write.
+"""Parsers for the answers the FIRM critics write, in the formats they were trained on.
 
-Tolerant of the shapes models really produce (code fences, prose around the JSON, a score as
-4, "4", [4] or ["4"]), strict about meaning: a score outside 1-5, a fractional score, or no
-score at all raises ParseError. Each parsed score keeps the character offset of its digit so
-the engine's token probabilities at that position can be looked up.
+Each parser accepts what the public release's reward servers accept, tried in the same order,
+so a released checkpoint is scored here as it is there:
+
+- edit judges: `{"reasoning" : "...", "score" : [N]}` (also fenced, or cut off after the score);
+- instruction following: `\\boxed{N}` (also `\\boxed{[N]}`, doubled braces), then
+  `Final Alignment Rating: N`, then a JSON `score`, then `Final Score: N`;
+- quality: `{"score" : [s1, s2, s3], "reasoning" : "..."}`, then a bare `[s1, s2, s3]`.
+
+Where this differs by design: an answer with no valid score raises ParseError (the release
+scores it 0), and a fractional score is refused rather than truncated. Each score keeps the
+character offset of its digit so the engine's probabilities there give the expected score.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SCORE_MIN = 1
 SCORE_MAX = 5
+QUALITY_KEYS = ("aesthetics", "technical_quality", "structure_texture")  # the order of the released list
 
 
 class ParseError(ValueError):
@@ -23,7 +32,7 @@ class ParseError(ValueError):
 @dataclass(frozen=True)
 class ScoreMatch:
     value: int
-    offset: int  # index in the answer text of the score's first character
+    offset: int | None  # index in the answer of the digit whose probabilities give the expected score
 
 
 @dataclass(frozen=True)
@@ -32,94 +41,144 @@ class ParsedAnswer:
     reasoning: str | None = None
 
 
-_NUMBER = r"(?P<num>-?\d+(?:\.\d+)?)"
+_DIGIT = r"(?P<num>[1-5])"
+_OPEN, _CLOSE = r"(?:\[\s*)?", r"(?:\s*\])?"
+_BOXED = re.compile(r"\\boxed\{+\s*" + _OPEN + _DIGIT + _CLOSE + r"\s*\}+")
+_RATING = re.compile(r"Final Alignment Rating\s*:\s*" + _OPEN + _DIGIT + _CLOSE)
+_FINAL_SCORE = re.compile(r"Final Score\s*:\s*" + _OPEN + _DIGIT + _CLOSE)
+_SCORE_KEY = re.compile(r'"score"\s*:\s*\[?\s*"?' + _DIGIT)
+_ANALYSIS = re.compile(r"\*\*Final Analysis\*\*:\s*(.*?)(?:\n\*\*Final Alignment Rating|\Z)", re.DOTALL)
+_REASONING = re.compile(r'"reasoning"\s*:\s*"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_ITEM = r'\s*"?([1-5](?:\.\d+)?)"?\s*'
+_SCORE_LIST = re.compile(r'"score"\s*:\s*\[' + _ITEM + "," + _ITEM + "," + _ITEM + r"\]")
+_BARE_LIST = re.compile(r"\[" + _ITEM + "," + _ITEM + "," + _ITEM + r"\]")
 
 
-def _key_pattern(key: str) -> re.Pattern[str]:
-    # "score": [4] | 'score': "4" | score = 4 | "score": ["4"]
-    return re.compile(
-        rf"""(?<![A-Za-z_])["']?{key}["']?\s*[:=]\s*\[?\s*["']?{_NUMBER}["']?\s*\]?""",
-        re.IGNORECASE,
-    )
-
-
-_BOXED = re.compile(r"\\boxed\s*\{\s*" + _NUMBER + r"\s*\}")
-_BARE = re.compile(r"^\s*\[?\s*[\"']?" + _NUMBER + r"[\"']?\s*\]?\s*$")
-_REASONING = re.compile(r"""["']reasoning["']\s*:\s*"((?:[^"\\]|\\.)*)\"""", re.DOTALL)
-
-
-def _checked(text: str, match: re.Match[str], what: str) -> ScoreMatch:
-    raw = match.group("num")
-    try:
-        number = float(raw)
-    except ValueError as exc:  # pragma: no cover - the pattern only admits numbers
-        raise ParseError(f"{what} is not a number: {raw!r}") from exc
-    if not number.is_integer():
-        raise ParseError(f"{what} must be a whole number from {SCORE_MIN} to {SCORE_MAX}, got {raw}")
-    value = int(number)
-    if not SCORE_MIN <= value <= SCORE_MAX:
-        raise ParseError(f"{what} must be from {SCORE_MIN} to {SCORE_MAX}, got {raw}")
-    return ScoreMatch(value=value, offset=match.start("num"))
-
-
-def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    found = None
-    for found in pattern.finditer(text):  # noqa: B007 - we want the last one
-        pass
-    return found
-
-
-def _reasoning(text: str) -> str | None:
-    found = _REASONING.search(text)
-    if found is None:
+def _json_object(text: str) -> dict | None:
+    """The JSON object from the first '{' to the last '}', as the release reads it."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
         return None
     try:
-        return json.loads(f'"{found.group(1)}"')
+        found = json.loads(text[start : end + 1])
     except json.JSONDecodeError:
-        return found.group(1)
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _whole(value: object, what: str) -> int | None:
+    """A 1-5 score from a JSON value (4, 4.0, "4", [4]); None when there is none; ParseError when the
+    value is a number that is not a whole 1-5 score."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit():
+        value = float(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not float(value).is_integer():
+        raise ParseError(f"{what} must be a whole number from {SCORE_MIN} to {SCORE_MAX}, got {value}")
+    if not SCORE_MIN <= value <= SCORE_MAX:
+        raise ParseError(f"{what} must be from {SCORE_MIN} to {SCORE_MAX}, got {value:g}")
+    return int(value)
+
+
+def _match(found: re.Match[str]) -> ScoreMatch:
+    return ScoreMatch(value=int(found.group("num")), offset=found.start("num"))
+
+
+def _json_score(text: str) -> tuple[ScoreMatch | None, str | None]:
+    """The `score` of the answer's JSON object (with its digit's offset), or of its first `"score":`."""
+    payload = _json_object(text)
+    reasoning = None
+    if payload is not None:
+        if isinstance(payload.get("reasoning"), str):
+            reasoning = payload["reasoning"]
+        value = _whole(payload.get("score"), "score")
+        if value is not None:
+            offsets = [m.start("num") for m in _SCORE_KEY.finditer(text) if int(m.group("num")) == value]
+            return ScoreMatch(value, offsets[-1] if offsets else None), reasoning
+    found = _SCORE_KEY.search(text)  # a cut-off or broken object that already holds its score
+    if found is None:
+        return None, reasoning
+    if reasoning is None and (said := _REASONING.search(text)) is not None:
+        try:
+            reasoning = json.loads(f'"{said.group(1)}"')
+        except json.JSONDecodeError:
+            reasoning = said.group(1)
+    return _match(found), reasoning
 
 
 def parse_json_score(text: str) -> ParsedAnswer:
-    """Parse `{"reasoning": "...", "score": [N]}` and the variants models write.
+    """Parse the edit judges' `{"reasoning" : "...", "score" : [N]}`.
 
-    >>> parse_json_score('```json\\n{"reasoning": "Done.", "score": [4]}\\n```').scores["score"].value
+    >>> parse_json_score('```json\\n{"reasoning" : "Done.", "score" : [4]}\\n```').scores["score"].value
     4
+    >>> parse_json_score('{"reasoning" : "The hat is red", "score" : [2').scores["score"].value
+    2
     """
-    found = _last(_key_pattern("score"), text)
-    if found is None:
-        found = _BARE.match(text)
-    if found is None:
-        raise ParseError("no score found in the answer")
-    return ParsedAnswer(scores={"score": _checked(text, found, "score")}, reasoning=_reasoning(text))
+    score, reasoning = _json_score(text)
+    if score is None:
+        raise ParseError('no score found in the answer (expected {"reasoning" : "...", "score" : [N]})')
+    return ParsedAnswer(scores={"score": score}, reasoning=reasoning)
 
 
-def parse_boxed_score(text: str) -> ParsedAnswer:
-    """Parse an analysis that ends with the rating in \\boxed{N}; the last box counts.
+def parse_alignment_rating(text: str) -> ParsedAnswer:
+    """Parse the instruction-following analysis: the box, else the rating line, else a JSON score, else
+    `Final Score: N`. Its reasoning is the `**Final Analysis**:` paragraph. The probabilities that give
+    the expected score are read where the rating was first committed: the rating line when there is
+    one, else the digit that was parsed.
 
-    >>> parse_boxed_score("The cat is red. \\\\boxed{5}").scores["score"].value
-    5
+    >>> a = parse_alignment_rating("**Final Analysis**: Red.\\n**Final Alignment Rating: 4**\\n\\\\boxed{[4]}")
+    >>> a.scores["score"].value, a.reasoning
+    (4, 'Red.')
+    >>> parse_alignment_rating("1. **Colour**: red.\\n**Final Alignment Rating: 3**").scores["score"].value
+    3
     """
-    found = _last(_BOXED, text)
-    if found is None:
-        raise ParseError("no \\boxed{N} rating found in the answer")
-    reasoning = text[: found.start()].strip() or None
-    return ParsedAnswer(scores={"score": _checked(text, found, "boxed rating")}, reasoning=reasoning)
+    rating = _RATING.search(text)
+    found = _BOXED.search(text) or rating
+    if found is not None:
+        analysis = _ANALYSIS.search(text)
+        reasoning = analysis.group(1).strip() if analysis else None
+        offset = (rating or found).start("num")
+        score = ScoreMatch(value=int(found.group("num")), offset=offset)
+    else:
+        score, reasoning = _json_score(text)
+        if score is None and (final := _FINAL_SCORE.search(text)) is not None:
+            score = _match(final)
+    if score is None:
+        raise ParseError("no rating found in the answer (expected **Final Alignment Rating: N** and \\boxed{N})")
+    return ParsedAnswer(scores={"score": score}, reasoning=reasoning or None)
 
 
-QUALITY_KEYS = ("aesthetics", "technical_quality", "structure_texture")
+def _subscores(values: Sequence[object]) -> list[int] | None:
+    if len(values) < len(QUALITY_KEYS):
+        return None
+    found = [_whole(v, key) for v, key in zip(values, QUALITY_KEYS, strict=False)]
+    return None if None in found else found  # type: ignore[return-value]
 
 
 def parse_quality_scores(text: str) -> ParsedAnswer:
-    """Parse three 1-5 subscores; quality is their minimum.
+    """Parse `{"score" : [s1, s2, s3], "reasoning" : "..."}` (aesthetics, technical quality, structure &
+    texture), falling back to a bare `[s1, s2, s3]`; quality is their minimum.
 
-    >>> a = parse_quality_scores('{"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}')
-    >>> {k: v.value for k, v in a.scores.items()}
-    {'aesthetics': 4, 'technical_quality': 3, 'structure_texture': 5}
+    >>> a = parse_quality_scores('{\\n  "score" : [4, 3, 5],\\n  "reasoning" : "Clean."\\n}')
+    >>> {k: v.value for k, v in a.scores.items()}, a.reasoning
+    ({'aesthetics': 4, 'technical_quality': 3, 'structure_texture': 5}, 'Clean.')
     """
-    scores: dict[str, ScoreMatch] = {}
-    for key in QUALITY_KEYS:
-        found = _last(_key_pattern(key), text)
-        if found is None:
-            raise ParseError(f"no {key} subscore found in the answer")
-        scores[key] = _checked(text, found, key)
-    return ParsedAnswer(scores=scores, reasoning=_reasoning(text))
+    payload = _json_object(text)
+    reasoning = payload.get("reasoning") if payload is not None else None
+    listed = _SCORE_LIST.search(text) or _BARE_LIST.search(text)
+    values = None
+    if payload is not None and isinstance(payload.get("score"), list):
+        values = _subscores(payload["score"])
+    offsets: list[int | None] = [None] * len(QUALITY_KEYS)
+    if listed is not None:
+        from_list = _subscores(listed.groups())
+        if values is None:
+            values = from_list
+        if from_list == values:
+            offsets = [listed.start(i + 1) for i in range(len(QUALITY_KEYS))]
+    if values is None:
+        raise ParseError('no quality scores found in the answer (expected "score" : [s1, s2, s3])')
+    scores = {key: ScoreMatch(v, o) for key, v, o in zip(QUALITY_KEYS, values, offsets, strict=True)}
+    return ParsedAnswer(scores=scores, reasoning=reasoning if isinstance(reasoning, str) else None)

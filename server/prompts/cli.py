@@ -1,0 +1,112 @@
+"""`firm-serve prompts pull|show`: fill the prompt cache ahead of time, and see what a judge is sent.
+
+Both read the same settings as the server (flags or FIRM_* variables), so `show` prints exactly
+the text a served call carries, for the models and prompt set the server would use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from server.flags import describe_errors, flag
+from server.judges import JUDGES, TemplateError
+from server.prompts.release import PromptSource, PromptSourceError
+from server.settings import SWITCHED_OFF, Settings
+
+_SHARED = ("prompts", "prompt_source", "allow_prompt_drift", "cache_dir", "edit_model", "gen_model")
+_EPILOG = """\
+examples:
+  firm-serve prompts pull                                   # cache the release's prompt files (needs network)
+  firm-serve prompts pull --prompt-source /src/FIRM-Reward  # verify and use a local checkout instead
+  firm-serve prompts show --instruction "Make the car red."
+  firm-serve prompts show --judge gen_instruction_following --prompt "a red car" --requirement "no people"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firm-serve prompts",
+        description="The judges' prompts: where they come from, their digests, and the exact text a call carries.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    pull = commands.add_parser("pull", help="Fetch and verify the release's prompt files into the cache.")
+    show = commands.add_parser("show", help="Print each judge's prompt source, digest and rendered text.")
+    for sub in (pull, show):
+        for name in _SHARED:
+            field = Settings.model_fields[name]
+            if field.annotation is bool:
+                sub.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                 help=field.description)
+            else:
+                sub.add_argument(flag(name), default=argparse.SUPPRESS, help=field.description)
+    show.add_argument("--judge", action="append", choices=list(JUDGES), help="Only this judge (repeatable).")
+    show.add_argument("--instruction", default="", help="The edit instruction to render.")
+    show.add_argument("--prompt", default="", help="The text-to-image prompt to render.")
+    show.add_argument("--requirement", default=None, help="The additional requirement (absent: empty).")
+    show.add_argument("--json", action="store_true", help="One JSON object per judge instead of text.")
+    return parser
+
+
+def _pull(settings: Settings) -> int:
+    source = PromptSource(settings.prompt_source, settings.cache_dir, allow_drift=settings.allow_prompt_drift)
+    for fetched in source.pull():
+        state = "verified" if fetched.verified else "DRIFT (allowed)"
+        print(f"{fetched.path}  sha256 {fetched.sha256}  {state}  from {fetched.location}")
+    print(f"cached in {source.cache}" if source.cache.exists() else "read from the local source (nothing to cache)")
+    return 0
+
+
+def _show(settings: Settings, args: argparse.Namespace) -> int:
+    from server.assembly import TASK_JUDGES, released_prompts, task_judges
+
+    released = released_prompts(settings)
+    wanted = set(args.judge or JUDGES)
+    models = {"edit": settings.edit_model, "gen": settings.gen_model}
+    for task, model in models.items():
+        if model == SWITCHED_OFF or not wanted & set(TASK_JUDGES[task]):
+            continue
+        for judge in task_judges(settings, task, model, released):
+            if judge.name not in wanted:
+                continue
+            fields = (
+                {"instruction": args.instruction, "requirement": args.requirement}
+                if task == "edit"
+                else {"prompt": args.prompt, "requirement": args.requirement}
+            )
+            text = judge.render(**fields)
+            entry = {
+                "judge": judge.name,
+                "model": model,
+                "source": judge.origin,
+                "sha256": judge.sha256,
+                "verified": judge.verified,
+                "max_new_tokens": judge.max_new_tokens,
+                "text": text,
+            }
+            if args.json:
+                print(json.dumps(entry))
+            else:
+                check = {True: "verified", False: "DRIFT (allowed)", None: "not from the release"}[judge.verified]
+                print(f"=== {judge.name} ({model})\nsource: {judge.origin}\nsha256: {judge.sha256} ({check})")
+                print(f"max_new_tokens: {judge.max_new_tokens}\n--- text ---\n{text}\n--- end ---")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    given = {name: getattr(args, name) for name in _SHARED if hasattr(args, name)}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        sys.exit(f"firm-serve prompts: invalid settings:\n{describe_errors(exc)}")
+    try:
+        return _pull(settings) if args.command == "pull" else _show(settings, args)
+    except (PromptSourceError, TemplateError, ValueError, OSError) as exc:
+        sys.exit(f"firm-serve prompts: {exc}")
