@@ -1,61 +1,191 @@
-"""Reward functions with the Flow-GRPO / DiffusionNFT signature: (images, prompts, metadata) -> (rewards, info).
+"""Reward functions that drop into Flow-GRPO and the FIRM release's DiffusionNFT trainers.
 
-`images` may be an NCHW float tensor in [0, 1], an NHWC uint8 array or a list of PIL images.
-Failed items get a NaN reward; `info["mask"]` is False for them, so the trainer can leave them
-out of the advantage statistics and the loss.
+Those trainers call `reward_fn(images, prompts, metadata, ref_images, only_strict=...)` (the
+editing trainer passes the source images as `ref_images`; the text-to-image ones leave it out)
+and turn every value of the returned dict into a tensor with `torch.as_tensor(v).float()`. So a
+`FirmRewardFn` returns `({"avg": ..., "<reward>": ..., "<dimension>": ..., "failed": ...}, {})`,
+every value a float64 array with one entry per image:
 
-    >>> from clients import RewardClient                                       # doctest: +SKIP
-    >>> reward_fn = gen_reward_fn(RewardClient("http://critic:8000"))           # doctest: +SKIP
-    >>> rewards, info = reward_fn(images, prompts, [{}] * len(prompts))        # doctest: +SKIP
-    >>> edit_fn = edit_reward_fn(RewardClient("http://critic:8000"))           # doctest: +SKIP
-    >>> rewards, info = edit_fn(edited, instructions, [{"source": img} for img in sources])  # doctest: +SKIP
+- `avg`: the weighted sum the trainer turns into advantages;
+- `firm_edit` / `firm_gen`: the CME / QMA reward; `execution`, `consistency`,
+  `instruction_following`, `quality`: the normalised dimensions;
+- `failed`: 1.0 where the server could not score the item, else 0.0.
+
+These trainers have no mask, so a failed item gets the value `on_failure` gives (see
+`clients.adapters.failures`); the default, `group_mean`, leaves its advantage at about 0. The
+reasons go to the `clients.adapters` logger and to `reward_fn.last_errors`.
+
+    >>> from clients.adapters.flow_grpo import multi_score
+    >>> multi_score("cuda", {"firm_edit": 1.0}, client=object()).task
+    'edit'
+    >>> multi_score("cuda", {"execution": 0.5, "quality": 0.5}, client=object())
+    Traceback (most recent call last):
+    ...
+    ValueError: score_dict mixes editing and generation terms: ['execution', 'quality']
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
+from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
 from clients.client import RewardClient
 from clients.protocol import EditScoreResponse, GenScoreResponse
 
-RewardFn = Callable[[Any, Sequence[str], Sequence[dict[str, Any]]], tuple[np.ndarray, dict[str, Any]]]
+logger = logging.getLogger("clients.adapters")
+
+Task = Literal["edit", "gen"]
+TERMS: dict[Task, tuple[str, ...]] = {
+    "edit": ("firm_edit", "execution", "consistency"),
+    "gen": ("firm_gen", "instruction_following", "quality"),
+}
 
 
-def _dimension(reply: EditScoreResponse | GenScoreResponse, name: str) -> np.ndarray:
-    values = []
+def _per_item(metadata: Any, n: int) -> list[Mapping[str, Any]]:
+    """The trainers pass one dict per image, one dict for the batch, or nothing."""
+    if metadata is None:
+        return [{}] * n
+    if isinstance(metadata, Mapping):
+        return [metadata] * n
+    items = list(metadata)
+    if len(items) != n:
+        raise ValueError(f"metadata: expected one entry per image ({n}), got {len(items)}")
+    return [m or {} for m in items]
+
+
+def reward_columns(reply: EditScoreResponse | GenScoreResponse, task: Task) -> dict[str, np.ndarray]:
+    """The reward and each normalised dimension, NaN where missing."""
+    columns: dict[str, list[float]] = {name: [] for name in TERMS[task]}
     for result in reply.results:
-        dim = getattr(result, name)
-        values.append(np.nan if dim is None or dim.normalized is None else dim.normalized)
-    return np.asarray(values, dtype=np.float64)
+        columns[TERMS[task][0]].append(np.nan if result.reward is None else result.reward)
+        for name in TERMS[task][1:]:
+            dimension = getattr(result, name)
+            columns[name].append(np.nan if dimension is None or dimension.normalized is None else dimension.normalized)
+    return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
 
 
-def _info(reply: EditScoreResponse | GenScoreResponse, dimensions: tuple[str, str]) -> dict[str, Any]:
-    info: dict[str, Any] = {name: _dimension(reply, name) for name in dimensions}
-    info["mask"] = np.asarray(reply.mask(), dtype=bool)
-    info["errors"] = [None if r.error is None else str(r.error) for r in reply.results]
-    return info
+class FirmRewardFn:
+    """`(images, prompts, metadata, ref_images=None, **host_options) -> (rewards, {})`.
+
+    task: "edit" (CME, sources from `ref_images`, else `metadata[i][source_key]`, a path
+    relative to `source_root` when that is given) or "gen" (QMA; `metadata[i][requirement_key]`
+    is sent as the requirement when present). weights: how `avg` sums the terms, by default
+    the combined reward alone. Extra keyword arguments of the trainer (`only_strict`, ...) are
+    accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        client: RewardClient,
+        task: Task,
+        *,
+        weights: Mapping[str, float] | None = None,
+        on_failure: OnFailure = "group_mean",
+        source_key: str = "source",
+        source_root: str | Path | None = None,
+        requirement_key: str = "requirement",
+    ) -> None:
+        if task not in TERMS:
+            raise ValueError(f"task must be 'edit' or 'gen', got {task!r}")
+        self.weights = dict(weights or {TERMS[task][0]: 1.0})
+        unknown = sorted(set(self.weights) - set(TERMS[task]))
+        if unknown:
+            raise ValueError(f"unknown {task} terms {unknown}; known: {list(TERMS[task])}")
+        self.client, self.task, self.on_failure = client, task, check_on_failure(on_failure)
+        self.source_key, self.requirement_key = source_key, requirement_key
+        self.source_root = None if source_root is None else Path(source_root)
+        self.last_errors: list[tuple[int, str]] = []
+
+    def __call__(
+        self, images: Any, prompts: Sequence[str], metadata: Any = None, ref_images: Any = None, **host_options: Any
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        texts = [str(p) for p in prompts]
+        per_item = _per_item(metadata, len(texts))
+        if self.task == "edit":
+            sources = list(ref_images) if ref_images is not None else [self._source(m) for m in per_item]
+            reply: EditScoreResponse | GenScoreResponse = self.client.score_edits(sources, images, texts)
+        else:
+            requirements = [m.get(self.requirement_key) for m in per_item]
+            reply = self.client.score_generations(images, texts, requirements=requirements)
+        return self._rewards(reply, texts), {}
+
+    def _source(self, item: Mapping[str, Any]) -> Any:
+        if self.source_key not in item:
+            raise KeyError(
+                f"no source image: pass ref_images, or put the source under metadata[{self.source_key!r}] "
+                "(set source_key to name another key)"
+            )
+        source = item[self.source_key]
+        if self.source_root is not None and isinstance(source, str | Path) and not str(source).startswith("data:"):
+            return self.source_root / source
+        return source
+
+    def _rewards(self, reply: EditScoreResponse | GenScoreResponse, groups: list[str]) -> dict[str, np.ndarray]:
+        values = reward_columns(reply, self.task)
+        avg = sum(weight * values[name] for name, weight in self.weights.items())
+        failed = np.isnan(np.asarray(avg, dtype=np.float64))
+        self.last_errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
+        if self.last_errors:
+            logger.warning(
+                "%d of %d items were not scored (%s); on_failure=%r",
+                len(self.last_errors),
+                len(groups),
+                self.last_errors[0][1],
+                self.on_failure,
+            )
+        reason = self.last_errors[0][1] if self.last_errors else ""
+        out = {"avg": fill_failures(avg, groups, self.on_failure, reason)}
+        out.update({name: fill_failures(v, groups, self.on_failure, reason) for name, v in values.items()})
+        out["failed"] = failed.astype(np.float64)
+        return out
 
 
-def gen_reward_fn(client: RewardClient) -> RewardFn:
-    """QMA rewards for text-to-image samples; `metadata[i]["requirement"]` is used when present."""
-
-    def reward(images: Any, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> tuple[np.ndarray, dict]:
-        requirements = [m.get("requirement") if m else None for m in metadata] if metadata else None
-        reply = client.score_generations(images, list(prompts), requirements=requirements)
-        return np.asarray(reply.rewards(), dtype=np.float64), _info(reply, ("instruction_following", "quality"))
-
-    return reward
+def gen_reward_fn(client: RewardClient, **options: Any) -> FirmRewardFn:
+    """QMA rewards for text-to-image samples; options as for `FirmRewardFn`."""
+    return FirmRewardFn(client, "gen", **options)
 
 
-def edit_reward_fn(client: RewardClient, source_key: str = "source") -> RewardFn:
-    """CME rewards for edited images; `prompts` are the instructions, `metadata[i][source_key]` the source image."""
+def edit_reward_fn(client: RewardClient, **options: Any) -> FirmRewardFn:
+    """CME rewards for edited images; options as for `FirmRewardFn`."""
+    return FirmRewardFn(client, "edit", **options)
 
-    def reward(images: Any, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]) -> tuple[np.ndarray, dict]:
-        sources = [m[source_key] for m in metadata]
-        reply = client.score_edits(sources, images, list(prompts))
-        return np.asarray(reply.rewards(), dtype=np.float64), _info(reply, ("execution", "consistency"))
 
-    return reward
+def multi_score(
+    device: Any = None,
+    score_dict: Mapping[str, float] | None = None,
+    *,
+    client: RewardClient | None = None,
+    on_failure: OnFailure = "group_mean",
+    source_key: str = "source",
+    source_root: str | Path | None = None,
+    **host_options: Any,
+) -> FirmRewardFn:
+    """Shaped like the trainers' `flow_grpo.rewards.multi_score(device, score_dict)` factory.
+
+    `score_dict` maps terms (`firm_edit`, `execution`, `consistency`, or `firm_gen`,
+    `instruction_following`, `quality`) to their weights in `avg`. The client defaults to
+    `RewardClient()`, configured from FIRM_URL / FIRM_API_KEY. `device` and the release's own
+    options (score normalisation, total-score settings) are accepted and have no effect: the
+    server computes CME and QMA.
+    """
+    weights = dict(score_dict or {"firm_edit": 1.0})
+    tasks = {task for task, terms in TERMS.items() for name in weights if name in terms}
+    if len(tasks) > 1:
+        raise ValueError(f"score_dict mixes editing and generation terms: {sorted(weights)}")
+    if not tasks:
+        raise ValueError(f"score_dict names no FIRM term: {sorted(weights)}; known: {[*TERMS['edit'], *TERMS['gen']]}")
+    if host_options:
+        logger.info("ignoring the trainer's reward options %s: the server computes the rewards", sorted(host_options))
+    return FirmRewardFn(
+        client if client is not None else RewardClient(),
+        tasks.pop(),
+        weights=weights,
+        on_failure=on_failure,
+        source_key=source_key,
+        source_root=source_root,
+    )

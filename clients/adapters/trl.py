@@ -1,46 +1,105 @@
-"""A TRL GRPO `reward_funcs` entry: (prompts, completions, **columns) -> list[float | None].
+"""A TRL `GRPOTrainer` reward function backed by the FIRM server.
 
-TRL treats None as "no reward for this sample" and leaves it out, which is how a failed item
-is reported here. The generated images come from the `images` column (or the completions
-themselves when they are images); editing also needs a `source` column.
+TRL calls each entry of `reward_funcs` as `f(prompts=..., completions=..., completion_ids=...,
+**columns)`, one call per batch, and reads one reward (or `None`) per completion. The policy
+writes text, so the images to judge come from one of two places:
 
-    >>> from clients import RewardClient                                        # doctest: +SKIP
-    >>> trainer = GRPOTrainer(..., reward_funcs=[firm_reward(RewardClient(), "gen")])  # doctest: +SKIP
+- `render(prompts, completions)`, a function of yours that turns each completion into an image
+  (a diffusion prompt you run, SVG you rasterise, ...);
+- a column TRL does not reserve, `generated_images` by default: a dataset column, or an extra
+  field returned by a `rollout_func`. (`image` and `images` are the policy's *input* images in
+  TRL, so they are never read here.)
+
+Completions are never read as images or file paths, and neither is any text in the images: an
+image is a PIL image, an array, a tensor or encoded bytes. A one-element list stands for its
+element. For editing, the source images come from the `source` column.
+
+With the default `on_failure="nan"` a failed item's reward is `None`. TRL 1.16 leaves a
+completion for which every reward function returned `None` out of its group's baseline and
+gives it advantage 0; with other reward functions beside this one, `on_failure="group_mean"`
+keeps the failed item's total in line with its group instead.
+
+    >>> from clients.adapters.trl import firm_reward
+    >>> reward = firm_reward(object(), "gen")
+    >>> reward.__name__
+    'firm_gen'
+    >>> reward(prompts=["a red square"], completions=["/etc/passwd"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: firm_gen has no images to score: pass render=... to firm_reward, or give the generated images ...
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
+from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
+from clients.adapters.inputs import one_image_each, prompt_text
 from clients.client import RewardClient
 
+logger = logging.getLogger("clients.adapters")
+
 TrlRewardFunc = Callable[..., list[float | None]]
+Render = Callable[[list[Any], list[Any]], Sequence[Any]]
 
 
-def _prompt_text(prompt: Any) -> str:
-    """TRL passes plain strings or chat messages; take the last user text."""
-    if isinstance(prompt, str):
-        return prompt
-    for message in reversed(prompt):
-        content = message.get("content")
-        if isinstance(content, str):
-            return content
-        texts = [part.get("text", "") for part in content or [] if part.get("type") == "text"]
-        if texts:
-            return " ".join(texts)
-    raise ValueError("no text found in the prompt")
+def firm_reward(
+    client: RewardClient,
+    task: Literal["gen", "edit"],
+    *,
+    render: Render | None = None,
+    images_column: str = "generated_images",
+    source_column: str = "source",
+    prompt_column: str | None = None,
+    requirement_column: str = "requirement",
+    on_failure: OnFailure = "nan",
+) -> TrlRewardFunc:
+    """A `reward_funcs` entry scoring each completion's image with FIRM-Gen (QMA) or FIRM-Edit (CME).
 
+    prompt_column: a column holding the text the critic should judge against (by default the
+    last user text of each prompt). requirement_column: optional FIRM-Gen requirements.
+    """
+    if task not in ("gen", "edit"):
+        raise ValueError(f"task must be 'gen' or 'edit', got {task!r}")
+    if images_column in ("image", "images"):
+        raise ValueError(f"{images_column!r} holds the policy's input images in TRL; use another column")
+    on_failure = check_on_failure(on_failure)
+    name = f"firm_{task}"
 
-def firm_reward(client: RewardClient, task: Literal["gen", "edit"]) -> TrlRewardFunc:
+    def images_for(prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> list[Any]:
+        if render is not None:
+            return one_image_each(list(render(prompts, completions)), len(completions), "render()", allow_paths=False)
+        if columns.get(images_column) is not None:
+            return one_image_each(columns[images_column], len(completions), images_column, allow_paths=False)
+        raise ValueError(
+            f"{name} has no images to score: pass render=... to firm_reward, or give the generated images in the "
+            f"{images_column!r} column (a dataset column or an extra field of your rollout_func)"
+        )
+
     def firm(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
-        images = columns.get("images", completions)
-        texts = [_prompt_text(p) for p in prompts]
+        images = images_for(list(prompts), list(completions), columns)
+        texts = [str(t) for t in columns[prompt_column]] if prompt_column else [prompt_text(p) for p in prompts]
         if task == "gen":
-            reply = client.score_generations(list(images), texts, requirements=columns.get("requirement"))
+            reply = client.score_generations(images, texts, requirements=columns.get(requirement_column))
         else:
-            reply = client.score_edits(list(columns["source"]), list(images), texts)
-        return [r.reward for r in reply.results]
+            if columns.get(source_column) is None:
+                raise ValueError(f"{name} needs the source images in the {source_column!r} column")
+            sources = one_image_each(columns[source_column], len(images), source_column, allow_paths=True)
+            reply = client.score_edits(sources, images, texts)
+        rewards = np.asarray(reply.rewards(), dtype=np.float64)
+        failures = reply.errors()
+        if failures:
+            logger.warning("%d of %d items were not scored (%s)", len(failures), len(rewards), failures[0][1])
+        if callable(columns.get("log_metric")):
+            columns["log_metric"](f"{name}/failed_fraction", len(failures) / max(len(rewards), 1))
+        if on_failure == "nan":
+            return [None if np.isnan(r) else float(r) for r in rewards]
+        reason = failures[0][1] if failures else ""
+        return [float(r) for r in fill_failures(rewards, texts, on_failure, reason)]
 
-    firm.__name__ = f"firm_{task}"  # TRL logs each reward function under its name
+    firm.__name__ = name  # TRL logs each reward function under its name
     return firm

@@ -1,56 +1,116 @@
 """A verl custom reward function (`custom_reward_function.path` / `.name` in the verl config).
 
-verl calls `compute_score(data_source, solution_str, ground_truth, extra_info)`, one sample at
-a time, or with lists when the batch reward manager is used; both work here. The images and
-texts come from `extra_info`: for generation `{"image", "prompt", "requirement"?}`, for editing
-`{"source", "edited", "instruction"}`. The return value is a dict whose "score" verl takes as
-the reward; a failed item has score NaN and `"valid": 0.0`, so it can be filtered before the
-advantages are computed.
+verl's reward managers call it with keyword arguments, in one of two forms:
 
-    # reward.py, named in the verl config                                    (doctest: +SKIP)
-    from clients import RewardClient
-    from clients.adapters.verl import make_compute_score
-    compute_score = make_compute_score(RewardClient("http://critic:8000"), "gen")
+- per item (the `naive` manager and the reward loop):
+  `compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)`, one dict back;
+- per batch (`reward_model.reward_manager=batch`):
+  `compute_score(data_sources=..., solution_strs=..., ground_truths=..., extra_infos=...)`, a list back.
+
+`custom_reward_function.reward_kwargs` arrive as further keyword arguments and are ignored.
+The images and texts come from each item's `extra_info`: for generation `{"image", "prompt",
+"requirement"?}`, for editing `{"source", "edited", "instruction"}`; or the judged image comes
+from `render(solution_strs, extra_infos)`. The response text itself is never read as an image or
+a path.
+
+Each result is `{"score", "failed", <reward>, <dimensions>}`, all floats and the same keys for
+every item (verl collects each key into a column). verl's GRPO advantages have no mask, so a
+failed item's values follow `on_failure` (see `clients.adapters.failures`). The default,
+`group_mean`, needs the whole batch and so the batch manager; per-item calls need `on_failure`
+set to a number or `"nan"`.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
+from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
+from clients.adapters.flow_grpo import TERMS, reward_columns
+from clients.adapters.inputs import one_image_each
 from clients.client import RewardClient
 
+logger = logging.getLogger("clients.adapters")
 
-def _scores(client: RewardClient, task: str, infos: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    if task == "gen":
-        reply = client.score_generations(
-            [i["image"] for i in infos],
-            [i["prompt"] for i in infos],
-            requirements=[i.get("requirement") for i in infos],
-        )
-    else:
-        reply = client.score_edits(
-            [i["source"] for i in infos], [i["edited"] for i in infos], [i["instruction"] for i in infos]
-        )
-    out = []
-    for result in reply.results:
-        if result.reward is None:
-            reason = str(result.error) if result.error else "no reward"
-            out.append({"score": math.nan, "valid": 0.0, "error": reason})
-        else:
-            out.append({"score": result.reward, "valid": 1.0})
-    return out
+Render = Callable[[list[str], list[dict[str, Any]]], Sequence[Any]]
+_FIELDS = {"gen": ("image", "prompt"), "edit": ("edited", "instruction")}
 
 
-def make_compute_score(client: RewardClient, task: Literal["gen", "edit"]) -> Callable[..., Any]:
-    def compute_score(
-        data_source: Any = None, solution_str: Any = None, ground_truth: Any = None, extra_info: Any = None, **_: Any
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(extra_info, list):  # batch reward manager: lists in, a list out
-            return _scores(client, task, extra_info)
+class VerlComputeScore:
+    """verl's `compute_score`, in both its per-item and its batch calling forms."""
+
+    def __init__(
+        self,
+        client: RewardClient,
+        task: Literal["gen", "edit"],
+        *,
+        render: Render | None = None,
+        on_failure: OnFailure = "group_mean",
+    ) -> None:
+        if task not in TERMS:
+            raise ValueError(f"task must be 'gen' or 'edit', got {task!r}")
+        self.client, self.task, self.render = client, task, render
+        self.on_failure = check_on_failure(on_failure)
+        self.last_errors: list[tuple[int, str]] = []
+
+    def __call__(
+        self,
+        data_source: Any = None,
+        solution_str: str | None = None,
+        ground_truth: Any = None,
+        extra_info: dict[str, Any] | None = None,
+        *,
+        data_sources: Sequence[Any] | None = None,
+        solution_strs: Sequence[str] | None = None,
+        ground_truths: Sequence[Any] | None = None,
+        extra_infos: Sequence[dict[str, Any]] | None = None,
+        **reward_kwargs: Any,
+    ) -> dict[str, float] | list[dict[str, float]]:
+        if extra_infos is not None:
+            return self.score(list(solution_strs or [""] * len(extra_infos)), list(extra_infos))
         if extra_info is None:
             raise ValueError("extra_info must carry the images and texts to score")
-        return _scores(client, task, [extra_info])[0]
+        if self.on_failure == "group_mean":
+            raise ValueError(
+                "on_failure='group_mean' needs the whole batch: set reward_model.reward_manager=batch, "
+                "or pass on_failure=<number> or 'nan' for per-item calls"
+            )
+        return self.score([solution_str or ""], [extra_info])[0]
 
-    return compute_score
+    def score(self, responses: list[str], infos: list[dict[str, Any]]) -> list[dict[str, float]]:
+        """One result per item of a batch."""
+        image_key, text_key = _FIELDS[self.task]
+        if self.render is not None:
+            images = one_image_each(list(self.render(responses, infos)), len(infos), "render()", allow_paths=False)
+        else:
+            images = one_image_each([i.get(image_key) for i in infos], len(infos), f"extra_info[{image_key!r}]", True)
+        texts = [str(i[text_key]) for i in infos]
+        if self.task == "gen":
+            reply = self.client.score_generations(images, texts, requirements=[i.get("requirement") for i in infos])
+        else:
+            sources = one_image_each([i.get("source") for i in infos], len(infos), "extra_info['source']", True)
+            reply = self.client.score_edits(sources, images, texts)
+        values = reward_columns(reply, self.task)
+        failed = np.isnan(values[TERMS[self.task][0]])
+        self.last_errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
+        reason = self.last_errors[0][1] if self.last_errors else ""
+        if self.last_errors:
+            logger.warning("%d of %d items were not scored (%s)", len(self.last_errors), len(infos), reason)
+        filled = {name: fill_failures(v, texts, self.on_failure, reason) for name, v in values.items()}
+        filled["score"] = filled[TERMS[self.task][0]]
+        filled["failed"] = failed.astype(np.float64)
+        return [{name: float(column[i]) for name, column in filled.items()} for i in range(len(infos))]
+
+
+def make_compute_score(
+    client: RewardClient,
+    task: Literal["gen", "edit"],
+    *,
+    render: Render | None = None,
+    on_failure: OnFailure = "group_mean",
+) -> VerlComputeScore:
+    """The function to name in `custom_reward_function.name`; see the module docstring."""
+    return VerlComputeScore(client, task, render=render, on_failure=on_failure)
