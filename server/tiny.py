@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from server.judges import JUDGES, load_judges
+from server.judges import JUDGES, edit_fields, gen_fields, load_judges
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ IMAGE_SIDE = 64  # the processor's pixel budget is IMAGE_SIDE**2: 4 visual token
 WARM = {"red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 40)}
 COOL = {"blue": (40, 70, 220), "green": (40, 170, 70), "purple": (140, 60, 170)}
 COLOURS = {**WARM, **COOL}
-REQUIREMENTS = ("none", "flat colours", "a plain grey background", "the square in the centre")
+REQUIREMENTS = ("", "flat colours", "a plain grey background", "the square in the centre")
 INSTRUCTIONS = ("Make the square {}.", "Change the colour of the square to {}.", "Paint the square {}.")
 
 
@@ -68,7 +68,7 @@ INSTRUCTIONS = ("Make the square {}.", "Change the colour of the square to {}.",
 class Example:
     judge: str
     images: tuple[Image.Image, ...]
-    fields: dict[str, str]
+    fields: dict[str, str | None]
     answer: str
 
 
@@ -78,18 +78,35 @@ def draw_square(colour: str, background: tuple[int, int, int] = (235, 235, 235))
     return image
 
 
+def json_score_answer(reasoning: str, score: int) -> str:
+    """The edit judges' answer as the released critic writes it."""
+    return f'{{\n"reasoning" : {json.dumps(reasoning)},\n"score" : [{score}]\n}}'
+
+
+def alignment_answer(checks: list[tuple[str, str]], analysis: str, rating: int) -> str:
+    """The instruction-following answer as the released critic writes it: one entry per requirement,
+    the final analysis, the rating line and the box."""
+    entries = "".join(f"{i}. **{name}**:\n- {check}\n\n" for i, (name, check) in enumerate(checks, start=1))
+    return f"{entries}**Final Analysis**:\n{analysis}\n\n**Final Alignment Rating: {rating}**\n\\boxed{{{rating}}}"
+
+
+def quality_answer(subscores: tuple[int, int, int], reasoning: str) -> str:
+    """The quality answer as the released critic writes it: the three subscores as a list."""
+    return f'{{\n  "score" : [{", ".join(map(str, subscores))}],\n  "reasoning" : {json.dumps(reasoning)}\n}}'
+
+
 def _edit_examples(rng: random.Random) -> Iterator[Example]:
     while True:
         source, target = rng.choice(list(COOL)), rng.choice(list(WARM))
         done = rng.random() < 0.5
         images = (draw_square(source), draw_square(target if done else source))
-        fields = {"instruction": rng.choice(INSTRUCTIONS).format(target)}
+        fields = edit_fields(rng.choice(INSTRUCTIONS).format(target))
         if done:
             why, execution, consistency = f"The square is now {target}; the rest is kept.", 5, 4
         else:
             why, execution, consistency = "The image is unchanged.", 1, 5
-        yield Example("edit_execution", images, fields, json.dumps({"reasoning": why, "score": [execution]}))
-        yield Example("edit_consistency", images, fields, json.dumps({"reasoning": why, "score": [consistency]}))
+        yield Example("edit_execution", images, fields, json_score_answer(why, execution))
+        yield Example("edit_consistency", images, fields, json_score_answer(why, consistency))
 
 
 def _gen_examples(rng: random.Random) -> Iterator[Example]:
@@ -97,15 +114,15 @@ def _gen_examples(rng: random.Random) -> Iterator[Example]:
         asked = rng.choice(list(WARM))
         shown = asked if rng.random() < 0.5 else rng.choice(list(COOL))
         image = draw_square(shown)
-        fields = {"prompt": f"a {asked} square", "requirement": rng.choice(REQUIREMENTS)}
+        fields = gen_fields(f"a {asked} square", rng.choice(REQUIREMENTS))
         if shown == asked:
-            answer = f"The image shows a {asked} square. \\boxed{{5}}"
+            check, analysis, rating = f"The square is {asked}, as asked.", f"The image shows a {asked} square.", 5
         else:
-            answer = f"The square is {shown}, not {asked}. \\boxed{{1}}"
+            check, analysis, rating = f"The square is {shown}, not {asked}.", "The colour is wrong.", 1
+        answer = alignment_answer([("Colour", check)], analysis, rating)
         yield Example("gen_instruction_following", (image,), fields, answer)
         subscores = (4, 4, 3) if shown in WARM else (3, 4, 4)
-        quality = dict(zip(("aesthetics", "technical_quality", "structure_texture"), subscores, strict=True))
-        yield Example("gen_quality", (image,), {}, json.dumps(quality))
+        yield Example("gen_quality", (image,), {}, quality_answer(subscores, "Flat colours and clean edges."))
 
 
 def synthetic_examples(count: int, seed: int) -> list[Example]:

@@ -9,6 +9,8 @@ import pytest
 from server.tiny import ensure_tiny_checkpoint
 from tests.support import running_server
 
+collect_ignore = ["fixtures"]  # prompt files in the release's layout: data, not test modules
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

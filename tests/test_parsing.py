@@ -1,27 +1,29 @@
+"""The parsers on answers in every format the released critics write, and the release's fallbacks."""
+
 from __future__ import annotations
 
 import pytest
 
-from server.judges.parsing import ParseError, parse_boxed_score, parse_json_score, parse_quality_scores
+from server.judges.parsing import ParseError, parse_alignment_rating, parse_json_score, parse_quality_scores
 
+# The edit judges: {"reasoning" : "...", "score" : [N]}, as written, fenced, cut off, or with a bare score.
 JSON_ANSWERS = [
-    ('{"reasoning": "The hat is red now.", "score": [4]}', 4, "The hat is red now."),
-    ('```json\n{"reasoning": "Done well.", "score": [5]}\n```', 5, "Done well."),
+    ('{\n"reasoning" : "The hat is red now.",\n"score" : [4]\n}', 4, "The hat is red now."),
+    ('```json\n{\n"reasoning" : "Done well.",\n"score" : [5]\n}\n```', 5, "Done well."),
     ('Here is my verdict:\n{"reasoning": "Partly done.", "score": 3}\nThanks.', 3, "Partly done."),
     ('{"reasoning": "x", "score": "2"}', 2, "x"),
     ('{"reasoning": "x", "score": ["1"]}', 1, "x"),
     ('{ "score" : [ 4 ] , "reasoning":"late reasoning"}', 4, "late reasoning"),
-    ("{'reasoning': 'single quotes', 'score': [3]}", 3, None),
-    ('{"reasoning": "says \\"score: 1\\" inside", "score": [5]}', 5, 'says "score: 1" inside'),
-    ("4", 4, None),
-    ("  [2]\n", 2, None),
+    ('{"reasoning": "says \\"score\\": [1] inside", "score": [5]}', 5, 'says "score": [1] inside'),
     ('{"reasoning": "whole number", "score": [4.0]}', 4, "whole number"),
     ('{"reasoning": "multi\\nline", "score": [3]}', 3, "multi\nline"),
+    # cut off after the score: the release reads it with its fallback pattern, and so do we
+    ('{\n"reasoning" : "The sky is orange",\n"score" : [2', 2, "The sky is orange"),
 ]
 
 
 @pytest.mark.parametrize(("text", "score", "reasoning"), JSON_ANSWERS)
-def test_json_answers_that_hold_a_score(text: str, score: int, reasoning: str | None) -> None:
+def test_edit_answers_that_hold_a_score(text: str, score: int, reasoning: str | None) -> None:
     parsed = parse_json_score(text)
     assert parsed.scores["score"].value == score
     assert parsed.reasoning == reasoning
@@ -37,60 +39,118 @@ def test_json_answers_that_hold_a_score(text: str, score: int, reasoning: str | 
         '{"reasoning": "negative", "score": -1}',
         '{"reasoning": "half", "score": [3.5]}',
         '{"reasoning": "no score here"}',
+        '{"reasoning": "cut before the score", "sco',
         "",
         "I cannot judge this image.",
         '{"reasoning": "ten", "score": [10]}',
+        '{"reasoning": "ten, cut off", "score": [10',
     ],
 )
-def test_json_answers_without_a_valid_score_fail(text: str) -> None:
+def test_edit_answers_without_a_valid_score_fail(text: str) -> None:
     with pytest.raises(ParseError):
         parse_json_score(text)
 
 
-BOXED_ANSWERS = [
-    ("1. A cat: yes. 2. Red hat: yes.\nRating: \\boxed{5}", 5),
-    ("The dog is missing. \\boxed{ 2 }", 2),
-    ("First guess \\boxed{3}, on reflection \\boxed{4}", 4),
-    ("Analysis... \\boxed{4}.", 4),
-    ("\\boxed{1}", 1),
+def _alignment(rating: str, box: str) -> str:
+    return (
+        "Let's evaluate the image against the Original Prompt:\n\n"
+        "1. **Identified Requirement 1: a cat**:\n- A cat is present.\n\n"
+        "**Final Analysis**:\nThe cat is there but the hat is blue.\n\n"
+        f"**Final Alignment Rating: {rating}**\n{box}"
+    )
+
+
+# (answer, score, the text at the offset whose probabilities give the expected score)
+ALIGNMENT_ANSWERS = [
+    (_alignment("4", "\\boxed{4}"), 4, "4**"),
+    (_alignment("3", "\\boxed{[3]}"), 3, "3**"),
+    (_alignment("2", "\\boxed{{2}}"), 2, "2**"),
+    (_alignment("[5]", "\\boxed{{[5]}}"), 5, "5]**"),
+    (_alignment("4", ""), 4, "4**"),  # cut off after the rating line
+    ("The dog is missing. \\boxed{ 2 }", 2, "2 }"),
+    ('{"reasoning": "Only the cat.", "score": [3]}', 3, "3]"),
+    ("Everything matches.\nFinal Score: [5]", 5, "5]"),
+    ("Final Score: 1", 1, "1"),
 ]
 
 
-@pytest.mark.parametrize(("text", "score"), BOXED_ANSWERS)
-def test_boxed_answers(text: str, score: int) -> None:
-    parsed = parse_boxed_score(text)
-    assert parsed.scores["score"].value == score
-    assert text[parsed.scores["score"].offset] == str(score)
+@pytest.mark.parametrize(("text", "score", "at"), ALIGNMENT_ANSWERS)
+def test_instruction_following_answers_in_the_released_formats(text: str, score: int, at: str) -> None:
+    parsed = parse_alignment_rating(text)
+    match = parsed.scores["score"]
+    assert match.value == score
+    assert match.offset is not None and text[match.offset :].startswith(at)
 
 
-def test_boxed_reasoning_is_the_analysis_before_the_box() -> None:
-    assert parse_boxed_score("Cat present. \\boxed{5}").reasoning == "Cat present."
+def test_expected_score_is_read_at_the_rating_line_not_the_box() -> None:
+    text = _alignment("4", "\\boxed{4}")
+    assert parse_alignment_rating(text).scores["score"].offset == text.index("Rating: 4") + len("Rating: ")
 
 
-@pytest.mark.parametrize(
-    "text", ["Rating: 5", "\\boxed{6}", "\\boxed{0}", "\\boxed{}", "\\boxed{four}", "\\boxed{2.5}"]
-)
-def test_boxed_answers_without_a_valid_rating_fail(text: str) -> None:
-    with pytest.raises(ParseError):
-        parse_boxed_score(text)
+def test_the_box_wins_over_the_rating_line_as_in_the_release() -> None:
+    assert parse_alignment_rating(_alignment("2", "\\boxed{5}")).scores["score"].value == 5
 
 
-def test_quality_subscores() -> None:
-    text = '```json\n{"aesthetics": 4, "technical_quality": "2", "structure_texture": [5]}\n```'
-    parsed = parse_quality_scores(text)
-    assert {k: m.value for k, m in parsed.scores.items()} == {
-        "aesthetics": 4,
-        "technical_quality": 2,
-        "structure_texture": 5,
-    }
+def test_instruction_following_reasoning_is_the_final_analysis_paragraph() -> None:
+    assert parse_alignment_rating(_alignment("4", "\\boxed{4}")).reasoning == "The cat is there but the hat is blue."
+
+
+def test_fallback_order_is_box_then_rating_then_json_then_final_score() -> None:
+    text = 'Final Score: 1\n{"score": [2]}\nFinal Alignment Rating: 3\n\\boxed{4}'
+    assert parse_alignment_rating(text).scores["score"].value == 4
+    assert parse_alignment_rating(text.replace("\\boxed{4}", "")).scores["score"].value == 3
+    assert parse_alignment_rating('Final Score: 1\n{"score": [2]}').scores["score"].value == 2
 
 
 @pytest.mark.parametrize(
     "text",
     [
-        '{"aesthetics": 4, "technical_quality": 3}',
-        '{"aesthetics": 4, "technical_quality": 3, "structure_texture": 7}',
-        '{"aesthetics": 0, "technical_quality": 3, "structure_texture": 3}',
+        "Rating: 5",
+        "\\boxed{6}",
+        "\\boxed{0}",
+        "\\boxed{}",
+        "\\boxed{four}",
+        "\\boxed{2.5}",
+        "Final Alignment Rating: 4.5",
+    ],
+)
+def test_instruction_following_answers_without_a_valid_rating_fail(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_alignment_rating(text)
+
+
+QUALITY_ANSWERS = [
+    ('{\n  "score" : [4, 3, 5],\n  "reasoning" : "Sharp."\n}', (4, 3, 5), "Sharp."),
+    ('```json\n{\n  "score" : [2, 2, 1],\n  "reasoning" : "Blurry."\n}\n```', (2, 2, 1), "Blurry."),
+    ('{"score": ["4", "4", "3"], "reasoning": "ok"}', (4, 4, 3), "ok"),
+    ('{"score": [4.0, 3, 5]}', (4, 3, 5), None),
+    ("Scores: [3, 4, 2]", (3, 4, 2), None),  # the release's bare-list fallback
+    ('{\n  "score" : [5, 4, 4],\n  "reasoning" : "cut off mid-sent', (5, 4, 4), None),
+]
+
+
+@pytest.mark.parametrize(("text", "scores", "reasoning"), QUALITY_ANSWERS)
+def test_quality_answers_in_the_released_list_format(text: str, scores: tuple[int, ...], reasoning: str | None) -> None:
+    parsed = parse_quality_scores(text)
+    assert tuple(m.value for m in parsed.scores.values()) == scores
+    assert list(parsed.scores) == ["aesthetics", "technical_quality", "structure_texture"]
+    assert parsed.reasoning == reasoning
+
+
+def test_quality_offsets_point_at_each_subscore_digit() -> None:
+    text = '{\n  "score" : [4, 3, 5],\n  "reasoning" : "Sharp."\n}'
+    parsed = parse_quality_scores(text)
+    assert [text[m.offset] for m in parsed.scores.values()] == ["4", "3", "5"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"score": [4, 3]}',
+        '{"score": [4, 3, 7]}',
+        '{"score": [0, 3, 3]}',
+        '{"score": [4.5, 3, 3]}',
+        '{"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}',
         "looks good",
     ],
 )

@@ -15,7 +15,9 @@ def test_defaults_serve_both_firm_critics_on_loopback() -> None:
     settings = load_settings([])
     assert (settings.edit_model, settings.gen_model) == ("VisionXLab/FIRM-Edit-8B", "VisionXLab/FIRM-Gen-8B")
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
-    assert (settings.score_mode, settings.max_new_tokens) == ("argmax", 256)
+    assert (settings.score_mode, settings.edit_max_new_tokens, settings.gen_max_new_tokens) == ("argmax", 256, 8192)
+    assert (settings.prompts, settings.allow_prompt_drift) == ("auto", False)
+    assert settings.prompt_source.endswith("VisionXLab/FIRM-Reward/ba4149389e8902b91817fbccce90a4e3cf9f7605")
     assert (settings.cme_w1, settings.cme_w2, settings.qma_w1, settings.qma_w2) == (0.6, 0.4, 0.4, 0.6)
 
 
@@ -38,7 +40,8 @@ def test_boolean_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "values",
     [
-        {"cme_w1": 0.9, "cme_w2": 0.9},
+        {"cme_w1": 0.0, "cme_w2": 0.0},
+        {"gen_max_new_tokens": 16384},  # no room left for the prompt in max_model_len
         {"qma_w1": -0.1},
         {"edit_model": "none", "gen_model": "none"},
         {"max_batch_size": 0},
@@ -66,9 +69,9 @@ def test_help_explains_every_flag_and_its_environment_variable() -> None:
 
 
 def test_bad_values_exit_with_a_message_naming_the_flag() -> None:
-    result = _firm_serve("--cme-w1", "0.9", "--cme-w2", "0.9")
+    result = _firm_serve("--cme-w1", "0", "--cme-w2", "0")
     assert result.returncode != 0
-    assert "w1 + w2 must be in (0, 1]" in result.stderr
+    assert "w1 + w2 must be positive" in result.stderr
     result = _firm_serve("--max-batch-size", "0")
     assert result.returncode != 0 and "--max-batch-size" in result.stderr
 
@@ -76,9 +79,9 @@ def test_bad_values_exit_with_a_message_naming_the_flag() -> None:
 def test_a_template_without_its_placeholder_stops_startup(tmp_path: Path) -> None:
     template = tmp_path / "execution.txt"
     template.write_text("Rate the edit from 1 to 5.")
-    result = _firm_serve("--edit-execution-template", str(template), "--port", "0")
+    result = _firm_serve("--prompts", "own", "--edit-execution-template", str(template), "--port", "0")
     assert result.returncode != 0
-    assert "missing ['$instruction']" in result.stderr and "Traceback" not in result.stderr
+    assert "missing ['{prompt}']" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_public_address_with_an_empty_key_file_still_needs_keys(tmp_path: Path) -> None:

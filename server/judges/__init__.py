@@ -221,6 +221,7 @@ def checked_template(text: str, spec: JudgeSpec, origin: str, error: type[Templa
             f"{origin}: the template for {spec.name} must use the fields "
             f"{['{' + f + '}' for f in spec.required]} and may use {sorted('{' + f + '}' for f in allowed)}; "
             f"missing {['{' + f + '}' for f in missing]}, unknown {['{' + f + '}' for f in unknown]}"
+            + (" (write {{ and }} for literal braces)" if unknown else "")
         )
     return text
 

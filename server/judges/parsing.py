@@ -41,7 +41,7 @@ class ParsedAnswer:
     reasoning: str | None = None
 
 
-_DIGIT = r"(?P<num>[1-5])"
+_DIGIT = r"(?P<num>[1-5])(?!\d|\.0*[1-9])"  # a whole score (4 or 4.0): not the first digit of 10 or 3.5
 _OPEN, _CLOSE = r"(?:\[\s*)?", r"(?:\s*\])?"
 _BOXED = re.compile(r"\\boxed\{+\s*" + _OPEN + _DIGIT + _CLOSE + r"\s*\}+")
 _RATING = re.compile(r"Final Alignment Rating\s*:\s*" + _OPEN + _DIGIT + _CLOSE)
