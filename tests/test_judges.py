@@ -104,8 +104,9 @@ def test_judge_takes_the_probabilities_at_the_score_position() -> None:
 
 def test_quality_expected_values_are_read_per_subscore() -> None:
     text = '{\n  "score" : [4, 3, 5],\n  "reasoning" : "ok"\n}'
-    steps = tuple(WatchedStep(offset=text.index(d + ","), token=d, probs={d: 0.5, "1": 0.5}) for d in ("4", "3")) + (
-        WatchedStep(offset=text.index("5]"), token="5", probs={"5": 1.0}),
+    steps = tuple(
+        WatchedStep(offset=text.index(digit), token=digit, probs=probs)
+        for digit, probs in (("4", {"4": 0.5, "1": 0.5}), ("3", {"3": 0.5, "1": 0.5}), ("5", {"5": 1.0}))
     )
     outcome = load_judges()["gen_quality"].judge(GenerationResult(text=text, watched=steps))
     assert outcome.scores == {"aesthetics": 4, "technical_quality": 3, "structure_texture": 5}
