@@ -1,7 +1,7 @@
 """The clipped GRPO objective on recorded denoising transitions.
 
 Each sample's trajectory is a chain of Gaussian steps whose log-probabilities were recorded at
-sampling. The update recomputes them under the current policy for a random subset of steps and
+sampling. The update recomputes them under the current policy for the first steps of the chain and
 applies the PPO-style clipped surrogate with the sample's group-normalised advantage, plus an
 optional KL to the frozen reference (the model with LoRA off). The trainable samples of a step are
 split into mini-batches with one optimizer step each, so after the first the policy has moved
@@ -21,7 +21,7 @@ from rl_workers.advantages import GroupAdvantages
 from rl_workers.generators.base import Condition, Conditioning, Generator
 from rl_workers.lora import reference_policy
 from rl_workers.rewards import GroupRewards, PendingRewards
-from rl_workers.sampling import Trajectory, step_log_prob
+from rl_workers.sampling import Trajectory, kl_to_reference, step_log_prob
 
 
 @dataclass
@@ -81,17 +81,16 @@ def clipped_surrogate(
     return torch.maximum(unclipped, clipped), ratio, (torch.abs(ratio - 1.0) > clip_range)
 
 
-def training_steps(steps: int, fraction: float, generator: torch.Generator) -> list[int]:
-    """Which denoising steps train this update: a random subset of round(fraction * steps), at least one.
+def training_steps(steps: int, fraction: float) -> list[int]:
+    """Which denoising steps train: the first int(fraction * steps), at least one (Flow-GRPO's rule).
 
-    >>> chosen = training_steps(10, 0.3, torch.Generator().manual_seed(0))
-    >>> len(chosen), chosen == sorted(set(chosen)), all(0 <= i < 10 for i in chosen)
-    (3, True, True)
-    >>> training_steps(10, 0.01, torch.Generator())[0] in range(10)
-    True
+    The last steps barely move the image and their noise is tiny, so their ratios are the noisiest;
+    a fraction below 1 leaves them out.
+
+    >>> training_steps(10, 0.99), training_steps(10, 1.0)[-1], training_steps(10, 0.3), training_steps(10, 0.01)
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8], 9, [0, 1, 2], [0])
     """
-    count = max(1, round(fraction * steps))
-    return sorted(torch.randperm(steps, generator=generator)[:count].tolist())
+    return list(range(max(1, int(fraction * steps + 1e-9))))
 
 
 def accumulate_gradients(
@@ -106,6 +105,7 @@ def accumulate_gradients(
     kl_beta: float,
     batch_size: int,
     norm: float,
+    kl_form: str = "flow_grpo",
 ) -> None:
     """Backpropagate the loss of samples `rows[i]` of `rollouts[i]` at `step_indices`, divided by `norm`
     (gradients add up over micro-batches and steps); add the figures to `stats`."""
@@ -129,8 +129,7 @@ def accumulate_gradients(
                         ref = step_log_prob(
                             model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level
                         )
-                    # the exact KL between the two Gaussian steps, per latent element
-                    kl = ((step.mean - ref.mean) ** 2).flatten(1).mean(dim=1) / (2.0 * step.scale**2)
+                    kl = kl_to_reference(step, ref, kl_form)
                 loss = policy + kl_beta * kl
                 (loss.sum() / norm).backward()
                 stats.terms += len(chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ class MetricsLog:
                 self._wandb = wandb.init(project=wandb_project, config=config)
 
     def write(self, step: int, figures: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **figures}) + "\n")
+        """One line per step; an unknown figure (NaN: nothing trained, nothing scored) is written as null."""
+        known = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in figures.items()}
+        self._file.write(json.dumps({"step": step, **known}, allow_nan=False) + "\n")
         self._file.flush()
         if self._tensorboard is not None:
             for name, value in figures.items():

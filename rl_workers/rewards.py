@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
 
 from clients import RewardClient
+from clients.errors import FirmError, RequestFailed, Unauthorized
 from clients.protocol import EditGroupResponse, GenGroupResponse, ScoreMode
 from rl_workers.generators.base import Condition
 
 COMPONENTS = {"t2i": ("instruction_following", "quality"), "edit": ("execution", "consistency")}
+CRITIC_TASK = {"t2i": "gen", "edit": "edit"}  # the server's name for the critic each task needs
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,30 @@ class RemoteCritic:
 
     def ready(self) -> bool:
         return self._client.ready()
+
+    def problem(self) -> str | None:
+        """Why this critic cannot score the task's groups, or None when it can: the server is unreachable,
+        refuses the API key, does not serve the task's critic, or is not ready. Checked before training,
+        since every later failure only masks rewards."""
+        where = ", ".join(self._client.config.base_urls)
+        try:
+            models = self._client.models()
+        except Unauthorized as exc:
+            return f"the reward server at {where} refused the API key (FIRM_API_KEY): {exc}"
+        except (RequestFailed, OSError) as exc:
+            return f"cannot reach the reward server at {where} (is firm-serve running there?): {exc}"
+        except (FirmError, ValidationError) as exc:
+            return f"the reward server at {where} did not list its critics (GET /v1/models): {exc}"
+        needed = CRITIC_TASK[self.task]
+        served = sorted(card.task for card in models.models)
+        if needed not in served:
+            return (
+                f"the reward server at {where} does not serve the {needed} critic that --task {self.task} needs "
+                f"(it serves: {', '.join(served) or 'nothing'})"
+            )
+        if not self.ready():
+            return f"the reward server at {where} is not ready (GET /readyz: models still loading or failed)"
+        return None
 
     def close(self) -> None:
         self._client.close()

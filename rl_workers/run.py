@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from rl_workers.distributed import init_from_env, local_rank, shutdown
+from rl_workers.distributed import Ranks, init_from_env, local_rank, shutdown, sum_across
 from rl_workers.generators import load_generator, resolve_device
 from rl_workers.observability import MetricsLog
 from rl_workers.prompts import endless, load_conditions
@@ -15,6 +15,16 @@ from rl_workers.settings import RolloutSettings
 from rl_workers.worker import RolloutWorker
 
 log = logging.getLogger("firm-rollout")
+
+
+def check_critic(critic: RemoteCritic, ranks: Ranks, device: torch.device) -> None:
+    """Fail fast, on every rank together, when any rank's reward server cannot score the task."""
+    problem = critic.problem()
+    failed = sum_across({"failed": float(problem is not None)}, ranks, device)["failed"]
+    if problem is not None:
+        raise ValueError(problem)
+    if failed:
+        raise ValueError(f"{int(failed)} other rank(s) cannot use their reward server (see their messages)")
 
 
 def run(settings: RolloutSettings) -> list[dict[str, float]]:
@@ -27,8 +37,7 @@ def run(settings: RolloutSettings) -> list[dict[str, float]]:
         torch.manual_seed(settings.seed + ranks.rank)
         conditions = load_conditions(settings.prompts, settings.task, ranks.rank, ranks.world)
         critic = RemoteCritic(settings.task, settings.reward_url, score_mode=settings.score_mode)
-        if not critic.ready():
-            raise ValueError("the reward server is not ready (is firm-serve running at the given URL?)")
+        check_critic(critic, ranks, device)
         generator = load_generator(settings, device)
         if ranks.main:
             metrics = MetricsLog(

@@ -12,6 +12,8 @@ from server.settings import default_cache_dir
 
 DEFAULT_MODELS = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "Qwen/Qwen-Image-Edit"}
 DEFAULT_GUIDANCE = {"t2i": 4.5, "edit": 4.0}
+# Samples per forward pass of the update: Qwen-Image-Edit's 20B transformer with true CFG fits one.
+DEFAULT_TRAIN_BATCH = {"t2i": 4, "edit": 1}
 
 
 class RolloutSettings(BaseSettings):
@@ -46,6 +48,18 @@ class RolloutSettings(BaseSettings):
     )
     overlap: bool = Field(True, description="Score each group while the next one samples.")
     std_floor: float = Field(0.01, gt=0, description="Floor on a group's reward std when normalising advantages.")
+    adv_std: Literal["group", "global"] = Field(
+        "group",
+        description="Divide each group's centred rewards by the group's std, or by the std of every reward "
+        "of the step on all ranks (Flow-GRPO's global_std).",
+    )
+    adv_clip: float = Field(5.0, gt=0, description="Advantages are clipped to [-adv_clip, adv_clip].")
+    max_failed_steps: int = Field(
+        10,
+        ge=1,
+        description="Stop (after saving a checkpoint) when this many consecutive steps got no reward at all, "
+        "on any rank. Steps with some rewards reset the count.",
+    )
 
     # sampling
     group_size: int = Field(16, ge=2, description="Samples per prompt (G); the paper uses 16.")
@@ -57,6 +71,24 @@ class RolloutSettings(BaseSettings):
     noise_level: float = Field(0.7, gt=0, description="SDE noise scale (Flow-GRPO's a); higher explores more.")
     guidance_scale: float | None = Field(None, ge=1.0, description="CFG scale; default 4.5 (SD3.5) or 4.0 (Qwen).")
     max_sequence_length: int = Field(256, ge=8, description="Text tokens given to SD3's T5 encoder.")
+    source_vae_side: int = Field(
+        1024,
+        ge=32,
+        description="Editing: the source is VAE-encoded at about this side squared in pixels, at its own aspect "
+        "ratio (QwenImageEditPipeline: 1024).",
+    )
+    source_vl_side: int = Field(
+        384,
+        ge=28,
+        description="Editing: the vision-language text encoder sees the source at about this side squared "
+        "(the FIRM release: 384; the diffusers pipeline: 1024).",
+    )
+    prompt_cache: int = Field(
+        1024, ge=0, description="Prompt embeddings kept (on the CPU) per worker, so each prompt is embedded once."
+    )
+    offload_text_encoders: bool = Field(
+        True, description="Keep text encoders on the CPU, moving them to the GPU only to embed an uncached prompt."
+    )
 
     # update
     steps: int = Field(100, ge=1, description="Training steps.")
@@ -64,13 +96,24 @@ class RolloutSettings(BaseSettings):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip range (ratios stay near 1 per step).")
     kl_beta: float = Field(
-        0.04,
-        ge=0,
-        description="Weight of the KL to the frozen reference (LoRA off; the exact KL of each Gaussian "
-        "step, per latent element); 0 skips the reference pass.",
+        0.04, ge=0, description="Weight of the KL to the frozen reference (LoRA off); 0 skips the reference pass."
+    )
+    kl_form: Literal["flow_grpo", "exact"] = Field(
+        "flow_grpo",
+        description="flow_grpo: squared distance of the step means / (2 std^2), as Flow-GRPO (its beta values "
+        "assume it); exact: the KL between the two Gaussian steps, / (2 std^2 |dt|), larger by 1/|dt|.",
+    )
+    cfg_grad: Literal["cond", "both"] = Field(
+        "cond",
+        description="Which CFG branch the update backpropagates through: cond (the unconditional prediction is "
+        "detached, as Flow-GRPO) or both.",
     )
     timestep_fraction: float = Field(
-        1.0, gt=0, le=1, description="Fraction of each trajectory's steps that train (chosen at random per step)."
+        0.99,
+        gt=0,
+        le=1,
+        description="The first int(fraction * sample_steps) denoising steps train (at least one); 0.99 leaves "
+        "out the last, nearly noise-free step.",
     )
     updates_per_step: int = Field(
         2,
@@ -78,7 +121,14 @@ class RolloutSettings(BaseSettings):
         description="Optimizer steps per training step: the step's samples are split into this many "
         "mini-batches, so later ones see a moved policy and the ratio clip matters.",
     )
-    train_batch_size: int = Field(4, ge=1, description="Samples per forward pass in the update (gradients accumulate).")
+    train_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per forward pass in the update (gradients accumulate); default 4 (t2i), 1 (edit).",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute the transformer's activations in the backward pass; default on for GPUs."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     lora_rank: int = Field(32, ge=1, description="LoRA rank on the transformer's attention projections.")
     lora_alpha: int = Field(64, ge=1, description="LoRA alpha.")
@@ -100,6 +150,10 @@ class RolloutSettings(BaseSettings):
     @property
     def model_id(self) -> str:
         return self.model or DEFAULT_MODELS[self.task]
+
+    @property
+    def batch_size(self) -> int:
+        return self.train_batch_size or DEFAULT_TRAIN_BATCH[self.task]
 
     @property
     def guidance(self) -> float:

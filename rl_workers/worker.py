@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rl_workers.advantages import group_advantages
+from rl_workers.advantages import step_advantages
 from rl_workers.distributed import Ranks, average_gradients, broadcast_from_main, max_across, sum_across
 from rl_workers.generators.base import Condition, Generator
 from rl_workers.grpo import Rollout, UpdateStats, accumulate_gradients, training_steps
@@ -28,6 +28,10 @@ from rl_workers.sampling import sample
 from rl_workers.settings import RolloutSettings
 
 log = logging.getLogger(__name__)
+
+
+class RewardsUnavailable(RuntimeError):
+    """No rank got a single reward for `max_failed_steps` consecutive steps: the run cannot learn."""
 
 
 @dataclass
@@ -96,6 +100,7 @@ class RolloutWorker:
             rollouts.append(rollout)
         for rollout in rollouts:
             self._collect(rollout, timings)
+        self._advantages(rollouts)
         return rollouts
 
     def _collect(self, rollout: Rollout, timings: Timings) -> None:
@@ -104,9 +109,23 @@ class RolloutWorker:
         started = time.perf_counter()
         rollout.rewards = rollout.pending.result()
         timings.reward_wait += time.perf_counter() - started
-        rollout.advantages = group_advantages(rollout.rewards.rewards, self.settings.std_floor)
-        for error in rollout.rewards.errors:
-            log.warning("reward failed for group %s item %s", rollout.condition.id, error)
+        if rollout.rewards.errors:
+            shown = "; ".join(rollout.rewards.errors[:3])
+            log.warning("group %s: %d reward(s) failed: %s", rollout.condition.id, rollout.rewards.failed, shown)
+
+    def _advantages(self, rollouts: list[Rollout]) -> None:
+        s = self.settings
+        rewards = [ro.rewards.rewards if ro.rewards is not None else [] for ro in rollouts]
+        advantages = step_advantages(
+            rewards,
+            std_floor=s.std_floor,
+            adv_std=s.adv_std,
+            clip=s.adv_clip,
+            ranks=self.ranks,
+            device=self.generator.device,
+        )
+        for rollout, advantage in zip(rollouts, advantages, strict=True):
+            rollout.advantages = advantage
 
     # ------------------------------------------------------------------ update
 
@@ -131,7 +150,7 @@ class RolloutWorker:
     def update(self, rollouts: list[Rollout]) -> UpdateStats:
         s = self.settings
         stats = UpdateStats()
-        indices = training_steps(rollouts[0].trajectory.steps, s.timestep_fraction, self.rng)
+        indices = training_steps(rollouts[0].trajectory.steps, s.timestep_fraction)
         for rows in self._mini_batches(rollouts):
             count = sum(len(r) for r in rows)
             total = sum_across({"n": float(count)}, self.ranks, self.generator.device)["n"]
@@ -147,7 +166,8 @@ class RolloutWorker:
                 noise_level=s.noise_level,
                 clip_range=s.clip_range,
                 kl_beta=s.kl_beta,
-                batch_size=s.train_batch_size,
+                kl_form=s.kl_form,
+                batch_size=s.batch_size,
                 norm=total * len(indices) / self.ranks.world,  # the mean over every rank's terms
             )
             average_gradients(self.params, self.ranks)
@@ -218,6 +238,7 @@ class RolloutWorker:
             "reward/mean": mean if n else math.nan,
             "reward/std": math.sqrt(max(s["r2"] / max(n, 1) - mean**2, 0.0)) if n else math.nan,
             "reward/failed_fraction": s["failed"] / max(s["items"], 1),
+            "reward/scored": n,
             "groups/zero_spread": s["zero_spread"],
             "groups/total": s["groups"],
         }
@@ -233,8 +254,11 @@ class RolloutWorker:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> list[dict[str, float]]:
+        """Train for `steps` steps. A step whose rewards failed still trains on those that came back;
+        after `max_failed_steps` consecutive steps without any reward on any rank, save and stop."""
         s = self.settings
         history = []
+        without_rewards = 0
         bar = tqdm(
             range(1, s.steps + 1), desc="firm-rollout", disable=not (s.progress and self.ranks.main), unit="step"
         )
@@ -244,11 +268,22 @@ class RolloutWorker:
                 figures["eval/reward_mean"] = self.evaluate()
             history.append(figures)
             bar.set_postfix(reward=f"{figures['reward/mean']:.3f}", wait=f"{figures['time/reward_wait_fraction']:.0%}")
+            # the figures are reduced over all ranks, so every rank takes the same branch below
+            without_rewards = without_rewards + 1 if figures["reward/scored"] == 0 else 0
             if self.ranks.main:
+                if figures["reward/failed_fraction"] > 0:
+                    log.warning("step %d: %.0f%% of rewards failed", number, 100 * figures["reward/failed_fraction"])
                 if self.metrics is not None:
                     self.metrics.write(number, figures)
-                if (s.save_every and number % s.save_every == 0) or number == s.steps:
+                stopping = without_rewards >= s.max_failed_steps
+                if (s.save_every and number % s.save_every == 0) or number == s.steps or stopping:
                     self.save(number)
+            if without_rewards >= s.max_failed_steps:
+                raise RewardsUnavailable(
+                    f"no reward came back for {without_rewards} consecutive steps (--max-failed-steps), so the "
+                    f"run stopped after step {number}; the LoRA weights are in "
+                    f"{s.output_dir / f'checkpoint-{number}'}. Check the reward server and its /metrics."
+                )
         return history
 
     def save(self, step: int) -> None:

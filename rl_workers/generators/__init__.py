@@ -31,6 +31,17 @@ def _missing_components(model: str) -> dict[str, Any]:
     return {k: None for k, v in entries.items() if isinstance(v, list) and v[0] is None}
 
 
+def _place(pipeline: Any, device: torch.device, offload_text_encoders: bool) -> Any:
+    """Move the pipeline's models to `device`; text encoders stay on the CPU when they are offloaded
+    (the generator's prompt cache brings them over for each new prompt)."""
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            if not (offload_text_encoders and name.startswith("text_encoder")):
+                module.to(device)
+    return pipeline
+
+
 def load_generator(settings: RolloutSettings, device: torch.device) -> Generator:
     """Load the generator's pipeline (hub id or folder), freeze it, and wrap it for the rollout loop."""
     from rl_workers.tiny import ensure_tiny_pipeline
@@ -39,6 +50,12 @@ def load_generator(settings: RolloutSettings, device: torch.device) -> Generator
     model = str(ensure_tiny_pipeline(settings.cache_dir, kind)) if settings.tiny else settings.model_id
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": settings.revision} | _missing_components(model)
+    offload = settings.offload_text_encoders and device.type != "cpu"
+    shared: dict[str, Any] = {
+        "cfg_grad": settings.cfg_grad,
+        "prompt_cache": settings.prompt_cache,
+        "offload_text_encoders": offload,
+    }
     if settings.task == "t2i":
         from diffusers import StableDiffusion3Pipeline
 
@@ -46,24 +63,30 @@ def load_generator(settings: RolloutSettings, device: torch.device) -> Generator
 
         if settings.drop_t5:
             kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
-        pipeline = StableDiffusion3Pipeline.from_pretrained(model, **kwargs)
+        pipeline = _place(StableDiffusion3Pipeline.from_pretrained(model, **kwargs), device, offload)
         generator: Generator = SD3Generator(
-            pipeline.to(device),
+            pipeline,
             resolution=settings.resolution,
             guidance_scale=settings.guidance,
             max_sequence_length=settings.max_sequence_length,
+            **shared,
         )
     else:
         from diffusers import QwenImageEditPipeline
 
         from rl_workers.generators.qwen_edit import QwenEditGenerator
 
-        pipeline = QwenImageEditPipeline.from_pretrained(model, **kwargs)
+        pipeline = _place(QwenImageEditPipeline.from_pretrained(model, **kwargs), device, offload)
         generator = QwenEditGenerator(
-            pipeline.to(device), resolution=settings.resolution, guidance_scale=settings.guidance
+            pipeline,
+            resolution=settings.resolution,
+            guidance_scale=settings.guidance,
+            vae_side=settings.source_vae_side,
+            vl_side=settings.source_vl_side,
+            **shared,
         )
     pipeline.set_progress_bar_config(disable=True)
-    for module in pipeline.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False)
+    checkpointing = settings.gradient_checkpointing
+    if checkpointing if checkpointing is not None else device.type == "cuda":
+        generator.transformer.enable_gradient_checkpointing()  # type: ignore[operator]
     return generator

@@ -45,6 +45,13 @@ class Generator(ABC):
     transformer: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+    cfg_grad: str = "cond"  # "cond": the unconditional CFG branch carries no gradient (Flow-GRPO); "both"
+
+    @property
+    def uncond_without_grad(self) -> bool:
+        """Whether the unconditional prediction carries no gradient: always when sampling, and in the
+        update unless `cfg_grad` is "both"."""
+        return not torch.is_grad_enabled() or self.cfg_grad == "cond"
 
     @abstractmethod
     def prepare(self, condition: Condition, n: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor]:

@@ -1,9 +1,10 @@
 """Qwen-Image-Edit (instruction editing) behind the generator interface, on diffusers' components.
 
-The source image is resized to about `resolution`² pixels at its own aspect ratio (sides multiples
-of 32, as the pipeline does), encoded once by the VAE per group and concatenated to the noisy
-latents at every step; the text encoder sees the source image and the instruction. The edited
-images have the same size, and the critic is shown that resized source.
+The source conditions the model twice, as in `QwenImageEditPipeline`: the VAE encodes it at about
+`vae_side`² pixels (the pipeline's 1024²) at its own aspect ratio, and those latents are concatenated
+to the noisy ones at every step; the vision-language text encoder sees it at about `vl_side`² (the
+FIRM release's 384²) with the instruction. The edited images are about `resolution`² pixels at the
+source's aspect ratio, and the critic is shown the source resized to that size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from rl_workers.generators.base import Condition, Conditioning, Generator, cfg_combine
+from rl_workers.generators.prompt_cache import Embeddings, PromptCache, repeat_rows
 
 
 def edit_size(width: int, height: int, area: int, multiple: int = 32) -> tuple[int, int]:
@@ -32,49 +34,74 @@ def edit_size(width: int, height: int, area: int, multiple: int = 32) -> tuple[i
 class QwenEditGenerator(Generator):
     task = "edit"
 
-    def __init__(self, pipeline: Any, *, resolution: int, guidance_scale: float, negative_prompt: str = " ") -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        resolution: int,
+        guidance_scale: float,
+        vae_side: int = 1024,
+        vl_side: int = 384,
+        negative_prompt: str = " ",
+        cfg_grad: str = "cond",
+        prompt_cache: int = 1024,
+        offload_text_encoders: bool = True,
+    ) -> None:
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.device = self.transformer.device
         self.dtype = self.transformer.dtype
         self.resolution = resolution
         self.guidance_scale = guidance_scale  # Qwen's "true" CFG, with the norm rescale of the pipeline
+        self.vae_side = vae_side
+        self.vl_side = vl_side
         self.negative_prompt = negative_prompt
+        self.cfg_grad = cfg_grad
+        encoders = [pipeline.text_encoder]
+        self.prompts = PromptCache(encoders, self.device, size=prompt_cache, offload=offload_text_encoders)
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
-    def _encode_text(self, prompt: str, source: Image.Image, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, mask = self.pipeline.encode_prompt(
-            prompt=prompt, image=[source], device=self.device, num_images_per_prompt=n
-        )
+    def _encode_text(self, prompt: str, source: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = self.pipeline.encode_prompt(prompt=prompt, image=[source], device=self.device)
         if mask is None:  # the pipeline drops an all-ones mask; keep one so rows slice alike
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds, mask
+
+    def _embed(self, instruction: str, source: Image.Image) -> Embeddings:
+        """The instruction and the negative prompt, each with the source at the encoder's size (batch 1)."""
+        width, height = edit_size(*source.size, self.vl_side**2)
+        seen = self.pipeline.image_processor.resize(source, height, width)
+        embeds, mask = self._encode_text(instruction, seen)
+        tensors: Embeddings = {"embeds": embeds, "mask": mask}
+        if self.guided:
+            negative, negative_mask = self._encode_text(self.negative_prompt, seen)
+            tensors |= {"negative": negative, "negative_mask": negative_mask}
+        return tensors
 
     @torch.no_grad()
     def prepare(self, condition: Condition, n: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor]:
         if condition.source is None:
             raise ValueError(f"editing needs a source image (condition {condition.id!r} has none)")
         pipe = self.pipeline
-        width, height = edit_size(*condition.source.size, self.resolution**2)
-        source = condition.source.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-        embeds, mask = self._encode_text(condition.prompt, source, n)
-        tensors: dict[str, torch.Tensor | None] = {"embeds": embeds, "mask": mask}
-        unmasked = bool(mask.all())
-        if self.guided:
-            negative, negative_mask = self._encode_text(self.negative_prompt, source, n)
-            tensors |= {"negative": negative, "negative_mask": negative_mask}
-            unmasked = unmasked and bool(negative_mask.all())
-        pixels = pipe.image_processor.preprocess(source, height, width).unsqueeze(2)
+        original = condition.source.convert("RGB")
+        key = (condition.id, condition.prompt, original.size, self.vl_side)
+        tensors = repeat_rows(self.prompts.get(key, lambda: self._embed(condition.prompt, original)), n)
+        masks = [m for m in (tensors.get("mask"), tensors.get("negative_mask")) if m is not None]
+        unmasked = all(bool(m.all()) for m in masks)
+        width, height = edit_size(*original.size, self.resolution**2)
+        vae_width, vae_height = edit_size(*original.size, self.vae_side**2)
+        pixels = pipe.image_processor.preprocess(original, vae_height, vae_width).unsqueeze(2)
         latents, image_latents = pipe.prepare_latents(
             pixels, n, self.transformer.config.in_channels // 4, height, width, self.dtype, self.device, generator
         )
         tensors["image_latents"] = image_latents
         factor = pipe.vae_scale_factor * 2
-        shape = (1, height // factor, width // factor)
-        group = {"width": width, "height": height, "img_shapes": [shape, shape], "unmasked": unmasked, "source": source}
+        shapes = [(1, height // factor, width // factor), (1, vae_height // factor, vae_width // factor)]
+        shown = original.resize((width, height), Image.Resampling.BICUBIC)  # what the critic compares against
+        group = {"width": width, "height": height, "img_shapes": shapes, "unmasked": unmasked, "source": shown}
         return Conditioning(tensors, group), latents
 
     def schedule(self, steps: int, latents: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -110,7 +137,8 @@ class QwenEditGenerator(Generator):
         cond = self._predict(latents, t, conditioning, negative=False)
         if not self.guided:
             return cond
-        uncond = self._predict(latents, t, conditioning, negative=True)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.uncond_without_grad):
+            uncond = self._predict(latents, t, conditioning, negative=True)
         combined = cfg_combine(uncond, cond, self.guidance_scale)
         # the pipeline keeps the conditional prediction's norm per token
         return combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))

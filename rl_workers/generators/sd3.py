@@ -8,12 +8,25 @@ import torch
 from PIL import Image
 
 from rl_workers.generators.base import Condition, Conditioning, Generator, cfg_combine
+from rl_workers.generators.prompt_cache import Embeddings, PromptCache, repeat_rows
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class SD3Generator(Generator):
     task = "t2i"
 
-    def __init__(self, pipeline: Any, *, resolution: int, guidance_scale: float, max_sequence_length: int) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        resolution: int,
+        guidance_scale: float,
+        max_sequence_length: int,
+        cfg_grad: str = "cond",
+        prompt_cache: int = 1024,
+        offload_text_encoders: bool = True,
+    ) -> None:
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.device = self.transformer.device
@@ -21,24 +34,31 @@ class SD3Generator(Generator):
         self.resolution = resolution
         self.guidance_scale = guidance_scale
         self.max_sequence_length = max_sequence_length
+        self.cfg_grad = cfg_grad
+        encoders = [getattr(pipeline, n) for n in TEXT_ENCODERS if getattr(pipeline, n, None) is not None]
+        self.prompts = PromptCache(encoders, self.device, size=prompt_cache, offload=offload_text_encoders)
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
-    @torch.no_grad()
-    def prepare(self, condition: Condition, n: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor]:
-        pipe = self.pipeline
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=condition.prompt,
+    def _embed(self, prompt: str) -> Embeddings:
+        embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
+            prompt=prompt,
             prompt_2=None,
             prompt_3=None,
             device=self.device,
-            num_images_per_prompt=n,
+            num_images_per_prompt=1,
             do_classifier_free_guidance=self.guided,
             negative_prompt="",
             max_sequence_length=self.max_sequence_length,
         )
+        return {"embeds": embeds, "pooled": pooled, "negative": negative, "negative_pooled": negative_pooled}
+
+    @torch.no_grad()
+    def prepare(self, condition: Condition, n: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor]:
+        pipe = self.pipeline
+        tensors = repeat_rows(self.prompts.get(condition.prompt, lambda: self._embed(condition.prompt)), n)
         latents = pipe.prepare_latents(
             n,
             self.transformer.config.in_channels,
@@ -48,7 +68,6 @@ class SD3Generator(Generator):
             self.device,
             generator,
         )
-        tensors = {"embeds": embeds, "pooled": pooled, "negative": negative, "negative_pooled": negative_pooled}
         return Conditioning(tensors), latents
 
     def schedule(self, steps: int, latents: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -71,21 +90,24 @@ class SD3Generator(Generator):
         retrieve_timesteps(scheduler, steps, "cpu", **kwargs)
         return scheduler.sigmas.tolist(), scheduler.timesteps.tolist()
 
-    def velocity(self, latents: torch.Tensor, timestep: float, conditioning: Conditioning) -> torch.Tensor:
-        c = conditioning.tensors
-        n = latents.shape[0]
-        if self.guided:
-            hidden = torch.cat([latents, latents])
-            text = torch.cat([c["negative"], c["embeds"]])
-            pooled = torch.cat([c["negative_pooled"], c["pooled"]])
-        else:
-            hidden, text, pooled = latents, c["embeds"], c["pooled"]
+    def _forward(self, hidden: torch.Tensor, timestep: float, text: Any, pooled: Any) -> torch.Tensor:
         # float32 like the pipeline: bf16 would round 602.15 to 604, off the trained schedule
-        t = torch.full((hidden.shape[0],), timestep, device=latents.device, dtype=torch.float32)
-        out = self.transformer(
+        t = torch.full((hidden.shape[0],), timestep, device=hidden.device, dtype=torch.float32)
+        return self.transformer(  # type: ignore[no-any-return]
             hidden_states=hidden, timestep=t, encoder_hidden_states=text, pooled_projections=pooled, return_dict=False
         )[0]
-        return cfg_combine(out[:n], out[n:], self.guidance_scale) if self.guided else out
+
+    def velocity(self, latents: torch.Tensor, timestep: float, conditioning: Conditioning) -> torch.Tensor:
+        c = conditioning.tensors
+        if not self.guided:
+            return self._forward(latents, timestep, c["embeds"], c["pooled"])
+        # both branches in one batch, in sampling and update alike, so an unchanged policy recomputes
+        # exactly the recorded log-probabilities; the update detaches the unconditional half unless asked
+        n = latents.shape[0]
+        text, pooled = torch.cat([c["negative"], c["embeds"]]), torch.cat([c["negative_pooled"], c["pooled"]])
+        out = self._forward(torch.cat([latents, latents]), timestep, text, pooled)
+        uncond = out[:n].detach() if self.uncond_without_grad else out[:n]
+        return cfg_combine(uncond, out[n:], self.guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, conditioning: Conditioning) -> list[Image.Image]:
