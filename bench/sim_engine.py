@@ -16,23 +16,21 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from server.engines.base import Engine, GenerationRequest, GenerationResult, WatchedStep
+from server.judges.answers import alignment_answer, json_score_answer, quality_answer
 
+# (a line of the judge's prompt, the released answer format it is answered in); every score digit is 4
 ANSWERS = (
-    ("Editing instruction", '{"reasoning": "Simulated verdict.", "score": [4]}', "[4]"),
-    ("boxed", "Simulated analysis. \\boxed{4}", "{4}"),
-    ("", '{"aesthetics": 4, "technical_quality": 4, "structure_texture": 4}', "4"),
+    ("Instruction:", json_score_answer("Simulated verdict.", 4)),
+    ("Original Prompt", alignment_answer([("Simulated requirement", "Met.")], "Simulated analysis.", 4)),
+    ("", quality_answer((4, 4, 4), "Simulated verdict.")),
 )
 PROBS = {"1": 0.0, "2": 0.0, "3": 0.2, "4": 0.7, "5": 0.1}
 
 
 def answer(prompt: str) -> GenerationResult:
-    text, marker = next((t, m) for key, t, m in ANSWERS if key in prompt)
-    steps, start = [], 0
-    while (found := text.find(marker, start)) >= 0:
-        offset = found + marker.index("4")
-        steps.append(WatchedStep(offset=offset, token="4", probs=PROBS))
-        start = found + 1
-    return GenerationResult(text=text, watched=tuple(steps))
+    text = next(t for key, t in ANSWERS if key in prompt)
+    steps = tuple(WatchedStep(offset=i, token="4", probs=PROBS) for i, char in enumerate(text) if char == "4")
+    return GenerationResult(text=text, watched=steps)
 
 
 class SimulatedEngine(Engine):

@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from server.judges import JUDGES, edit_fields, gen_fields, load_judges
+from server.judges.answers import alignment_answer, json_score_answer, quality_answer
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +77,6 @@ def draw_square(colour: str, background: tuple[int, int, int] = (235, 235, 235))
     image = Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), background)
     ImageDraw.Draw(image).rectangle((12, 12, 52, 52), fill=COLOURS[colour])
     return image
-
-
-def json_score_answer(reasoning: str, score: int) -> str:
-    """The edit judges' answer as the released critic writes it."""
-    return f'{{\n"reasoning" : {json.dumps(reasoning)},\n"score" : [{score}]\n}}'
-
-
-def alignment_answer(checks: list[tuple[str, str]], analysis: str, rating: int) -> str:
-    """The instruction-following answer as the released critic writes it: one entry per requirement,
-    the final analysis, the rating line and the box."""
-    entries = "".join(f"{i}. **{name}**:\n- {check}\n\n" for i, (name, check) in enumerate(checks, start=1))
-    return f"{entries}**Final Analysis**:\n{analysis}\n\n**Final Alignment Rating: {rating}**\n\\boxed{{{rating}}}"
-
-
-def quality_answer(subscores: tuple[int, int, int], reasoning: str) -> str:
-    """The quality answer as the released critic writes it: the three subscores as a list."""
-    return f'{{\n  "score" : [{", ".join(map(str, subscores))}],\n  "reasoning" : {json.dumps(reasoning)}\n}}'
 
 
 def _edit_examples(rng: random.Random) -> Iterator[Example]:

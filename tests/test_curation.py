@@ -128,15 +128,17 @@ def test_gen_records_teach_the_analysis_without_the_checklist_in_the_prompt(stub
     judge = load_judges()["gen_instruction_following"]
     records = {r["item_id"]: r for r in read_jsonl(output)}
     assert set(records) == {"g0", "g1"}
-    assert records["g0"]["fields"] == {"prompt": "a red square (score=5)", "requirement": "none"}
+    assert records["g0"]["fields"] == {"prompt": "a red square (score=5)", "requirement": ""}
     for item_id, want in (("g0", 5), ("g1", 2)):
         record = records[item_id]
         text = record["messages"][0]["content"][-1]["text"]
         assert text == judge.prompt((), **record["fields"])[0]
         assert "the asked colour" not in text and record["evidence"]["checklist"][0] == "a square"
         answer = record_answer(record)
-        assert answer.startswith("- a square: met (a square is in the centre).")
-        assert answer.endswith(f"\\boxed{{{want}}}")
+        # the released format: the requirements one by one, the final analysis, the rating line, the box
+        assert answer.startswith("1. **a square**:\n- Met: a square is in the centre.\n")
+        assert "\n**Final Analysis**:\n" in answer
+        assert answer.endswith(f"**Final Alignment Rating: {want}**\n\\boxed{{{want}}}")
         assert judge.judge(GenerationResult(text=answer)).scores == {"score": want}
     summary = json.loads((tmp_path / "gen.summary.json").read_text())
     assert summary["score_histogram"] == {"gen_instruction_following": {"1": 0, "2": 1, "3": 0, "4": 0, "5": 1}}
@@ -249,7 +251,7 @@ def test_a_judge_template_of_ones_own_renders_the_records_and_is_read_once(
     stub: StubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     template = tmp_path / "execution.txt"
-    template.write_text("Our own rubric. Did the edit do this: $instruction\nAnswer in JSON.")
+    template.write_text("Our own rubric. Did the edit do this: {prompt}\nAnswer in JSON.")
     reads: Counter[Path] = Counter()
     read_text = Path.read_text
 

@@ -13,9 +13,12 @@ import pytest
 
 from clients.protocol import EditScoreResponse
 from server.cli import load_settings
+from server.judges import load_judges
+from server.prompts.sets import RECORD_FILE, chosen_set
 from tests.support import b64, picture, running_server
 from training.finetune import build_parser, load_base, run
-from training.records import make_record, relative_path
+from training.prompt_set import check_records, record_prompt_set, training_judges
+from training.records import make_record, read_records, relative_path
 from training.sft_data import Collator, load_examples
 
 # a wording the tiny critic has not seen, in the judges' own answer format
@@ -82,7 +85,32 @@ def test_a_record_whose_answer_the_served_critic_could_not_finish_is_left_out(tr
     _, report = trained
     assert report["examples"] == 16
     assert report["left_out"] == {"answer_over_max_tokens": ["long/edit_execution"]}
-    assert report["settings"]["max_answer_tokens"] == 256
+
+
+def test_the_prompt_set_is_recorded_next_to_the_weights_and_served_with_them(trained: tuple[Path, dict]) -> None:
+    output, _ = trained
+    recorded = json.loads((output / RECORD_FILE).read_text())
+    own = load_judges()
+    assert recorded["prompts"] == "own"
+    assert recorded["judges"]["edit_execution"]["sha256"] == own["edit_execution"].sha256
+    assert chosen_set("auto", str(output)) == "own"
+
+
+def test_records_rendered_with_other_prompts_are_refused(tmp_path: Path) -> None:
+    records = list(read_records(edit_records(tmp_path / "data", 2)))
+    judges = load_judges()
+    check_records(records, judges, "own")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "edit_execution.txt").write_text("Was this done: {prompt}?")
+    other = training_judges(str(mine), ["edit_execution", "edit_consistency"], source="", cache_dir=tmp_path,
+                            allow_drift=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"2 records were not rendered with the .* prompts \(item0/edit_execution"):
+        check_records(records, other, str(mine))
+    record_prompt_set(tmp_path / "critic", str(mine), other)
+    assert (tmp_path / "critic" / "prompts" / "edit_execution.txt").read_text() == "Was this done: {prompt}?"
+    assert json.loads((tmp_path / "critic" / RECORD_FILE).read_text())["prompts"] == "prompts"
+    assert chosen_set("auto", str(tmp_path / "critic")) == str(tmp_path / "critic" / "prompts")
 
 
 def test_training_lowers_the_loss_and_writes_a_model_card(trained: tuple[Path, dict]) -> None:

@@ -49,11 +49,11 @@ def test_an_unparsable_answer_is_a_null_reward_with_an_error_never_a_zero(
     tiny_checkpoint: Path, cache_dir: Path
 ) -> None:
     # 8 new tokens cut every answer before its score: real model output that cannot be parsed
-    response, page = _serve(cache_dir, lambda s: s.score_edits(_edit_request()), max_new_tokens=8)
+    response, page = _serve(cache_dir, lambda s: s.score_edits(_edit_request()), edit_max_new_tokens=8)
     for result in response.results:
         assert result.reward is None
         assert result.error is not None and result.error.code == "parse_error"
-        assert "cut off at max_new_tokens" in result.error.message
+        assert "cut off at its budget of 8 new tokens" in result.error.message
     assert metric_value(page, "firm_parse_failures_total") >= 2
     assert metric_value(page, "firm_items_total", task="edit", outcome="parse_error") == 2
     assert metric_value(page, "firm_items_total", task="edit", outcome="ok") == 0

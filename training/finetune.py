@@ -8,8 +8,11 @@ at the end. The output folder holds the model, its processor and tokenizer, and 
 (README.md, plus firm_training.json with the settings and the loss before and after), and is
 served as it is: `firm-serve --edit-model critics/my-edit-critic --gen-model none`.
 
-A record whose answer is longer than the served critic may write (`--max-answer-tokens`, the
-server's max_new_tokens) is left out with a warning: it would teach answers cut off at serving.
+A record whose answer is longer than the served critic may write for its judge (`--max-answer-tokens`;
+by default firm-serve's budgets, 256 tokens for an edit judge and 8192 for a generation judge) is left
+out with a warning: it would teach answers cut off at serving. The records must have been rendered with
+the prompt set given by `--prompts` (this project's own by default); it is recorded next to the
+weights (firm_prompts.json), and firm-serve serves the critic with it.
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.settings import Settings
+from server.prompts.release import DEFAULT_SOURCE
+from server.settings import Settings, default_cache_dir
 from training.model_card import write_model_card
-from training.records import SERVED_PIXEL_BUDGET
+from training.prompt_set import check_records, record_prompt_set, training_judges
+from training.records import SERVED_PIXEL_BUDGET, read_records
 from training.sft_data import Collator, Example, load_examples, split_long_answers
 
 log = logging.getLogger("firm-train")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the language model's projections
-SERVED_MAX_NEW_TOKENS: int = Settings.model_fields["max_new_tokens"].default  # what firm-serve lets a judge write
+# what firm-serve lets a judge of each task write
+SERVED_MAX_NEW_TOKENS: dict[str, int] = {
+    task: Settings.model_fields[f"{task}_max_new_tokens"].default for task in ("edit", "gen")
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--max-answer-tokens",
         type=int,
-        default=SERVED_MAX_NEW_TOKENS,
-        help="Leave out records whose answer has more tokens: the served critic writes at most firm-serve's "
-        f"--max-new-tokens and would be cut off (default: {SERVED_MAX_NEW_TOKENS}; 0 keeps every record).",
+        default=None,
+        help="Leave out records whose answer has more tokens: the served critic would be cut off (default: "
+        f"firm-serve's budget of the record's judge, {SERVED_MAX_NEW_TOKENS['edit']} for edit and "
+        f"{SERVED_MAX_NEW_TOKENS['gen']} for generation; 0 keeps every record).",
     )
+    add(
+        "--prompts",
+        default="own",
+        help="The prompt set the records were rendered with, checked and recorded with the critic: 'own' "
+        "(this project's templates, as firm-curate renders by default), 'firm' (the release's) or a directory "
+        "of your own '<judge>.txt' templates (default: own).",
+    )
+    add("--prompt-source", default=DEFAULT_SOURCE, help="Where the release's prompt files are read (--prompts firm).")
+    add("--allow-prompt-drift", action="store_true", help="Accept release prompt files whose digest differs.")
+    add("--cache-dir", type=Path, default=default_cache_dir(), help="Where the release's prompt files are cached.")
     add("--measure-examples", type=int, default=32, help="Records whose loss is measured before and after (0: skip).")
     add("--logging-steps", type=int, default=10, help="Log the training loss every N steps (default: 10).")
     add("--save-steps", type=int, default=0, help="Also keep a trainer checkpoint every N steps (default: never).")
@@ -129,21 +148,22 @@ def load_base(args: argparse.Namespace, processor: Any) -> Loaded:
 def servable_examples(args: argparse.Namespace, processor: Any) -> tuple[list[Example], list[str]]:
     """The records to train on, and the ids of those left out for answers the served critic could not finish."""
     examples = load_examples(args.records)
-    if not args.max_answer_tokens:
+    if args.max_answer_tokens == 0:
         return examples, []
-    kept, too_long = split_long_answers(examples, processor.tokenizer, args.max_answer_tokens)
+    budgets = {t: args.max_answer_tokens or b for t, b in SERVED_MAX_NEW_TOKENS.items()}
+    kept, too_long = split_long_answers(examples, processor.tokenizer, budgets)
     if too_long:
         shown = ", ".join(too_long[:5]) + (", ..." if len(too_long) > 5 else "")
         log.warning(
-            "%d of %d records have answers over %d tokens, which the served critic would cut off; "
-            "they are left out: %s",
+            "%d of %d records have answers over their judge's budget (%s tokens), which the served critic "
+            "would cut off; they are left out: %s",
             len(too_long),
             len(examples),
-            args.max_answer_tokens,
+            budgets,
             shown,
         )
     if not kept:
-        raise ValueError(f"every record's answer is over --max-answer-tokens {args.max_answer_tokens}")
+        raise ValueError(f"every record's answer is over its budget of {budgets} tokens (--max-answer-tokens)")
     return kept, too_long
 
 
@@ -234,6 +254,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()):
         raise FileExistsError(f"{args.output} is not empty; choose a new folder")
+    judges = training_judges(
+        args.prompts,
+        {record["judge"] for path in args.records for record in read_records(path)},
+        source=args.prompt_source,
+        cache_dir=args.cache_dir,
+        allow_drift=args.allow_prompt_drift,
+    )
+    for path in args.records:
+        check_records(read_records(path), judges, args.prompts)
     processor = load_processor(args)
     examples, too_long = servable_examples(args, processor)
     loaded = load_base(args, processor)
@@ -246,6 +275,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log.info("loss after %s", after)
     args.output.mkdir(parents=True, exist_ok=True)
     save(loaded, args.output, args.lora)
+    record_prompt_set(args.output, args.prompts, judges)
     if not args.save_steps and (args.output / "trainer").exists():
         shutil.rmtree(args.output / "trainer")  # nothing kept there; the critic is the folder itself
     report = {

@@ -8,7 +8,7 @@ that token: the critic learns what to write, not what it is asked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from PIL import Image
 
 from server.engines.tokens import chat_content
 from server.images import ImageLimits, load_image
+from server.judges import JUDGES
 from training.records import ImageRef, read_records, record_answer
 
 IGNORE = -100
@@ -30,6 +31,7 @@ class Example:
     id: str
     parts: tuple[ImageRef | str, ...]
     answer: str
+    task: str  # edit or gen: whose answer budget applies
 
 
 def load_examples(paths: Sequence[Path]) -> list[Example]:
@@ -46,18 +48,21 @@ def load_examples(paths: Sequence[Path]) -> list[Example]:
                     parts.append(part["text"])
                 else:
                     raise ValueError(f"{path}: record {record.get('id')}: unknown content type {part['type']!r}")
-            examples.append(Example(str(record.get("id", len(examples))), tuple(parts), record_answer(record)))
+            task = record.get("task") or JUDGES[record["judge"]].task
+            examples.append(Example(str(record.get("id", len(examples))), tuple(parts), record_answer(record), task))
     if not examples:
         raise ValueError(f"no records in {', '.join(map(str, paths))}")
     return examples
 
 
-def split_long_answers(examples: Sequence[Example], tokenizer: Any, max_tokens: int) -> tuple[list[Example], list[str]]:
-    """(examples whose answer fits in `max_tokens` tokens, ids of the others)."""
+def split_long_answers(
+    examples: Sequence[Example], tokenizer: Any, max_tokens: Mapping[str, int]
+) -> tuple[list[Example], list[str]]:
+    """(examples whose answer fits in the token budget of their task, ids of the others)."""
     kept, too_long = [], []
     for example in examples:
         count = len(tokenizer(example.answer, add_special_tokens=False)["input_ids"])
-        if count <= max_tokens:
+        if count <= max_tokens[example.task]:
             kept.append(example)
         else:
             too_long.append(example.id)

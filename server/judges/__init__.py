@@ -189,18 +189,19 @@ class Judge:
         )
 
 
-def edit_fields(instruction: str, requirement: str | None = None) -> dict[str, str | None]:
-    """Fields of the edit judges: the release renders the instruction as `{prompt}`."""
-    return {"instruction": instruction, "requirement": requirement}
+def edit_fields(instruction: str, requirement: str | None = None) -> dict[str, str]:
+    """Fields of the edit judges (the release renders the instruction as `{prompt}`); a missing
+    requirement is ""."""
+    return {"instruction": instruction, "requirement": requirement or ""}
 
 
-def gen_fields(prompt: str, requirement: str | None) -> dict[str, str | None]:
-    """Fields of the instruction-following judge; a missing requirement is rendered as "".
+def gen_fields(prompt: str, requirement: str | None) -> dict[str, str]:
+    """Fields of the instruction-following judge; a missing requirement is "", as in the release.
 
     >>> gen_fields("a red car", None)
-    {'prompt': 'a red car', 'requirement': None}
+    {'prompt': 'a red car', 'requirement': ''}
     """
-    return {"prompt": prompt, "requirement": requirement}
+    return {"prompt": prompt, "requirement": requirement or ""}
 
 
 def checked_template(text: str, spec: JudgeSpec, origin: str, error: type[TemplateError] = TemplateError) -> str:

@@ -107,15 +107,17 @@ def _add_records(parser: argparse.ArgumentParser) -> None:
         "--image-pixel-budget",
         type=int,
         default=SERVED_PIXEL_BUDGET,
-        help="Images sent to teachers are downscaled to this many pixels (default: 1048576).",
+        help=f"Images sent to teachers are downscaled to this many pixels, as firm-serve does (default: "
+        f"{SERVED_PIXEL_BUDGET}).",
     )
     add(
         "--max-answer-chars",
         type=int,
-        default=MAX_ANSWER_CHARS,
+        default=None,
         help="Longest critic answer kept; a longer one fails its item. The served critic writes at most 256 "
-        f"tokens, and {MAX_ANSWER_CHARS} characters of English are about 200 of them, which leaves room for "
-        f"wordier text; firm-train checks the exact token count (default: {MAX_ANSWER_CHARS}).",
+        "tokens for an edit judge and 8192 for a generation judge; the defaults, "
+        f"{MAX_ANSWER_CHARS['edit']} and {MAX_ANSWER_CHARS['gen']} characters of English, stay under them with "
+        "room for wordier text, and firm-train checks the exact token count.",
     )
     add(
         "--template",

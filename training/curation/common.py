@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,10 +33,11 @@ class Pipeline(Protocol):
     async def curate(self, row: Row) -> list[dict[str, Any]]: ...
 
 
-# The served critic writes at most 256 new tokens (firm-serve --max-new-tokens). English reasoning runs
-# at about 3.5 characters a token, so 700 characters (~200 tokens) leaves room for the JSON around it
-# and for wordier text; firm-train counts the exact tokens with the checkpoint's tokenizer.
-MAX_ANSWER_CHARS = 700
+# The served critic writes at most 256 new tokens for an edit judge and 8192 for a generation judge
+# (firm-serve --edit-max-new-tokens, --gen-max-new-tokens). English reasoning runs at about 3.5 characters
+# a token, so these leave room for the format around it and for wordier text; firm-train counts the exact
+# tokens with the checkpoint's tokenizer.
+MAX_ANSWER_CHARS = {"edit": 700, "gen": 24_000}
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Context:
     image_root: Path
     records_dir: Path
     pixel_budget: int | None = SERVED_PIXEL_BUDGET
-    max_answer_chars: int = MAX_ANSWER_CHARS
+    max_answer_chars: int | None = None  # None: the default of the judge's task
     templates: Mapping[str, Path | None] = field(default_factory=dict)
     _judges: dict[str, Judge] = field(init=False, repr=False)
 
@@ -73,21 +73,12 @@ class Context:
 
     def answer(self, judge_name: str, answer: str, score: int) -> str:
         """The critic's answer, once the server's parser reads `score` from it and it fits the format."""
-        if len(answer) > self.max_answer_chars:
+        limit = self.max_answer_chars or MAX_ANSWER_CHARS[JUDGES[judge_name].task]
+        if len(answer) > limit:
             raise AnswerMismatch(
-                f"{judge_name}: the answer has {len(answer)} characters, "
-                f"over --max-answer-chars {self.max_answer_chars}"
+                f"{judge_name}: the answer has {len(answer)} characters, over --max-answer-chars {limit}"
             )
         regex = JUDGES[judge_name].constraint.regex
         if regex is not None and re.fullmatch(regex, answer, re.DOTALL) is None:
             raise AnswerMismatch(f"{judge_name}: the answer does not fit the judge's format {regex}")
         return checked_answer(judge_name, answer, score)
-
-
-def json_answer(reasoning: str, score: int) -> str:
-    """The JSON judges' answer: reasoning first, then the score in a list.
-
-    >>> json_answer("The car is red.", 5)
-    '{"reasoning": "The car is red.", "score": [5]}'
-    """
-    return json.dumps({"reasoning": reasoning, "score": [score]}, ensure_ascii=False)

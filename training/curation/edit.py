@@ -14,8 +14,10 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from server.judges import edit_fields
+from server.judges.answers import json_score_answer
 from training.curation.chat import ChatClient, user_turn
-from training.curation.common import Context, json_answer
+from training.curation.common import Context
 from training.curation.replies import extract_json, grade_of
 from training.manifest import Row
 from training.records import make_record
@@ -50,13 +52,13 @@ class EditPipeline:
         records = []
         for dimension, judge_name in DIMENSIONS.items():
             reasoning, score = grade_of(reply.get(dimension), dimension)
-            answer = self.context.answer(judge_name, json_answer(reasoning, score), score)
+            answer = self.context.answer(judge_name, json_score_answer(reasoning, score), score)
             records.append(
                 make_record(
                     row.id,
                     judge_name,
                     images,
-                    {"instruction": instruction},
+                    edit_fields(instruction),
                     answer,
                     score=score,
                     evidence={"differences": differences.strip()},

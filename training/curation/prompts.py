@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from server.judges import TemplateError, checked_template
+from server.judges import TemplateError
 
 DESCRIBE = """\
 The first image is an original picture and the second is an edited version of it. You are not \
@@ -75,7 +75,8 @@ Checklist:
 $checklist
 
 Reply with JSON only, one entry per checklist item, in order:
-{"checks": [{"item": "...", "verdict": "met" | "partly met" | "not met", "note": "..."}], "score": N}
+{"checks": [{"item": "...", "verdict": "met" | "partly met" | "not met", "note": "..."}], \
+"summary": "<one or two sentences on why the rating was chosen>", "score": N}
 where the note says in a few words what the image shows for that item."""
 
 PLACEHOLDERS = {
@@ -90,8 +91,25 @@ class PromptError(TemplateError):
     """A replacement prompt that does not use exactly its step's placeholders."""
 
 
+def checked_template(text: str, fields: tuple[str, ...], origin: str, what: str) -> string.Template:
+    """`text` as a template that uses exactly the placeholders `fields`: one missing would silently
+    drop a field, and one with an unknown name fails only when it is filled in."""
+    template = string.Template(text)
+    if not template.is_valid():
+        raise PromptError(f"{origin}: invalid '$' placeholder (write '$$' for a literal '$')")
+    found = set(template.get_identifiers())
+    missing = [f for f in fields if f not in found]
+    unknown = sorted(found - set(fields))
+    if missing or unknown:
+        raise PromptError(
+            f"{origin}: {what} must use placeholders {['$' + f for f in fields]}; "
+            f"missing {['$' + f for f in missing]}, unknown {['$' + f for f in unknown]}"
+        )
+    return template
+
+
 def load_prompt(step: str, path: Path | None = None) -> string.Template:
     """The prompt of `step`, built in or from the user's file, checked for its placeholders."""
     default, fields = PLACEHOLDERS[step]
     text = default if path is None else Path(path).read_text(encoding="utf-8")
-    return checked_template(text, fields, str(path or step), f"the {step} prompt", PromptError)
+    return checked_template(text, fields, str(path or step), f"the {step} prompt")
