@@ -99,7 +99,10 @@ class AsyncRewardClient:
         response = await self._transport.get("/v1/models")
         if response.status_code != 200:  # the same typed errors as the scoring calls (a wrong key: Unauthorized)
             raise server_error(response)
-        return ModelsResponse.model_validate(response.json())
+        try:
+            return ModelsResponse.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:  # not JSON, or not the protocol's list of models
+            raise BadResponse(f"GET /v1/models: the answer is not the list of models: {exc}") from exc
 
     async def ready(self) -> bool:
         """Whether the least busy awake server says it is ready."""
