@@ -273,3 +273,30 @@ def test_a_judge_template_of_ones_own_renders_the_records_and_is_read_once(
         else:
             assert text == consistency.prompt((), instruction=instruction)[0]
     assert len(records) == 6 and reads[template] == 1
+
+
+def test_records_rendered_with_the_release_prompts_are_what_firm_train_accepts_for_them(
+    stub: StubServer, tmp_path: Path
+) -> None:
+    """--prompts firm renders records with the release's prompts (a fixture in its layout stands in),
+    and firm-train, told the same set, accepts them."""
+    from tests.test_prompts import EDIT_FILE, FIXTURE, _module
+    from training.prompt_set import check_records, training_judges
+
+    manifest = edit_manifest(tmp_path / "data", ["Make the square red (score=4)."])
+    output = tmp_path / "edit.jsonl"
+    release = ["--prompt-source", str(FIXTURE), "--allow-prompt-drift", "--cache-dir", str(tmp_path / "cache")]
+    assert curate("edit", stub, manifest, output, "--prompts", "firm", *release) == 0
+    records = read_jsonl(output)
+    execution = next(r for r in records if r["judge"] == "edit_execution")
+    released = _module(EDIT_FILE.path).SCORE_EXECUTION
+    assert execution["messages"][0]["content"][-1]["text"] == released.format(
+        prompt="Make the square red (score=4).", requirement=""
+    )
+    judges = training_judges(
+        "firm", ["edit_execution", "edit_consistency"], source=str(FIXTURE), cache_dir=tmp_path, allow_drift=True
+    )
+    check_records(records, judges, "firm")
+    with pytest.raises(ValueError, match="not rendered with the 'own' prompts"):
+        check_records(records, training_judges("own", list(judges), source="", cache_dir=tmp_path,
+                                               allow_drift=False), "own")  # fmt: skip

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from clients.retry import RetryPolicy
 from server.judges import JUDGES, TemplateError
+from server.prompts.release import DEFAULT_SOURCE, PromptSource
+from server.prompts.sets import ReleasedPrompts
+from server.settings import default_cache_dir
 from training.curation.chat import ChatClient, Endpoint
 from training.curation.common import MAX_ANSWER_CHARS, Context, Pipeline
 from training.curation.edit import EditPipeline
@@ -120,6 +123,16 @@ def _add_records(parser: argparse.ArgumentParser) -> None:
         "room for wordier text, and firm-train checks the exact token count.",
     )
     add(
+        "--prompts",
+        default="own",
+        help="The critic's prompt set the records are rendered with: 'own' (this project's templates), 'firm' "
+        "(the release's, fetched and verified as firm-serve does) or a directory of '<judge>.txt' templates. "
+        "Train with the same --prompts (default: own).",
+    )
+    add("--prompt-source", default=DEFAULT_SOURCE, help="Where the release's prompt files are read (--prompts firm).")
+    add("--allow-prompt-drift", action="store_true", help="Accept release prompt files whose digest differs.")
+    add("--cache-dir", type=Path, default=default_cache_dir(), help="Where the release's prompt files are cached.")
+    add(
         "--template",
         action="append",
         metavar="JUDGE=FILE",
@@ -184,6 +197,8 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
         pixel_budget=args.image_pixel_budget,
         max_answer_chars=args.max_answer_chars,
         templates=_templates(args.template),
+        prompts=args.prompts,
+        released=ReleasedPrompts(PromptSource(args.prompt_source, args.cache_dir, allow_drift=args.allow_prompt_drift)),
     )
     first, second = (step for step, _ in STEPS[args.task])
     pipeline = EditPipeline if args.task == "edit" else GenPipeline

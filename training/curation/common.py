@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
 
-from server.judges import JUDGES, Judge, load_judges
+from server.judges import JUDGES, Judge
+from server.prompts.release import ReleasedPrompt
+from server.prompts.sets import judges_for
 from training.curation.chat import ChatClient, image_data_url
 from training.manifest import Row
 from training.records import SERVED_PIXEL_BUDGET, AnswerMismatch, checked_answer, relative_path
@@ -40,6 +42,10 @@ class Pipeline(Protocol):
 MAX_ANSWER_CHARS = {"edit": 700, "gen": 24_000}
 
 
+def _no_release(names: Sequence[str]) -> Mapping[str, ReleasedPrompt]:
+    raise ValueError("the release's prompts need a prompt source")
+
+
 @dataclass
 class Context:
     """Where images are read from and records point to, and the critic's answer budget."""
@@ -49,11 +55,13 @@ class Context:
     pixel_budget: int | None = SERVED_PIXEL_BUDGET
     max_answer_chars: int | None = None  # None: the default of the judge's task
     templates: Mapping[str, Path | None] = field(default_factory=dict)
+    prompts: str = "own"  # the prompt set records are rendered with: own, firm or a directory
+    released: Callable[[Sequence[str]], Mapping[str, ReleasedPrompt]] | None = None  # for prompts="firm"
     _judges: dict[str, Judge] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Read once per run, and checked before any teacher is called.
-        self._judges = load_judges(self.templates)
+        self._judges = judges_for("", list(JUDGES), self.prompts, self.released or _no_release, self.templates)
 
     def judge(self, name: str) -> Judge:
         return self._judges[name]
