@@ -22,6 +22,7 @@ from clients.protocol import (
     GenScoreResponse,
     ModelsResponse,
 )
+from server.judges import load_judges
 from server.rewards import ADVANTAGE_EPS, cme_reward, qma_reward
 from tests.support import b64, metric_value, running_server
 
@@ -193,6 +194,18 @@ def test_status_routes(client: httpx.Client) -> None:
     }
     edit = next(m for m in models if m.task == "edit")
     assert edit.dimensions == ["edit_execution", "edit_consistency"]
+    # the tiny critic is no released checkpoint: it gets this project's templates, with the release's budgets
+    judges = {j.name: j for m in models for j in m.judges}
+    assert {name: j.max_new_tokens for name, j in judges.items()} == {
+        "edit_execution": 256,
+        "edit_consistency": 256,
+        "gen_instruction_following": 8192,
+        "gen_quality": 8192,
+    }
+    own = load_judges()
+    assert judges["gen_quality"].prompt_source == "packaged gen_quality.txt"
+    assert judges["edit_execution"].prompt_sha256 == own["edit_execution"].sha256
+    assert judges["edit_execution"].prompt_verified is None
 
 
 def test_openapi_document_describes_routes_and_limits(client: httpx.Client) -> None:

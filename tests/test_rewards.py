@@ -65,7 +65,16 @@ def test_expected_scores_feed_the_reward_too() -> None:
     assert math.isclose(cme_reward(4.5, 3.0), 0.875 * (0.6 + 0.4 * 0.5))
 
 
-@pytest.mark.parametrize(("w1", "w2"), [(-0.1, 0.5), (0.7, 0.7), (0.0, 0.0), (1.2, 0.0)])
+def test_custom_weights_are_divided_by_their_sum_as_in_the_release() -> None:
+    # the release's total-score weights 1/1 mean an even split
+    assert math.isclose(cme_reward(5, 3, RewardWeights(w1=1.0, w2=1.0)), 0.75)
+    assert math.isclose(qma_reward(4, 2, RewardWeights(w1=2.0, w2=6.0)), 0.75 * (0.25 + 0.75 * 0.25))
+    # only the ratio matters, and the paper's weights already sum to 1
+    assert cme_reward(4, 2, RewardWeights(w1=6.0, w2=4.0)) == pytest.approx(cme_reward(4, 2))
+    assert 0.0 <= qma_reward(5, 5, RewardWeights(w1=3.0, w2=0.0)) <= 1.0
+
+
+@pytest.mark.parametrize(("w1", "w2"), [(-0.1, 0.5), (0.0, 0.0), (float("nan"), 1.0), (float("inf"), 1.0)])
 def test_weights_out_of_bounds_are_refused(w1: float, w2: float) -> None:
     with pytest.raises(ValidationError):
         RewardWeights(w1=w1, w2=w2)
