@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from clients.protocol import EditGroupResponse, EditScoreResponse, GenScoreResponse, ModelsResponse
+from server.engines.openai import _token_offsets
 from server.rewards import cme_reward, qma_reward
 from tests.support import b64, free_port, running_server
 
@@ -76,6 +77,8 @@ def _edit_body(n: int = 1) -> dict:
 
 
 def test_scores_and_expected_values_come_from_the_remote_answers(server_url: str) -> None:
+    # the stub's edit answer has two characters split over two tokens each before the score: the
+    # expected value is still read at the score digit
     response = httpx.post(f"{server_url}/v1/edit/score", json=_edit_body(), timeout=30)
     assert response.status_code == 200, response.text
     (result,) = EditScoreResponse.model_validate(response.json()).results
@@ -98,13 +101,38 @@ def test_requests_carry_greedy_decoding_logprobs_and_images_in_judge_order(serve
     httpx.post(f"{server_url}/v1/edit/score", json=_edit_body(), timeout=30)
     bodies = [b for b in (_stats(u)["last"] for u in stubs) if b and b["model"] == "critic-edit"]
     body = bodies[0]
-    assert (body["temperature"], body["seed"], body["max_tokens"]) == (0.0, 0, 256)
+    assert (body["temperature"], body["seed"], body["max_completion_tokens"]) == (0.0, 0, 256)
+    assert (body["presence_penalty"], body["frequency_penalty"], body["repetition_penalty"]) == (0.0, 0.0, 1.0)
     assert body["logprobs"] is True and body["top_logprobs"] == 20
+    assert "logprob_token_ids" not in body  # the stub has no /tokenize to name the digits' ids
     assert "structured_outputs" not in body
     content = body["messages"][0]["content"]
     assert [part["type"] for part in content] == ["image_url", "image_url", "text"]
     assert all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in content[:2])
     assert content[0]["image_url"]["url"] != content[1]["image_url"]["url"]  # source, then edited
+
+
+PIECE = "\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "raw"),
+    [
+        (["é", "4"], None),  # whole characters
+        ([PIECE, PIECE, "4"], None),  # é split over two tokens, shown as U+FFFD each
+        ([PIECE, PIECE + "a", "4"], None),  # the second piece carries the next character along
+        (["bytes:\\xc3", "bytes:\\xa9", "4"], [b"\xc3", b"\xa9", b"4"]),  # exact bytes sent
+    ],
+    ids=["whole", "pieces", "piece-and-letter", "bytes"],
+)
+def test_digit_offsets_survive_characters_split_over_tokens(tokens: list[str], raw: list[bytes] | None) -> None:
+    text = "é" + ("a" if PIECE + "a" in tokens else "") + "4"
+    entries = [{"token": t, "logprob": 0.0} for t in tokens]
+    if raw is not None:
+        for entry, b in zip(entries, raw, strict=True):
+            entry["bytes"] = list(b)
+    offsets = _token_offsets(text, entries)
+    assert offsets[-1] == text.index("4")
 
 
 def test_calls_are_spread_over_both_urls(server_url: str, stubs: list[str]) -> None:

@@ -1,10 +1,13 @@
 """Engine on a remote OpenAI-compatible chat-completions server (`vllm serve`, SGLang).
 
 The remote server batches by itself, so each judge call is sent as it comes. Images travel as
-PNG data URLs in the prompt order of the judge; decoding is greedy with an explicit seed; the
-score-token probabilities come from `top_logprobs`. Calls are spread over several base URLs by
-least outstanding requests; a URL that fails or times out cools down while the call is retried
-on another, a bounded number of times.
+PNG data URLs in the prompt order of the judge; decoding is greedy with an explicit seed and
+explicit neutral penalties (`vllm serve` would otherwise fill unset ones from the checkpoint's
+generation config). The score-token probabilities come from `logprob_token_ids` where the server
+has vLLM's `/tokenize` (the digits' ids are asked once at start), else from `top_logprobs`, which
+misses a digit outside the top k. Calls are spread over several base URLs by least outstanding
+requests; a URL that fails or times out cools down while the call is retried on another, a
+bounded number of times.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from server.engines.base import Engine, EngineError, GenerationRequest, Generati
 log = logging.getLogger(__name__)
 
 COOLDOWN_S = 5.0
+NEUTRAL_PENALTIES = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 BACKOFF = RetryPolicy(backoff_s=0.1, max_backoff_s=2.0)  # between attempts at a remote call
 
 
@@ -40,6 +44,38 @@ class _Endpoint:
     url: str
     outstanding: int = 0
     cooling_until: float = 0.0
+
+
+def _token_offsets(text: str, entries: Sequence[dict[str, Any]]) -> list[int | None]:
+    """Where each log-prob entry's token starts in `text`; None where that can't be known.
+
+    Summing token lengths is wrong when a character spans several tokens: the server shows each
+    piece as U+FFFD (or as raw bytes). The exact UTF-8 bytes give the offsets when the server sends
+    them; otherwise tokens are aligned to the text, and a run of pieces of a split character is
+    skipped up to where the next whole token resumes.
+    """
+    raw = [e.get("bytes") for e in entries]
+    if raw and all(isinstance(b, list) for b in raw) and b"".join(bytes(b) for b in raw) == text.encode():
+        offsets, prefix = [], b""
+        for b in raw:
+            offsets.append(len(prefix.decode("utf-8", errors="ignore")))
+            prefix += bytes(b)
+        return offsets
+    offsets, pos, split = [], 0, False  # split: inside the pieces of a character split over tokens
+    for entry in entries:
+        token = entry["token"]
+        if not split and text.startswith(token, pos):
+            offsets.append(pos)
+            pos += len(token)
+        elif split and "\ufffd" not in token and token and (found := text.find(token, pos + 1)) >= 0:
+            offsets.append(found)  # the first whole token after the pieces
+            pos, split = found + len(token), False
+        elif "\ufffd" in token or token.startswith("bytes:"):
+            offsets.append(None)
+            split = True
+        else:  # the text and the tokens disagree: no later offset can be trusted
+            return offsets + [None] * (len(entries) - len(offsets))
+    return offsets
 
 
 def _data_url(image: Image.Image) -> str:
@@ -78,6 +114,7 @@ class OpenAIEngine(Engine):
         self.timeout_s, self.max_retries, self.max_connections = timeout_s, max_retries, max_connections
         self.seed, self.top_logprobs = seed, top_logprobs
         self._client: httpx.AsyncClient | None = None
+        self.watch_ids: list[int] = []  # the digits' token ids, where the server can tell them
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -92,6 +129,28 @@ class OpenAIEngine(Engine):
                 log.info("openai endpoint %s answers /models with %d", endpoint.url, response.status_code)
             except httpx.HTTPError as exc:
                 log.warning("openai endpoint %s is not reachable yet: %s", endpoint.url, exc)
+        self.watch_ids = await self._watch_token_ids()
+
+    async def _watch_token_ids(self) -> list[int]:
+        """The watched tokens' ids from vLLM's `/tokenize`, or [] (then `top_logprobs` alone) where
+        the first server has no such route or a watched token is not a single token."""
+        assert self._client is not None
+        root = self.endpoints[0].url.removesuffix("/v1")
+        ids = []
+        try:
+            for token in self.watch_tokens:
+                body = {"model": self.served_model, "prompt": token, "add_special_tokens": False}
+                response = await self._client.post(f"{root}/tokenize", json=body, timeout=5.0)
+                data = response.json() if response.status_code == 200 else None
+                tokens = data.get("tokens") if isinstance(data, dict) else None
+                if not (isinstance(tokens, list) and len(tokens) == 1 and isinstance(tokens[0], int)):
+                    raise ValueError(f"/tokenize answered {response.status_code} for {token!r}")
+                ids.append(tokens[0])
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("score-token probabilities from top_logprobs=%d (%s)", self.top_logprobs, exc)
+            return []
+        log.info("score-token probabilities from logprob_token_ids %s", ids)
+        return ids
 
     async def close(self) -> None:
         if self._client is not None:
@@ -123,10 +182,14 @@ class OpenAIEngine(Engine):
             "messages": [{"role": "user", "content": content}],
             "temperature": 0.0,
             "seed": self.seed,
-            "max_tokens": request.max_new_tokens,
+            "max_completion_tokens": request.max_new_tokens,
+            # unset penalties would come from the checkpoint's generation config on `vllm serve`
+            **NEUTRAL_PENALTIES,
             "logprobs": True,
             "top_logprobs": self.top_logprobs,
         }
+        if self.watch_ids:
+            body["logprob_token_ids"] = self.watch_ids  # every digit, even those outside the top k
         if request.constraint is not None:
             c = request.constraint
             body["structured_outputs"] = {"json": c.json_schema} if c.json_schema is not None else {"regex": c.regex}
@@ -177,14 +240,13 @@ class OpenAIEngine(Engine):
     def _result(self, completion: dict[str, Any]) -> GenerationResult:
         choice = completion["choices"][0]
         text = choice["message"]["content"] or ""
+        entries = (choice.get("logprobs") or {}).get("content") or []
         watched = []
-        offset = 0
-        for entry in (choice.get("logprobs") or {}).get("content") or []:
+        for entry, offset in zip(entries, _token_offsets(text, entries), strict=True):
             token = entry["token"]
-            if token in self.watch_tokens and text[offset : offset + len(token)] == token:
+            if token in self.watch_tokens and offset is not None:
                 top = {t["token"]: math.exp(t["logprob"]) for t in entry.get("top_logprobs", [])}
                 top.setdefault(token, math.exp(entry["logprob"]))
                 probs = {w: top.get(w, 0.0) for w in self.watch_tokens}
                 watched.append(WatchedStep(offset=offset, token=token, probs=probs))
-            offset += len(token)
         return GenerationResult(text=text, watched=tuple(watched), finished=choice.get("finish_reason") != "length")
