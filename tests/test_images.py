@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from clients.images import encode
-from server.images import ImageLimits, ImageTooLarge, InvalidImage, decode_image
+from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits, ImageTooLarge, InvalidImage, decode_image
 
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000, pixel_budget=256 * 256)
 
@@ -116,6 +116,16 @@ def test_large_images_are_downscaled_to_the_pixel_budget_keeping_aspect() -> Non
     w, h = decoded.size
     assert w * h <= LIMITS.pixel_budget
     assert abs(w / h - 2.0) < 0.02
+
+
+def test_by_default_an_image_the_critic_sees_whole_is_not_touched() -> None:
+    """The default budget is the Qwen3-VL processor's own limit: the processor alone decides the grid."""
+    from server.settings import Settings
+
+    limits = Settings().image_limits()
+    assert limits.pixel_budget == QWEN3_VL_MAX_PIXELS == 4096 * 4096
+    image = Image.new("RGB", (2048, 1536), (10, 20, 30))
+    assert decode_image(_encoded(image, "PNG"), "image", limits).size == (2048, 1536)
 
 
 def test_encode_then_decode_round_trips() -> None:
