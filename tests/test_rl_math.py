@@ -173,7 +173,6 @@ def test_gradient_checkpointing_is_a_setting_that_keeps_the_gradients(cache_dir:
     for on in (False, True):
         worker = _worker(settings_for("t2i", cache_dir, tmp_path, gradient_checkpointing=on))
         assert worker.generator.transformer.is_gradient_checkpointing is on
-        worker.generator.transformer.train()  # diffusers checkpoints only in training mode
         with torch.no_grad():
             for p in worker.params:
                 p.add_(0.05)
@@ -235,3 +234,14 @@ def test_metrics_write_null_for_an_unknown_figure(tmp_path: Path) -> None:
     text = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"step": 1, "reward/mean": None, "train/loss": None, "reward/failed_fraction": 1.0}
+
+
+def test_rl_memory_bench_prints_each_phase(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.rl_memory import main
+
+    ensure_tiny_pipeline(cache_dir, "qwen_edit")
+    main(["--tiny", "--task", "edit", "--device", "cpu", "--cache-dir", str(cache_dir), "--group-size", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:6]] == ["load", "sampling", "scoring", "update"]
+    assert all("GiB" in line for line in lines[2:6]) and "train batch=1" in lines[1]
+    assert lines[-1] == "trained 2 samples in 1 optimizer step(s)"
