@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from clients import RewardClient
-from clients.adapters.flow_grpo import edit_reward_fn, gen_reward_fn
+from clients.adapters.failures import RewardsUnavailable, check_on_failure, fill_failures
+from clients.adapters.flow_grpo import edit_reward_fn, gen_reward_fn, multi_score
 from clients.adapters.trl import firm_reward
 from clients.adapters.verl import make_compute_score
 from tests.support import picture
@@ -40,49 +41,135 @@ def _broken_png() -> bytes:
     return buffer.getvalue()[:60]
 
 
-def test_flow_grpo_generation_reward(client: RewardClient) -> None:
-    rewards, info = gen_reward_fn(client)(_nchw("red", "blue"), ["a red square"] * 2, [{}, {"requirement": "none"}])
-    assert rewards.shape == (2,) and rewards.dtype == np.float64
-    assert rewards[0] > rewards[1] == 0.0
-    assert info["mask"].tolist() == [True, True]
-    assert info["instruction_following"].tolist() == [1.0, 0.0]
-    assert 0.0 <= info["quality"].min() <= 1.0
+def test_flow_grpo_generation_reward_returns_tensorable_columns(client: RewardClient) -> None:
+    reward_fn = gen_reward_fn(client)
+    rewards, extra = reward_fn(
+        _nchw("red", "blue"), ["a red square"] * 2, [{}, {"requirement": "none"}], only_strict=True
+    )
+    assert extra == {}
+    assert set(rewards) == {"avg", "firm_gen", "instruction_following", "quality", "failed"}
+    for value in rewards.values():
+        assert value.shape == (2,) and value.dtype == np.float64
+        assert torch.as_tensor(value).float().shape == (2,)
+    assert rewards["avg"][0] > rewards["avg"][1] == 0.0
+    assert rewards["instruction_following"].tolist() == [1.0, 0.0]
+    assert rewards["failed"].tolist() == [0.0, 0.0]
 
 
-def test_flow_grpo_edit_reward_marks_failures_nan(client: RewardClient) -> None:
-    edited = [picture("red"), _broken_png()]
-    metadata = [{"source": picture("blue")}, {"source": picture("blue")}]
-    rewards, info = edit_reward_fn(client)(edited, [INSTRUCTION] * 2, metadata)
-    assert rewards[0] == pytest.approx(0.9) and math.isnan(rewards[1])
-    assert info["mask"].tolist() == [True, False]
-    assert info["errors"][0] is None and info["errors"][1].startswith("invalid_image")
-    assert math.isnan(info["execution"][1])
+def test_flow_grpo_edit_sources_from_ref_images_or_metadata(client: RewardClient, tmp_path: Path) -> None:
+    picture("blue").save(tmp_path / "source.png")
+    edited = _nchw("red", "blue")
+    from_refs, _ = edit_reward_fn(client)(edited, [INSTRUCTION] * 2, [{}, {}], [picture("blue")] * 2)
+    from_paths, _ = edit_reward_fn(client, source_key="image", source_root=tmp_path)(
+        edited, [INSTRUCTION] * 2, [{"image": "source.png"}] * 2
+    )
+    assert from_refs["avg"].tolist() == pytest.approx([0.9, 0.0]) == from_paths["avg"].tolist()
+    with pytest.raises(KeyError, match="ref_images"):
+        edit_reward_fn(client)(edited, [INSTRUCTION] * 2, [{}, {}])
 
 
-def test_trl_reward_function_returns_none_for_failures(client: RewardClient) -> None:
+@pytest.mark.parametrize(
+    ("on_failure", "expected"), [("group_mean", [0.9, 0.9, 0.0, 0.6]), (0.25, [0.9, 0.9, 0.0, 0.25])]
+)
+def test_flow_grpo_failed_item_follows_on_failure(client: RewardClient, on_failure: object, expected: list) -> None:
+    edited = [picture("red"), picture("red"), picture("blue"), _broken_png()]
+    reward_fn = edit_reward_fn(client, on_failure=on_failure)
+    rewards, _ = reward_fn(edited, [INSTRUCTION] * 4, None, [picture("blue")] * 4)
+    assert rewards["avg"].tolist() == pytest.approx(expected)
+    assert rewards["failed"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert reward_fn.last_errors[0][0] == 3 and reward_fn.last_errors[0][1].startswith("invalid_image")
+
+
+def test_flow_grpo_nan_setting_and_an_all_failed_call(client: RewardClient) -> None:
+    broken = [_broken_png(), _broken_png()]
+    rewards, _ = edit_reward_fn(client, on_failure="nan")(broken, [INSTRUCTION] * 2, None, [picture("blue")] * 2)
+    assert np.isnan(rewards["avg"]).all() and rewards["failed"].tolist() == [1.0, 1.0]
+    with pytest.raises(RewardsUnavailable, match="invalid_image"):
+        edit_reward_fn(client)(broken, [INSTRUCTION] * 2, None, [picture("blue")] * 2)
+
+
+def test_fill_failures_groups_and_settings() -> None:
+    values = [0.2, math.nan, 0.6, math.nan, math.nan, 1.0]
+    groups = ["a", "a", "a", "b", "b", "c"]
+    assert fill_failures(values, groups, "group_mean").tolist() == pytest.approx([0.2, 0.4, 0.6, 0.6, 0.6, 1.0])
+    assert fill_failures(values, groups, -1.0).tolist() == [0.2, -1.0, 0.6, -1.0, -1.0, 1.0]
+    assert np.isnan(fill_failures(values, groups, "nan")[1])
+    for bad in ("zero", math.nan, True):
+        with pytest.raises(ValueError, match="on_failure"):
+            check_on_failure(bad)  # type: ignore[arg-type]
+
+
+def test_multi_score_terms_and_release_options(client: RewardClient) -> None:
+    reward_fn = multi_score("cuda:0", {"execution": 0.5, "consistency": 0.5}, client=client, use_total_score=True)
+    rewards, _ = reward_fn(_nchw("red"), [INSTRUCTION], [{}], [picture("blue")], only_strict=False)
+    assert rewards["avg"][0] == pytest.approx(0.5 * rewards["execution"][0] + 0.5 * rewards["consistency"][0])
+    with pytest.raises(ValueError, match="names no FIRM term"):
+        multi_score("cpu", {"pickscore": 1.0}, client=client)
+    with pytest.raises(ValueError, match="unknown edit terms"):
+        multi_score("cpu", {"firm_edit": 1.0, "bogus": 1.0}, client=client)
+
+
+def _trl_call(reward: object, prompts: list, completions: list, **columns: object) -> list:
+    """The keyword call GRPOTrainer._calculate_rewards makes (trl 1.16): prompts, completions, completion_ids,
+    every other dataset column, trainer_state, log_extra and log_metric."""
+    logged: dict[str, float] = {}
+    values = reward(  # type: ignore[operator]
+        prompts=prompts,
+        completions=completions,
+        completion_ids=[[1, 2]] * len(prompts),
+        trainer_state=None,
+        log_extra=lambda column, values: None,
+        log_metric=logged.__setitem__,
+        **columns,
+    )
+    return [values, logged]
+
+
+def test_trl_reward_from_a_generated_images_column(client: RewardClient) -> None:
     reward = firm_reward(client, "gen")
     assert reward.__name__ == "firm_gen"
     prompts = ["a red square", [{"role": "user", "content": [{"type": "text", "text": "a red square"}]}]]
-    values = reward(prompts, ["", ""], images=[picture("red"), _broken_png()])
+    values, logged = _trl_call(reward, prompts, ["", ""], generated_images=[[picture("red")], [_broken_png()]])
     assert values[0] is not None and values[0] > 0 and values[1] is None
-    edit = firm_reward(client, "edit")([INSTRUCTION], [""], images=[picture("blue")], source=[picture("blue")])
+    assert logged == {"firm_gen/failed_fraction": 0.5}
+    filled, _ = _trl_call(
+        firm_reward(client, "gen", on_failure="group_mean"),
+        ["a red square"] * 3,
+        ["", "", ""],
+        generated_images=[picture("red"), picture("blue"), _broken_png()],
+    )
+    assert filled[2] == pytest.approx((filled[0] + filled[1]) / 2)
+    edit, _ = _trl_call(
+        firm_reward(client, "edit", render=lambda prompts, completions: [picture("blue")]),
+        [INSTRUCTION],
+        ["keep it"],
+        source=[picture("blue")],
+    )
     assert edit == [0.0]
+    with pytest.raises(ValueError, match="input images"):
+        firm_reward(client, "gen", images_column="images")
 
 
-def test_verl_compute_score_single_and_batched(client: RewardClient, tmp_path: Path) -> None:
+def test_verl_batch_form_keys_and_values(client: RewardClient, tmp_path: Path) -> None:
     path = tmp_path / "red.png"
     picture("red").save(path)
-    compute_score = make_compute_score(client, "gen")
-    single = compute_score("firm", "", None, {"image": str(path), "prompt": "a red square"})
-    assert single["valid"] == 1.0 and single["score"] > 0
-    batch = compute_score(
-        ["firm"] * 2,
-        ["", ""],
-        [None, None],
-        [{"image": str(path), "prompt": "a red square"}, {"image": _broken_png(), "prompt": "x"}],
+    compute_score = make_compute_score(client, "gen", on_failure="nan")
+    single = compute_score(
+        data_source="firm",
+        solution_str="",
+        ground_truth=None,
+        extra_info={"image": str(path), "prompt": "a red square"},
     )
-    assert batch[0] == single
-    assert math.isnan(batch[1]["score"]) and batch[1]["valid"] == 0.0 and "invalid_image" in batch[1]["error"]
+    assert single["failed"] == 0.0 and single["score"] > 0 and single["score"] == single["firm_gen"]
+    batch = compute_score(
+        data_sources=["firm"] * 2,
+        solution_strs=["", ""],
+        ground_truths=[None, None],
+        extra_infos=[{"image": str(path), "prompt": "a red square"}, {"image": _broken_png(), "prompt": "x"}],
+    )
+    assert batch[0] == single and set(batch[1]) == set(single)
+    assert math.isnan(batch[1]["score"]) and batch[1]["failed"] == 1.0
+    assert "invalid_image" in compute_score.last_errors[0][1]
 
 
 def _manifest(tmp_path: Path, broken: bool) -> Path:
