@@ -6,6 +6,7 @@ samples the next one. A failed call or item gives a null reward (masked in the l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from clients.errors import FirmError, RequestFailed, Unauthorized
 from clients.protocol import EditGroupResponse, GenGroupResponse, ScoreMode
 from rl_workers.generators.base import Condition
 
+log = logging.getLogger(__name__)
 COMPONENTS = {"t2i": ("instruction_following", "quality"), "edit": ("execution", "consistency")}
 CRITIC_TASK = {"t2i": "gen", "edit": "edit"}  # the server's name for the critic each task needs
 
@@ -46,16 +48,28 @@ def rewards_of(reply: EditGroupResponse | GenGroupResponse, task: str) -> GroupR
     )
 
 
+def failed_group(n: int, task: str, why: str) -> GroupRewards:
+    """A group none of whose samples got a reward, each carrying `why`."""
+    return GroupRewards([None] * n, {name: [None] * n for name in COMPONENTS[task]}, [f"{i}: {why}" for i in range(n)])
+
+
 class PendingRewards:
     """A group being scored. The client is not strict, so a call that failed after its retries comes
-    back as a reply whose every item has a null reward and `request_failed`."""
+    back as a reply whose every item has a null reward and `request_failed`. Anything else that goes
+    wrong with the call does the same here, logged with its traceback: a rank that raised would leave
+    the other ranks waiting in their next all-reduce."""
 
-    def __init__(self, call: Future[Any], task: str) -> None:
+    def __init__(self, call: Future[Any], task: str, n: int) -> None:
         self._call = call
         self._task = task
+        self._n = n
 
     def result(self) -> GroupRewards:
-        return rewards_of(self._call.result(), self._task)
+        try:
+            return rewards_of(self._call.result(), self._task)
+        except Exception as exc:  # counted as failed samples (null rewards), never as a score
+            log.exception("scoring a group failed unexpectedly")
+            return failed_group(self._n, self._task, f"request_failed: {type(exc).__name__}: {exc}")
 
 
 class RemoteCritic:
@@ -84,7 +98,7 @@ class RemoteCritic:
             call = self._client.submit("score_edit_group", source, condition.prompt, list(images), **options)
         else:
             call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
-        return PendingRewards(call, self.task)
+        return PendingRewards(call, self.task, len(images))
 
     def ready(self) -> bool:
         return self._client.ready()

@@ -32,6 +32,7 @@ from rl_workers.rewards import RemoteCritic
 from rl_workers.settings import RolloutSettings
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RewardsUnavailable, RolloutWorker
+from tests.support import picture
 
 G = 4
 RETRY = RetryPolicy(max_attempts=2, backoff_s=0.0, max_backoff_s=0.0, jitter=0.0)
@@ -257,3 +258,19 @@ def test_torchrun_rank_without_a_server_stops_every_rank(server_url: str, cache_
     assert done.returncode != 0
     assert "cannot reach the reward server at http://127.0.0.1:9" in done.stderr
     assert "1 other rank(s) cannot use their reward server" in done.stderr  # rank 0 did not wait forever
+
+
+def test_an_unexpected_error_in_a_call_is_failed_samples_not_a_raise(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug below the client")
+
+    critic = _critic(Server(lambda i: broken))
+    try:
+        with caplog.at_level(logging.ERROR):
+            rewards = critic.submit(Condition("a red square"), [picture("red")] * 3).result()
+    finally:
+        critic.close()
+    assert rewards.rewards == [None] * 3 and rewards.failed == 3
+    assert rewards.components == {"instruction_following": [None] * 3, "quality": [None] * 3}
+    assert all("RuntimeError: a bug below the client" in e for e in rewards.errors)
+    assert "scoring a group failed unexpectedly" in caplog.text  # logged with its traceback, not silent
