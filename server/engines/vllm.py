@@ -5,6 +5,11 @@ sits in front. Decoding is greedy with an explicit seed; the probabilities of th
 tokens come from `logprob_token_ids` at every step. Prefix caching is on by default: the
 images and the rubric open every prompt, so a GRPO group reuses its shared source image.
 vllm is imported in `start`, never at module import.
+
+A request vLLM refuses (too long, too many images) or fails alone becomes that call's error; a dead
+engine raises, so the whole batch fails and readiness counts it. vLLM's scheduler reports, per
+engine step, how many requests run together and how many prompt tokens the prefix cache served:
+both go to the server's /metrics.
 """
 
 from __future__ import annotations
@@ -13,13 +18,78 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
 log = logging.getLogger(__name__)
+
+_RUNNING_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class _Series:
+    running: Histogram
+    prefix_queries: Counter
+    prefix_hits: Counter
+
+
+_SERIES: weakref.WeakKeyDictionary[CollectorRegistry, _Series] = weakref.WeakKeyDictionary()
+
+
+def _series(registry: CollectorRegistry) -> _Series:
+    """The engine series of one registry, shared by every vllm engine that reports to it."""
+    if registry not in _SERIES:
+        _SERIES[registry] = _Series(
+            Histogram(
+                "firm_vllm_running_requests",
+                "Requests vLLM ran together in one engine step (continuous batching).",
+                ["model"],
+                buckets=_RUNNING_BUCKETS,
+                registry=registry,
+            ),
+            Counter(
+                "firm_vllm_prefix_cache_queries",
+                "Prompt tokens looked up in vLLM's prefix cache.",
+                ["model"],
+                registry=registry,
+            ),
+            Counter(
+                "firm_vllm_prefix_cache_hits", "Prompt tokens vLLM's prefix cache served.", ["model"], registry=registry
+            ),
+        )
+    return _SERIES[registry]
+
+
+def _stat_logger(series: _Series, label: str) -> Callable[..., Any]:
+    """A vLLM stat-logger factory that feeds `series`; vLLM's own loggers stay off."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerSeries(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            if scheduler_stats is None:
+                return
+            if scheduler_stats.num_running_reqs:
+                series.running.labels(model=label).observe(scheduler_stats.num_running_reqs)
+            cache = scheduler_stats.prefix_cache_stats
+            series.prefix_queries.labels(model=label).inc(cache.queries)
+            series.prefix_hits.labels(model=label).inc(cache.hits)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerSeries
 
 
 class VLLMEngine(Engine):
@@ -39,13 +109,14 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: float = 0.42,
         tensor_parallel_size: int = 1,
         images_per_prompt: int = 2,
-        pixel_budget: int = 1024 * 1024,
         prefix_caching: bool = True,
         sleep_mode: bool = False,
         enforce_eager: bool = False,
+        registry: CollectorRegistry | None = None,
         **options: Any,
     ) -> None:
         super().__init__(model, watch_tokens, revision=revision, **options)
+        self._series = _series(registry if registry is not None else CollectorRegistry())
         self.engine_args: dict[str, Any] = {
             "model": model,
             "revision": revision,
@@ -54,8 +125,9 @@ class VLLMEngine(Engine):
             "max_model_len": max_model_len,
             "gpu_memory_utilization": gpu_memory_utilization,
             "tensor_parallel_size": tensor_parallel_size,
+            # The checkpoint's own processor settings size the images, as in the transformers engine,
+            # so both see the same pixel grid; the server's pixel budget guards memory before that.
             "limit_mm_per_prompt": {"image": images_per_prompt, "video": 0},
-            "mm_processor_kwargs": {"max_pixels": pixel_budget},
             "enable_prefix_caching": prefix_caching,
             "enable_sleep_mode": sleep_mode,
             "enforce_eager": enforce_eager,
@@ -77,7 +149,13 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         log.info("starting vLLM for %s: %s", self.model, self.engine_args)
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        # Construction waits until the engine is ready (weights loaded, maybe downloaded): off the
+        # event loop, so /healthz keeps answering meanwhile.
+        self._llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args,
+            AsyncEngineArgs(**self.engine_args),
+            stat_loggers=[_stat_logger(self._series, self.model)],
+        )
         # The checkpoint's own chat template renders the prompt, as the transformers engine does.
         self._processor = await asyncio.to_thread(
             AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]
@@ -90,7 +168,8 @@ class VLLMEngine(Engine):
             self._llm = None
 
     async def sleep(self) -> None:
-        await self._llm.sleep(level=1)
+        # "wait" lets running calls finish; vLLM's default aborts them
+        await self._llm.sleep(level=1, mode="wait")
 
     async def wake(self) -> None:
         await self._llm.wake_up()
@@ -129,15 +208,22 @@ class VLLMEngine(Engine):
         inputs: dict[str, Any] = {"prompt": prompt}
         if images:
             inputs["multi_modal_data"] = {"image": images}
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
         final = None
         try:
             async for output in self._llm.generate(inputs, self._sampling_params(request), request_id=uuid.uuid4().hex):
                 final = output
-        except (ValueError, RuntimeError) as exc:  # a request vLLM refuses (too long, bad image) fails alone
+        except VLLMClientError as exc:  # refused: too long, too many images
             return EngineError(f"vllm refused the request: {exc}")
+        except EngineGenerateError as exc:  # this request failed; the engine lives on (EngineDeadError raises)
+            return EngineError(f"vllm failed the request: {exc.__cause__ or exc}")
         if final is None or not final.outputs:
             return EngineError("vllm returned no output")
         completion = final.outputs[0]
+        if completion.finish_reason == "abort":  # stopped before the end: not an answer to judge
+            return EngineError("vllm aborted the request")
         ids = list(completion.token_ids)
         steps = completion.logprobs or []
 

@@ -1,0 +1,133 @@
+"""`firm-serve --engine vllm` over HTTP: the four routes, vLLM's own batching, its prefix cache,
+greedy parity with the transformers engine, and a call vLLM refuses failing alone."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients.images import encode
+from clients.protocol import EditScoreResponse
+from server.tiny import draw_square
+from tests.support import b64, metric_value, running_server
+
+CPU_FLAGS = ("--engine", "vllm", "--dtype", "float32", "--enforce-eager", "--log-level", "warning")
+
+
+@pytest.fixture(scope="module")
+def vllm_url(vllm_checkpoint: Path, cache_dir: Path, vllm_python: str, vllm_vars: dict[str, str]) -> Iterator[str]:
+    """Both critics on one vLLM engine, with structured outputs on."""
+    path = str(vllm_checkpoint)
+    args = ("--edit-model", path, "--gen-model", path, *CPU_FLAGS, "--structured-outputs")
+    with running_server(cache_dir, *args, tiny=False, timeout=600, python=vllm_python, env=vllm_vars) as url:
+        yield url
+
+
+def _edit_item(edited: str = "red", instruction: str = "Make the square red.") -> dict[str, str]:
+    return {"source": b64("blue"), "edited": b64(edited), "instruction": instruction}
+
+
+def _gen_item(image: str = "red", prompt: str = "a red square") -> dict[str, str]:
+    return {"image": b64(image), "prompt": prompt}
+
+
+def _dimensions(result: dict) -> list[dict]:
+    return [v for v in result.values() if isinstance(v, dict) and "score" in v]
+
+
+def test_the_four_routes_score_with_expected_values(vllm_url: str) -> None:
+    client = httpx.Client(base_url=vllm_url, timeout=300)
+    models = client.get("/v1/models").json()["models"]
+    assert {m["engine"] for m in models} == {"vllm"}
+    expected = {"score_mode": "expected"}
+    group = {"source": b64("blue"), "instruction": "Make the square red.", "candidates": [b64("red"), b64("blue")]}
+    responses = {
+        "edit": client.post("/v1/edit/score", json={"items": [_edit_item()], **expected}),
+        "edit group": client.post("/v1/edit/score_group", json={**group, **expected}),
+        "gen": client.post("/v1/gen/score", json={"items": [_gen_item()], **expected}),
+        "gen group": client.post(
+            "/v1/gen/score_group", json={"prompt": "a red square", "images": [b64("red"), b64("green")], **expected}
+        ),
+    }
+    for route, response in responses.items():
+        assert response.status_code == 200, (route, response.text)
+        for result in response.json()["results"]:
+            assert result["error"] is None, (route, result)
+            assert result["reward"] is not None
+            for dimension in _dimensions(result):  # from the probabilities vLLM gave the watched digits
+                assert dimension["expected"] is not None and 1.0 <= dimension["expected"] <= 5.0, (route, dimension)
+
+
+async def _concurrently(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        return list(await asyncio.gather(*(client.post("/v1/edit/score", json=b) for b in bodies)))
+
+
+def test_concurrent_requests_are_batched_by_vllm_itself(vllm_url: str) -> None:
+    before = httpx.get(f"{vllm_url}/metrics").text
+    # new instructions, so the server's cache of identical calls answers none of them
+    bodies = [{"items": [_edit_item(instruction=f"Make the square red ({uuid.uuid4().hex}).")]} for _ in range(8)]
+    responses = asyncio.run(_concurrently(vllm_url, bodies))
+    assert all(r.status_code == 200 and r.json()["results"][0]["reward"] is not None for r in responses)
+    after = httpx.get(f"{vllm_url}/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    # no micro-batcher in front: each request's two judge calls reach the engine as they come
+    assert delta("firm_engine_batch_size_sum") == 2 * delta("firm_engine_batch_size_count") == 16
+    # and vLLM ran calls of different requests together: some engine step held more than one request's two
+    steps = delta("firm_vllm_running_requests_count")
+    assert steps > 0 and steps - delta("firm_vllm_running_requests_bucket", le="2.0") > 0
+
+
+def test_the_prefix_cache_serves_a_groups_shared_prefix(vllm_url: str) -> None:
+    before = httpx.get(f"{vllm_url}/metrics").text
+    source = encode(draw_square("blue"), "PNG")
+    for round_ in range(2):  # two rounds of one GRPO group: the same source image and instruction
+        body = {
+            "source": source,
+            "instruction": "Make the square red.",
+            "candidates": [b64(c) for c in (("red", "orange") if round_ == 0 else ("purple", "yellow"))],
+        }
+        response = httpx.post(f"{vllm_url}/v1/edit/score_group", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+    after = httpx.get(f"{vllm_url}/metrics").text
+    hits = "firm_vllm_prefix_cache_hits_total"
+    assert metric_value(after, hits) - metric_value(before, hits) > 0
+
+
+def test_a_call_vllm_refuses_fails_its_item_alone(vllm_url: str) -> None:
+    too_long = "Make the square red. " + "Then look again. " * 20_000  # past the model's context
+    body = {"items": [{**_edit_item(), "id": "ok"}, {**_edit_item(instruction=too_long), "id": "long"}]}
+    response = httpx.post(f"{vllm_url}/v1/edit/score", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    ok, long = EditScoreResponse.model_validate(response.json()).results
+    assert ok.error is None and ok.reward is not None
+    assert long.reward is None and long.error is not None and long.error.code == "engine_error"
+    assert "vllm refused" in long.error.message
+    assert httpx.get(f"{vllm_url}/readyz").status_code == 200  # one refusal is not an unhealthy engine
+
+
+def test_greedy_answers_equal_the_transformers_engines(vllm_url: str, vllm_checkpoint: Path, cache_dir: Path) -> None:
+    path = str(vllm_checkpoint)
+    args = ("--engine", "transformers", "--device", "cpu", "--dtype", "float32")
+    requests = [
+        ("/v1/edit/score", {"items": [_edit_item(), _edit_item("blue", "Paint the square orange.")]}),
+        ("/v1/gen/score", {"items": [_gen_item(), _gen_item("purple", "a green square")]}),
+    ]
+    options = {"score_mode": "expected", "return_reasoning": True}
+    with running_server(cache_dir, *args, "--edit-model", path, "--gen-model", path, tiny=False) as hf_url:
+        for route, body in requests:
+            hf, vl = (httpx.post(f"{url}{route}", json={**body, **options}, timeout=300) for url in (hf_url, vllm_url))
+            assert hf.status_code == vl.status_code == 200, (hf.text, vl.text)
+            for a, b in zip(hf.json()["results"], vl.json()["results"], strict=True):
+                assert a["error"] is None and b["error"] is None, (a, b)
+                for da, db in zip(_dimensions(a), _dimensions(b), strict=True):
+                    assert (da["score"], da["reasoning"]) == (db["score"], db["reasoning"])  # the same greedy text
+                    assert da["expected"] == pytest.approx(db["expected"], abs=0.05)
