@@ -112,7 +112,10 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         if source not in shared:
             tasks = [t for t, s in sources.items() if s == source]
             options = engine_options(settings, tasks)
-            engine = create_engine(engine_name, source[0], SCORE_TOKENS, revision=source[1], **options)
+            # an engine with figures of its own (vllm's scheduler) reports them on the app's registry
+            engine = create_engine(
+                engine_name, source[0], SCORE_TOKENS, revision=source[1], registry=metrics.registry, **options
+            )
             if settings.structured_outputs and not engine.supports_constraints:
                 raise ValueError(f"--structured-outputs needs an engine that supports it, not {engine.name}")
             shared[source] = (engine, _runner(engine, settings, metrics, "+".join(tasks)))

@@ -50,18 +50,25 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def running_server(cache_dir: Path, *args: str, tiny: bool = True, timeout: float = 240.0) -> Iterator[str]:
+def running_server(
+    cache_dir: Path,
+    *args: str,
+    tiny: bool = True,
+    timeout: float = 240.0,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """Start `firm-serve` (on the tiny critic unless told otherwise) on a free port, wait until ready,
-    yield its URL, stop it."""
+    yield its URL, stop it. `python` and `env` run it elsewhere (the vLLM CPU environment)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--cache-dir", str(cache_dir), "--port", str(port), *args]
+    cmd = [python, "-m", "server.cli", "--cache-dir", str(cache_dir), "--port", str(port), *args]
     if tiny:
         cmd.append("--tiny")
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = cache_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         )
         url = f"http://127.0.0.1:{port}"
         try:
