@@ -34,8 +34,11 @@ ENV HF_HOME=/models/huggingface \
 VOLUME ["/models"]
 
 # The server binds loopback by default; inside a container that is unreachable from outside.
+# vLLM gives its engine 10 minutes to become ready by default; a first start that downloads two
+# 8B critics over a slow link can take longer, so it gets an hour.
 ENV FIRM_HOST=0.0.0.0 \
     FIRM_PORT=8000 \
+    VLLM_ENGINE_READY_TIMEOUT_S=3600 \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
 
