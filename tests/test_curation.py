@@ -280,6 +280,8 @@ def test_records_rendered_with_the_release_prompts_are_what_firm_train_accepts_f
 ) -> None:
     """--prompts firm renders records with the release's prompts (a fixture in its layout stands in),
     and firm-train, told the same set, accepts them."""
+    from server.prompts.release import PromptSource
+    from server.prompts.sets import ReleasedPrompts
     from tests.test_prompts import EDIT_FILE, FIXTURE, _module
     from training.prompt_set import check_records, training_judges
 
@@ -293,10 +295,8 @@ def test_records_rendered_with_the_release_prompts_are_what_firm_train_accepts_f
     assert execution["messages"][0]["content"][-1]["text"] == released.format(
         prompt="Make the square red (score=4).", requirement=""
     )
-    judges = training_judges(
-        "firm", ["edit_execution", "edit_consistency"], source=str(FIXTURE), cache_dir=tmp_path, allow_drift=True
-    )
+    released = ReleasedPrompts(PromptSource(str(FIXTURE), tmp_path, allow_drift=True))
+    judges = training_judges("firm", ["edit_execution", "edit_consistency"], released)
     check_records(records, judges, "firm")
     with pytest.raises(ValueError, match="not rendered with the 'own' prompts"):
-        check_records(records, training_judges("own", list(judges), source="", cache_dir=tmp_path,
-                                               allow_drift=False), "own")  # fmt: skip
+        check_records(records, training_judges("own", list(judges), released), "own")

@@ -103,8 +103,11 @@ def test_records_rendered_with_other_prompts_are_refused(tmp_path: Path) -> None
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "edit_execution.txt").write_text("Was this done: {prompt}?")
-    other = training_judges(str(mine), ["edit_execution", "edit_consistency"], source="", cache_dir=tmp_path,
-                            allow_drift=False)  # fmt: skip
+
+    def no_release(names: object) -> dict:
+        raise AssertionError("the release's prompts were fetched for a set of one's own")
+
+    other = training_judges(str(mine), ["edit_execution", "edit_consistency"], no_release)
     with pytest.raises(ValueError, match=r"2 records were not rendered with the .* prompts \(item0/edit_execution"):
         check_records(records, other, str(mine))
     record_prompt_set(tmp_path / "critic", str(mine), other)

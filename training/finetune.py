@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.prompts.release import DEFAULT_SOURCE
-from server.settings import Settings, default_cache_dir
+from server.settings import Settings
 from training.model_card import write_model_card
-from training.prompt_set import check_records, record_prompt_set, training_judges
+from training.prompt_set import add_prompt_flags, check_records, record_prompt_set, released_prompts, training_judges
 from training.records import SERVED_PIXEL_BUDGET, read_records
 from training.sft_data import Collator, Example, load_examples, split_long_answers
 
@@ -85,16 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"firm-serve's budget of the record's judge, {SERVED_MAX_NEW_TOKENS['edit']} for edit and "
         f"{SERVED_MAX_NEW_TOKENS['gen']} for generation; 0 keeps every record).",
     )
-    add(
-        "--prompts",
-        default="own",
-        help="The prompt set the records were rendered with, checked and recorded with the critic: 'own' "
-        "(this project's templates, as firm-curate renders by default), 'firm' (the release's) or a directory "
-        "of your own '<judge>.txt' templates (default: own).",
-    )
-    add("--prompt-source", default=DEFAULT_SOURCE, help="Where the release's prompt files are read (--prompts firm).")
-    add("--allow-prompt-drift", action="store_true", help="Accept release prompt files whose digest differs.")
-    add("--cache-dir", type=Path, default=default_cache_dir(), help="Where the release's prompt files are cached.")
+    add_prompt_flags(parser, "The prompt set the records were rendered with, checked and recorded with the critic")
     add("--measure-examples", type=int, default=32, help="Records whose loss is measured before and after (0: skip).")
     add("--logging-steps", type=int, default=10, help="Log the training loss every N steps (default: 10).")
     add("--save-steps", type=int, default=0, help="Also keep a trainer checkpoint every N steps (default: never).")
@@ -254,13 +244,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()):
         raise FileExistsError(f"{args.output} is not empty; choose a new folder")
-    judges = training_judges(
-        args.prompts,
-        {record["judge"] for path in args.records for record in read_records(path)},
-        source=args.prompt_source,
-        cache_dir=args.cache_dir,
-        allow_drift=args.allow_prompt_drift,
-    )
+    names = {record["judge"] for path in args.records for record in read_records(path)}
+    judges = training_judges(args.prompts, names, released_prompts(args))
     for path in args.records:
         check_records(read_records(path), judges, args.prompts)
     processor = load_processor(args)

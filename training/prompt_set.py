@@ -9,24 +9,45 @@ source and digest.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from server.judges import Judge
-from server.prompts.release import PromptSource
+from server.prompts.release import DEFAULT_SOURCE, PromptSource, ReleasedPrompt
 from server.prompts.sets import FIRM, OWN, RECORD_FILE, ReleasedPrompts, describe, judges_for
+from server.settings import default_cache_dir
 
 SAVED_TEMPLATES = "prompts"  # folder of the critic holding the templates of a set of the user's own
 
 
+def add_prompt_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--prompts and where the release's prompts come from, as firm-serve takes them; `what` says what
+    the set is for in this command."""
+    add = parser.add_argument
+    add(
+        "--prompts",
+        default=OWN,
+        help=f"{what}: 'own' (this project's templates), 'firm' (the release's, fetched and verified as "
+        "firm-serve does) or a directory of your own '<judge>.txt' templates (default: own).",
+    )
+    add("--prompt-source", default=DEFAULT_SOURCE, help="Where the release's prompt files are read (--prompts firm).")
+    add("--allow-prompt-drift", action="store_true", help="Accept release prompt files whose digest differs.")
+    add("--cache-dir", type=Path, default=default_cache_dir(), help="Where the release's prompt files are cached.")
+
+
+def released_prompts(args: argparse.Namespace) -> ReleasedPrompts:
+    """The release's prompts from the source the flags of `add_prompt_flags` name, fetched on first need."""
+    return ReleasedPrompts(PromptSource(args.prompt_source, args.cache_dir, allow_drift=args.allow_prompt_drift))
+
+
 def training_judges(
-    setting: str, names: Iterable[str], *, source: str, cache_dir: Path, allow_drift: bool
+    setting: str, names: Iterable[str], released: Callable[[Sequence[str]], Mapping[str, ReleasedPrompt]]
 ) -> dict[str, Judge]:
     """The judges `names` with the prompt set `setting` (firm, own or a directory of templates)."""
-    released = ReleasedPrompts(PromptSource(source, cache_dir, allow_drift=allow_drift))
     return judges_for("", sorted(set(names)), setting, released)
 
 

@@ -89,27 +89,16 @@ ALIGNMENT_REGEX = (
 EDIT_FIELDS = {"instruction": "prompt", "requirement": "requirement"}
 GEN_FIELDS = {"prompt": "prompt", "requirement": "requirement"}
 
+
+def _edit_judge(name: str) -> JudgeSpec:
+    return JudgeSpec(name, "edit", EDIT_FIELDS, ("prompt",), parse_json_score, OutputConstraint(JSON_SCORE_SCHEMA), 256)
+
+
 JUDGES: dict[str, JudgeSpec] = {
     spec.name: spec
     for spec in (
-        JudgeSpec(
-            "edit_execution",
-            "edit",
-            EDIT_FIELDS,
-            ("prompt",),
-            parse_json_score,
-            OutputConstraint(JSON_SCORE_SCHEMA),
-            256,
-        ),
-        JudgeSpec(
-            "edit_consistency",
-            "edit",
-            EDIT_FIELDS,
-            ("prompt",),
-            parse_json_score,
-            OutputConstraint(JSON_SCORE_SCHEMA),
-            256,
-        ),
+        _edit_judge("edit_execution"),
+        _edit_judge("edit_consistency"),
         JudgeSpec(
             "gen_instruction_following",
             "gen",

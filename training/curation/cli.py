@@ -20,9 +20,6 @@ from pathlib import Path
 
 from clients.retry import RetryPolicy
 from server.judges import JUDGES, TemplateError
-from server.prompts.release import DEFAULT_SOURCE, PromptSource
-from server.prompts.sets import ReleasedPrompts
-from server.settings import default_cache_dir
 from training.curation.chat import ChatClient, Endpoint
 from training.curation.common import MAX_ANSWER_CHARS, Context, Pipeline
 from training.curation.edit import EditPipeline
@@ -31,6 +28,7 @@ from training.curation.prompts import PromptError, load_prompt
 from training.curation.runner import RunReport, run_pipeline
 from training.curation.store import RecordStore
 from training.manifest import ManifestError, parse_field_map, read_manifest
+from training.prompt_set import add_prompt_flags, released_prompts
 from training.records import SERVED_PIXEL_BUDGET
 
 STEPS = {
@@ -122,16 +120,7 @@ def _add_records(parser: argparse.ArgumentParser) -> None:
         f"{MAX_ANSWER_CHARS['edit']} and {MAX_ANSWER_CHARS['gen']} characters of English, stay under them with "
         "room for wordier text, and firm-train checks the exact token count.",
     )
-    add(
-        "--prompts",
-        default="own",
-        help="The critic's prompt set the records are rendered with: 'own' (this project's templates), 'firm' "
-        "(the release's, fetched and verified as firm-serve does) or a directory of '<judge>.txt' templates. "
-        "Train with the same --prompts (default: own).",
-    )
-    add("--prompt-source", default=DEFAULT_SOURCE, help="Where the release's prompt files are read (--prompts firm).")
-    add("--allow-prompt-drift", action="store_true", help="Accept release prompt files whose digest differs.")
-    add("--cache-dir", type=Path, default=default_cache_dir(), help="Where the release's prompt files are cached.")
+    add_prompt_flags(parser, "The critic's prompt set the records are rendered with; train with the same")
     add(
         "--template",
         action="append",
@@ -198,7 +187,7 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
         max_answer_chars=args.max_answer_chars,
         templates=_templates(args.template),
         prompts=args.prompts,
-        released=ReleasedPrompts(PromptSource(args.prompt_source, args.cache_dir, allow_drift=args.allow_prompt_drift)),
+        released=released_prompts(args),
     )
     first, second = (step for step, _ in STEPS[args.task])
     pipeline = EditPipeline if args.task == "edit" else GenPipeline
