@@ -71,17 +71,17 @@ class RolloutSettings(BaseSettings):
     noise_level: float = Field(0.7, gt=0, description="SDE noise scale (Flow-GRPO's a); higher explores more.")
     guidance_scale: float | None = Field(None, ge=1.0, description="CFG scale; default 4.5 (SD3.5) or 4.0 (Qwen).")
     max_sequence_length: int = Field(256, ge=8, description="Text tokens given to SD3's T5 encoder.")
-    source_vae_side: int = Field(
-        1024,
+    source_vae_side: int | None = Field(
+        None,
         ge=32,
         description="Editing: the source is VAE-encoded at about this side squared in pixels, at its own aspect "
-        "ratio (QwenImageEditPipeline: 1024).",
+        "ratio; default 1024 (QwenImageEditPipeline's), or the resolution with --tiny.",
     )
-    source_vl_side: int = Field(
-        384,
+    source_vl_side: int | None = Field(
+        None,
         ge=28,
-        description="Editing: the vision-language text encoder sees the source at about this side squared "
-        "(the FIRM release: 384; the diffusers pipeline: 1024).",
+        description="Editing: the vision-language text encoder sees the source at about this side squared; "
+        "default 384 (the FIRM release's; the diffusers pipeline uses 1024), or the resolution with --tiny.",
     )
     prompt_cache: int = Field(
         1024, ge=0, description="Prompt embeddings kept (on the CPU) per worker, so each prompt is embedded once."
@@ -150,6 +150,14 @@ class RolloutSettings(BaseSettings):
     @property
     def model_id(self) -> str:
         return self.model or DEFAULT_MODELS[self.task]
+
+    @property
+    def vae_side(self) -> int:
+        return self.source_vae_side or (self.resolution if self.tiny else 1024)
+
+    @property
+    def vl_side(self) -> int:
+        return self.source_vl_side or (self.resolution if self.tiny else 384)
 
     @property
     def batch_size(self) -> int:

@@ -181,8 +181,10 @@ def test_gradient_checkpointing_is_a_setting_that_keeps_the_gradients(cache_dir:
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True], strict=True))
 
 
-def test_default_train_batch_is_per_model(tmp_path: Path) -> None:
+def test_default_train_batch_and_source_sizes_are_per_model(tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
+    real, tiny = RolloutSettings(task="edit", prompts=prompts), RolloutSettings(task="edit", prompts=prompts, tiny=True)
+    assert (real.vae_side, real.vl_side, tiny.vae_side, tiny.vl_side) == (1024, 384, 512, 512)
     assert RolloutSettings(task="edit", prompts=prompts).batch_size == 1
     assert RolloutSettings(task="t2i", prompts=prompts).batch_size == 4
     assert RolloutSettings(task="edit", prompts=prompts, train_batch_size=2).batch_size == 2

@@ -81,8 +81,8 @@ def load_generator(settings: RolloutSettings, device: torch.device) -> Generator
             pipeline,
             resolution=settings.resolution,
             guidance_scale=settings.guidance,
-            vae_side=settings.source_vae_side,
-            vl_side=settings.source_vl_side,
+            vae_side=settings.vae_side,
+            vl_side=settings.vl_side,
             **shared,
         )
     pipeline.set_progress_bar_config(disable=True)
