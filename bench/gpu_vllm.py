@@ -85,7 +85,7 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     prompts, params = [], []
     for source, edited, instruction in _items(args.items, args.side):
         for name in ("edit_execution", "edit_consistency"):
-            parts = judges[name].prompt((source, edited), prompt=instruction)
+            parts = judges[name].prompt((source, edited), instruction=instruction)
             content, images = chat_content(parts)
             text = processor.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
