@@ -37,11 +37,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vllm_checkpoint(cache_dir: Path) -> Path:
-    """The tiny critic with 64-wide heads, which vLLM's kernels support."""
+    """The tiny critic with attention heads vLLM's kernels support."""
     return ensure_tiny_checkpoint(cache_dir, shape="vllm")
 
 
-VLLM_FLAGS = ("--engine", "vllm", "--max-model-len", "4096", "--enforce-eager")
+VLLM_FLAGS = ("--engine", "vllm", "--max-model-len", "4096", "--gen-max-new-tokens", "1024", "--enforce-eager")
 MEMORY_FLAGS = ("--edit-gpu-memory-utilization", "0.15", "--gen-gpu-memory-utilization", "0.15")
 
 
