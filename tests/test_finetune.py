@@ -14,6 +14,7 @@ import pytest
 from clients.protocol import EditScoreResponse
 from server.cli import load_settings
 from server.judges import load_judges
+from server.judges.answers import json_score_answer
 from server.prompts.sets import RECORD_FILE, chosen_set
 from tests.support import b64, picture, running_server
 from training.finetune import build_parser, load_base, run
@@ -21,9 +22,9 @@ from training.prompt_set import check_records, record_prompt_set, training_judge
 from training.records import make_record, read_records, relative_path
 from training.sft_data import Collator, load_examples
 
-# a wording the tiny critic has not seen, in the judges' own answer format
-DONE = "The square shows the new colour and nothing else moved."
-UNDONE = "Both pictures are the same, so the instruction was ignored."
+# a wording the tiny critic has not been taught (made of words its tokenizer knows), in the released format
+DONE = "The edited square is red, as the instruction asks."
+UNDONE = "The edited image is the same as the original."
 
 
 def edit_records(folder: Path, count: int) -> Path:
@@ -40,7 +41,7 @@ def edit_records(folder: Path, count: int) -> Path:
         images = [relative_path(p, folder) for p in paths]
         fields = {"instruction": f"Make the square {target}."}
         for judge, score in (("edit_execution", 5 if done else 1), ("edit_consistency", 4 if done else 5)):
-            answer = json.dumps({"reasoning": DONE if done else UNDONE, "score": [score]})
+            answer = json_score_answer(DONE if done else UNDONE, score)
             lines.append(make_record(f"item{i}", judge, images, fields, answer))
     path = folder / "records.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -50,7 +51,7 @@ def edit_records(folder: Path, count: int) -> Path:
 def long_answer_record(folder: Path) -> Path:
     """One record whose answer is over the 256 tokens the served critic may write."""
     images = [relative_path(folder / "images" / f"0-{name}.png", folder) for name in ("source", "edited")]
-    answer = json.dumps({"reasoning": " ".join([DONE] * 40), "score": [5]})
+    answer = json_score_answer(" ".join([DONE] * 40), 5)
     record = make_record("long", "edit_execution", images, {"instruction": "Make the square red."}, answer)
     path = folder / "long.jsonl"
     path.write_text(json.dumps(record) + "\n")
@@ -65,7 +66,7 @@ def trained(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     output = work / "critic"
     args = [str(records), str(long_answer_record(work / "data"))]
     args += ["--base-model", str(base), "--output", str(output), "--device", "cpu"]
-    args += ["--learning-rate", "3e-3", "--max-steps", "12", "--batch-size", "4", "--grad-accum", "1"]
+    args += ["--learning-rate", "2e-3", "--max-steps", "20", "--batch-size", "4", "--grad-accum", "1"]
     args += ["--logging-steps", "1", "--measure-examples", "8"]
     return output, run(args)
 
@@ -120,7 +121,7 @@ def test_training_lowers_the_loss_and_writes_a_model_card(trained: tuple[Path, d
     output, report = trained
     loss = report["loss"]
     assert loss["after"] < 0.7 * loss["before"], loss
-    assert [entry["step"] for entry in loss["logged"]][-1] == 12
+    assert [entry["step"] for entry in loss["logged"]][-1] == 20
     card = (output / "README.md").read_text()
     assert "base_model:" in card
     # each serve command loads the trained critic for one task and no default critic for the other
@@ -130,7 +131,7 @@ def test_training_lowers_the_loss_and_writes_a_model_card(trained: tuple[Path, d
         settings = load_settings(shlex.split(command)[1:])
         served.append((settings.edit_model, settings.gen_model))
     assert served == [(str(output), "none"), ("none", str(output))]
-    assert json.loads((output / "firm_training.json").read_text())["settings"]["learning_rate"] == 3e-3
+    assert json.loads((output / "firm_training.json").read_text())["settings"]["learning_rate"] == 2e-3
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja"):
         assert (output / name).exists(), name
 
