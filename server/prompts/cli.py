@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from server.flags import describe_errors, flag
-from server.judges import JUDGES, TemplateError
-from server.prompts.release import PromptSource, PromptSourceError
+from server.judges import JUDGES, edit_fields, gen_fields
+from server.prompts.release import PromptSource
 from server.settings import SWITCHED_OFF, Settings
 
 _SHARED = ("prompts", "prompt_source", "allow_prompt_drift", "cache_dir", "edit_model", "gen_model")
@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         for name in _SHARED:
             field = Settings.model_fields[name]
             if field.annotation is bool:
-                sub.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                 help=field.description)
+                sub.add_argument(
+                    flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=field.description
+                )
             else:
                 sub.add_argument(flag(name), default=argparse.SUPPRESS, help=field.description)
     show.add_argument("--judge", action="append", choices=list(JUDGES), help="Only this judge (repeatable).")
@@ -76,9 +77,9 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
             if judge.name not in wanted:
                 continue
             fields = (
-                {"instruction": args.instruction, "requirement": args.requirement}
+                edit_fields(args.instruction, args.requirement)
                 if task == "edit"
-                else {"prompt": args.prompt, "requirement": args.requirement}
+                else gen_fields(args.prompt, args.requirement)
             )
             text = judge.render(**fields)
             entry = {
@@ -108,5 +109,5 @@ def main(argv: Sequence[str]) -> int:
         sys.exit(f"firm-serve prompts: invalid settings:\n{describe_errors(exc)}")
     try:
         return _pull(settings) if args.command == "pull" else _show(settings, args)
-    except (PromptSourceError, TemplateError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # a prompt source, template or settings error, said plainly
         sys.exit(f"firm-serve prompts: {exc}")

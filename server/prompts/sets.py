@@ -75,8 +75,14 @@ def _check_recorded(model: str, judges: Mapping[str, Judge]) -> None:
     for name, entry in (record.get("judges") or {}).items():
         judge = judges.get(name)
         if judge is not None and isinstance(entry, dict) and entry.get("sha256") not in (None, judge.sha256):
-            log.warning("%s: %s was trained with a prompt of digest %s but is served %s (%s)",
-                        model, name, entry.get("sha256"), judge.sha256, judge.origin)
+            log.warning(
+                "%s: %s was trained with a prompt of digest %s but is served %s (%s)",
+                model,
+                name,
+                entry.get("sha256"),
+                judge.sha256,
+                judge.origin,
+            )
 
 
 def judges_for(
