@@ -247,3 +247,26 @@ def test_rl_memory_bench_prints_each_phase(cache_dir: Path, capsys: pytest.Captu
     assert [line.split()[0] for line in lines[2:6]] == ["load", "sampling", "scoring", "update"]
     assert all("GiB" in line for line in lines[2:6]) and "train batch=1" in lines[1]
     assert lines[-1] == "trained 2 samples in 1 optimizer step(s)"
+
+
+def test_text_encoders_are_on_the_gpu_only_while_they_embed() -> None:
+    from rl_workers.generators.prompt_cache import PromptCache
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.place = "loaded"
+
+        def to(self, device: Any) -> Encoder:  # type: ignore[override]
+            self.place = str(device)
+            return self
+
+    encoder = Encoder()
+    cache = PromptCache([encoder], torch.device("cuda"), size=4, offload=True)
+    assert encoder.place == "cpu"  # offloaded as soon as the generator is built
+    during: list[str] = []
+    for _ in range(2):
+        cache.get("a prompt", lambda: during.append(encoder.place) or {"embeds": None})
+    assert during == ["cuda"] and encoder.place == "cpu" and cache.embedded == 1  # moved once, for the miss
+    kept = PromptCache([Encoder()], torch.device("cuda"), size=4, offload=False)
+    assert kept.encoders[0].place == "loaded"  # type: ignore[attr-defined]
