@@ -34,6 +34,7 @@ from clients.protocol import (
     ItemError,
     ModelRef,
     ModelsResponse,
+    ReadinessResponse,
     RewardWeights,
     ScoreMode,
 )
@@ -110,6 +111,17 @@ class AsyncRewardClient:
             return (await self._transport.get("/readyz")).status_code == 200
         except (RequestFailed, OSError):
             return False
+
+    async def readiness(self) -> ReadinessResponse:
+        """The least busy awake server's readiness, with each task's state (`ready`, `loading`, `failed`, ...).
+        A 503 is an answer here, not an error: it says which task is not ready."""
+        response = await self._transport.get("/readyz")
+        if response.status_code not in (200, 503):
+            raise server_error(response)
+        try:
+            return ReadinessResponse.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:
+            raise BadResponse(f"GET /readyz: the answer is not a readiness report: {exc}") from exc
 
     # ------------------------------------------------------------------ plumbing
 
@@ -350,6 +362,7 @@ class RewardClient:
 
     models = _blocking(AsyncRewardClient.models)
     ready = _blocking(AsyncRewardClient.ready)
+    readiness = _blocking(AsyncRewardClient.readiness)
     score_edits = _blocking(AsyncRewardClient.score_edits)
     score_generations = _blocking(AsyncRewardClient.score_generations)
     score_edit_group = _blocking(AsyncRewardClient.score_edit_group)

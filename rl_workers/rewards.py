@@ -100,9 +100,6 @@ class RemoteCritic:
             call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
         return PendingRewards(call, self.task, len(images))
 
-    def ready(self) -> bool:
-        return self._client.ready()
-
     def problem(self) -> str | None:
         """Why this critic cannot score the task's groups, or None when it can: the server is unreachable,
         refuses the API key, does not serve the task's critic, or is not ready. Checked before training,
@@ -123,8 +120,12 @@ class RemoteCritic:
                 f"the reward server at {where} does not serve the {needed} critic that --task {self.task} needs "
                 f"(it serves: {', '.join(served) or 'nothing'})"
             )
-        if not self.ready():
-            return f"the reward server at {where} is not ready (GET /readyz: models still loading or failed)"
+        try:
+            state = self._client.readiness().models.get(needed, "unknown")
+        except (FirmError, OSError) as exc:
+            return f"the reward server at {where} did not say whether it is ready (GET /readyz): {exc}"
+        if state != "ready":
+            return f"the reward server at {where} is not ready to score with the {needed} critic: it is {state}"
         return None
 
     def close(self) -> None:

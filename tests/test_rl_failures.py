@@ -71,7 +71,8 @@ class Server:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/readyz":
-            return httpx.Response(self.ready, json={"ready": self.ready == 200, "models": {}})
+            states = {"gen": "ready" if self.ready == 200 else "loading", "edit": "failed"}  # edit's state is not gen's
+            return httpx.Response(self.ready, json={"ready": self.ready == 200, "models": states})
         if request.url.path == "/v1/models":
             return httpx.Response(200, json=self.models)
         call = request.headers["x-request-id"]
@@ -90,7 +91,7 @@ def _critic(handler: Callable[[httpx.Request], httpx.Response], task: str = "t2i
     [
         (lambda r: _error(401), "refused the API key"),
         (Server(lambda i: _scored, models={"models": MODELS["models"][1:]}), "does not serve the gen critic"),
-        (Server(lambda i: _scored, ready=503), "is not ready"),
+        (Server(lambda i: _scored, ready=503), "is not ready to score with the gen critic: it is loading"),
         (lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused")), "cannot reach the reward server"),
         (lambda r: httpx.Response(200, text="<html>"), "did not list its critics"),
     ],
