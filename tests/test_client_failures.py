@@ -174,3 +174,19 @@ def test_every_firm_error_is_caught_not_only_the_known_ones() -> None:
         reply = _score(Script(_error(status, "x")))
         assert reply.mask() == [False, False]
     assert issubclass(BadResponse, FirmError) and issubclass(RequestFailed, FirmError)
+
+
+def test_readiness_reads_each_tasks_state_from_a_503_too() -> None:
+    def readyz(status: int, body: dict[str, Any]) -> Handler:
+        return lambda request: httpx.Response(status, json=body)
+
+    async def ask(handler: Handler) -> Any:
+        async with AsyncRewardClient("http://critic", http_transport=httpx.MockTransport(handler)) as client:
+            return await client.readiness()
+
+    report = asyncio.run(ask(readyz(503, {"ready": False, "models": {"gen": "loading", "edit": "ready"}})))
+    assert report.models == {"gen": "loading", "edit": "ready"} and not report.ready
+    with pytest.raises(Unauthorized):
+        asyncio.run(ask(readyz(401, {"error": {"code": "unauthorized", "message": "no key"}})))
+    with pytest.raises(BadResponse):
+        asyncio.run(ask(readyz(200, {"unexpected": 1})))
