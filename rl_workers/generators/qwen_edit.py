@@ -137,7 +137,7 @@ class QwenEditGenerator(Generator):
         cond = self._predict(latents, t, conditioning, negative=False)
         if not self.guided:
             return cond
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.uncond_without_grad):
+        with torch.set_grad_enabled(not self.uncond_without_grad):  # its own pass: no activations kept
             uncond = self._predict(latents, t, conditioning, negative=True)
         combined = cfg_combine(uncond, cond, self.guidance_scale)
         # the pipeline keeps the conditional prediction's norm per token
