@@ -83,6 +83,9 @@ class RolloutSettings(BaseSettings):
         description="Editing: the vision-language text encoder sees the source at about this side squared; "
         "default 384 (the FIRM release's; the diffusers pipeline uses 1024), or the resolution with --tiny.",
     )
+    decode_batch: int = Field(
+        4, ge=1, description="Images the VAE decodes at once; a whole group at once would set the memory peak."
+    )
     prompt_cache: int = Field(
         1024, ge=0, description="Prompt embeddings kept (on the CPU) per worker, so each prompt is embedded once."
     )

@@ -91,7 +91,8 @@ class RolloutWorker:
                 sde=sde,
                 generator=self.noise_rng,
             )
-            images = self.generator.decode(trajectory.latents[:, -1], conditioning)
+            final = trajectory.latents[:, -1]  # decoded a few at a time: a group at once is the sampling peak
+            images = [im for part in final.split(s.decode_batch) for im in self.generator.decode(part, conditioning)]
             timings.sampling += time.perf_counter() - started
             pending = self.critic.submit(condition, images, source=conditioning.group.get("source"))
             rollout = Rollout(condition, conditioning, trajectory, pending=pending)

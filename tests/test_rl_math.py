@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,7 +28,7 @@ from rl_workers.rewards import GroupRewards
 from rl_workers.sampling import kl_to_reference, sample, sde_step, sigma_cap_of
 from rl_workers.settings import RolloutSettings
 from rl_workers.tiny import ensure_tiny_pipeline
-from rl_workers.worker import RolloutWorker
+from rl_workers.worker import RolloutWorker, Timings
 from tests.support import picture
 
 G = 4
@@ -54,6 +55,7 @@ class FixedRewards:
         self.rewards = rewards
 
     def submit(self, condition: Condition, images: list[Image.Image], source: Image.Image | None = None) -> Any:
+        self.images = images
         rewards = GroupRewards(list(self.rewards), {})
         return type("Done", (), {"result": lambda _: rewards})()
 
@@ -270,3 +272,16 @@ def test_text_encoders_are_on_the_gpu_only_while_they_embed() -> None:
     assert during == ["cuda"] and encoder.place == "cpu" and cache.embedded == 1  # moved once, for the miss
     kept = PromptCache([Encoder()], torch.device("cuda"), size=4, offload=False)
     assert kept.encoders[0].place == "loaded"  # type: ignore[attr-defined]
+
+
+def test_decode_batch_bounds_how_many_images_decode_at_once(cache_dir: Path, tmp_path: Path) -> None:
+    worker = _worker(settings_for("t2i", cache_dir, tmp_path, decode_batch=3))
+    generator, sizes = worker.generator, []
+    decode = generator.decode
+    generator.decode = lambda latents, c: sizes.append(len(latents)) or decode(latents, c)  # type: ignore[method-assign]
+    (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
+    assert sizes == [3, 1]
+    whole = decode(rollout.trajectory.latents[:, -1], rollout.conditioning)  # the same images as one batch
+    submitted = worker.critic.images  # type: ignore[attr-defined]
+    for a, b in zip(submitted, whole, strict=True):  # equal up to rounding: batch size changes kernel order
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
