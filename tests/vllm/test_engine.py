@@ -4,6 +4,9 @@ greedy parity with the transformers engine, and a call vLLM refuses failing alon
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 from clients.images import encode
 from clients.protocol import EditScoreResponse
 from server.tiny import draw_square
-from tests.support import b64, metric_value, running_server
+from tests.support import b64, free_port, metric_value, running_server
 
 CPU_FLAGS = ("--engine", "vllm", "--dtype", "float32", "--enforce-eager", "--log-level", "warning")
 
@@ -137,3 +140,30 @@ def test_greedy_answers_equal_the_transformers_engines(vllm_url: str, vllm_check
                 for da, db in zip(_dimensions(a), _dimensions(b), strict=True):
                     assert (da["score"], da["reasoning"]) == (db["score"], db["reasoning"])  # the same greedy text
                     assert da["expected"] == pytest.approx(db["expected"], abs=0.05)
+
+
+def test_health_answers_while_vllm_loads(
+    vllm_checkpoint: Path, cache_dir: Path, vllm_python: str, vllm_vars: dict[str, str]
+) -> None:
+    """Liveness probes keep answering during the load, so an orchestrator does not restart a loading server."""
+    port = free_port()
+    path = str(vllm_checkpoint)
+    cmd = [vllm_python, "-m", "server.cli", "--cache-dir", str(cache_dir), "--port", str(port), *CPU_FLAGS]
+    cmd += ["--edit-model", path, "--gen-model", "none"]
+    process = subprocess.Popen(
+        cmd, env={**os.environ, **vllm_vars}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    seen: set[tuple[int, int]] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while (200, 200) not in seen and time.monotonic() < deadline and process.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code
+                seen.add((health, httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code))
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert (200, 503) in seen and (200, 200) in seen, seen  # alive while loading, then ready
