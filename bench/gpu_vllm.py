@@ -137,8 +137,11 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     flags += ["--enforce-eager"] if args.cpu else []
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
         asyncio.run(_drive(url, bodies[:4], 4))  # warm-up, on items of its own
+        cpu = time.process_time()
         elapsed, latencies, failures = asyncio.run(_drive(url, bodies[4:], args.concurrency))
+        cpu = time.process_time() - cpu  # the clients' own CPU time, taken from the cores the server runs on
     return {
+        "client_cpu_s": cpu,
         "calls_per_s": 2 * (args.items - failures) / elapsed,  # failed requests are not throughput
         "seconds": elapsed,
         "p50_ms": 1000 * percentile(latencies, 0.5),
@@ -208,7 +211,8 @@ def main() -> None:
     web = _phase("http", args, python)
     print(
         f"HTTP firm-serve      : {web['calls_per_s']:8.1f} judge calls/s ({web['seconds']:.1f} s), "
-        f"p50 {web['p50_ms']:.0f} ms, p99 {web['p99_ms']:.0f} ms, failed requests {web['failed_requests']:.0f}"
+        f"p50 {web['p50_ms']:.0f} ms, p99 {web['p99_ms']:.0f} ms, failed requests {web['failed_requests']:.0f}, "
+        f"HTTP clients' CPU {web['client_cpu_s']:.1f} s"
     )
     print(f"HTTP / offline       : {web['calls_per_s'] / off['calls_per_s']:8.2f}")
 
