@@ -127,7 +127,7 @@ def _score_routes(url: str) -> str:
     return "four routes scored, no item failed"
 
 
-def _rollout(python: str, url: str, task: str, cache: Path, env: dict[str, str]) -> Callable[[], str]:
+def _rollout(python: str, url: str, task: str, cache: Path, env: dict[str, str], device: str) -> Callable[[], str]:
     def check() -> str:
         from tests.support import picture
 
@@ -140,11 +140,11 @@ def _rollout(python: str, url: str, task: str, cache: Path, env: dict[str, str])
         cmd = [python, "-m", "rl_workers.cli", "--tiny", "--task", task, "--cache-dir", str(cache), "--reward-url", url,
                "--prompts", str(prompts / ("t2i.txt" if task == "t2i" else "edit.jsonl")), "--output-dir", str(out),
                "--resolution", "64", "--group-size", "4", "--groups-per-step", "1", "--sample-steps", "2",
-               "--steps", "1", "--no-progress", "--no-tensorboard"]  # fmt: skip
+               "--steps", "1", "--no-progress", "--no-tensorboard", "--device", device]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return f"one step on CUDA, reward/mean {line['reward/mean']:.3f}"
+        return f"one step, reward/mean {line['reward/mean']:.3f}"
 
     return check
 
@@ -158,22 +158,25 @@ def run(wheels: Path) -> None:
     os.execve(python, [python, __file__, "checks"], env)
 
 
-def checks() -> None:
+def checks(device: str) -> None:
+    """The checks, in the check's environment. `--device cpu` runs them here, as a rehearsal."""
     started = time.monotonic()
     python, env = sys.executable, dict(os.environ)
     from tests.support import running_server
 
     checks = Checks()
     cache = ROOT / "build" / "gpu-check-cache"
-    checks.run("cuda", lambda: subprocess.run(
-        [python, "-c", "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))"],
-        check=True, capture_output=True, text=True, env=env).stdout.strip())  # fmt: skip
-    flags = ("--engine", "transformers", "--device", "cuda", "--log-level", "warning")
+    if device == "cuda":
+        checks.run("cuda", lambda: subprocess.run(
+            [python, "-c", "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))"],
+            check=True, capture_output=True, text=True, env=env).stdout.strip())  # fmt: skip
+    flags = ("--engine", "transformers", "--device", device, "--log-level", "warning")
     try:
         with running_server(cache, *flags, python=python, env=env, timeout=300) as url:
-            checks.run("firm-serve, transformers engine on CUDA", lambda: _score_routes(url))
+            checks.run(f"firm-serve, transformers engine on {device}", lambda: _score_routes(url))
             for task in ("t2i", "edit"):
-                checks.run(f"firm-rollout --tiny --task {task}, bf16 on CUDA", _rollout(python, url, task, cache, env))
+                name = f"firm-rollout --tiny --task {task} on {device} (bf16 on CUDA)"
+                checks.run(name, _rollout(python, url, task, cache, env, device))
     except RuntimeError as exc:  # the server did not start: every check that needed it fails
         checks.failed += 3
         print(f"FAIL firm-serve did not start: {exc}", flush=True)
@@ -186,8 +189,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("prepare", "run", "checks"), help="checks: run's second half")
     parser.add_argument("--wheels", type=Path, default=WHEELS, help="the wheel folder (default: build/gpu-wheels)")
+    parser.add_argument("--device", default="cuda", help="checks only: cpu rehearses them without a GPU")
     args = parser.parse_args()
-    {"prepare": prepare, "run": run, "checks": lambda _: checks()}[args.step](args.wheels)
+    if args.step == "prepare":
+        prepare(args.wheels)
+    elif args.step == "run":
+        run(args.wheels)
+    else:
+        checks(args.device)
 
 
 if __name__ == "__main__":
