@@ -36,7 +36,7 @@ def model_sources(settings: Settings) -> dict[Task, tuple[str, str | None]]:
     if settings.tiny:  # the tiny critic stands in for every enabled task
         from server.tiny import ensure_tiny_checkpoint
 
-        # vLLM's attention kernels need 64-wide heads: the vllm engine gets the tiny critic shaped for it
+        # vLLM's CPU attention kernels take no head narrower than 32: the vllm engine gets the tiny critic shaped for it
         shape = "vllm" if resolve_engine_name(settings.engine)[0] == "vllm" else "cpu"
         path = str(ensure_tiny_checkpoint(settings.cache_dir, shape=shape))
         log.warning("SERVING A TINY RANDOM CRITIC from %s: its scores are meaningless (smoke test only)", path)
