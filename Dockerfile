@@ -31,6 +31,10 @@ RUN if command -v uv >/dev/null 2>&1; then uv pip install --system --no-cache ".
 ENV HF_HOME=/models/huggingface \
     VLLM_CACHE_ROOT=/models/vllm \
     FIRM_CACHE_DIR=/models/firm-reward-server
+# The critics' own prompts, fetched from the public FIRM release and checked against their pinned
+# digests at build time, so the container starts without reaching the release. A new named volume
+# starts out with this copy.
+RUN firm-serve prompts pull && chown -R firm:firm /models
 VOLUME ["/models"]
 
 # The server binds loopback by default; inside a container that is unreachable from outside.

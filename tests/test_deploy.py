@@ -213,6 +213,16 @@ def test_dockerfile_runs_firm_serve_unprivileged_and_checks_readiness():
     assert ("EXPOSE", "8000") in instructions
 
 
+def test_dockerfile_fetches_the_release_prompts_into_the_cache_the_server_reads():
+    """The image pulls the critics' prompts at build time (after FIRM_CACHE_DIR is set, before the volume
+    is declared, so a new volume starts with them): the container then starts without the release."""
+    instructions = _instructions()
+    steps = [ins for ins, _ in instructions]
+    [pull] = [i for i, (ins, rest) in enumerate(instructions) if ins == "RUN" and "firm-serve prompts pull" in rest]
+    cache = next(i for i, (ins, rest) in enumerate(instructions) if ins == "ENV" and "FIRM_CACHE_DIR=/models/" in rest)
+    assert cache < pull < steps.index("VOLUME") < steps.index("USER")
+
+
 # --- docker compose ---------------------------------------------------------------------------
 
 
