@@ -50,6 +50,44 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
+def running_process(
+    name: str,
+    cmd: list[str],
+    log_path: Path,
+    ready_url: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 240.0,
+) -> Iterator[None]:
+    """Run `cmd` with its output in `log_path` until `ready_url` answers 200 (raising with the log's tail if
+    it exits or is not ready in time), then yield; stop it with SIGTERM (a kill if it lingers) on the way out."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after {timeout:g} s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(0.2)
+            yield
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextmanager
 def running_server(
     cache_dir: Path,
     *args: str,
@@ -65,32 +103,11 @@ def running_server(
     if tiny:
         cmd.append("--tiny")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    log_path = cache_dir / f"server-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"firm-serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"firm-serve not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    url = f"http://127.0.0.1:{port}"
+    with running_process(
+        "firm-serve", cmd, cache_dir / f"server-{port}.log", f"{url}/readyz", env=env, timeout=timeout
+    ):
+        yield url
 
 
-__all__ = ["IMAGE_SIDE", "b64", "free_port", "metric_value", "picture", "running_server"]
+__all__ = ["IMAGE_SIDE", "b64", "free_port", "metric_value", "picture", "running_process", "running_server"]

@@ -5,9 +5,6 @@ The canned stub of tests/test_engine_openai.py stays for the fault cases (a fail
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import httpx
 import pytest
 
 from clients.protocol import EditGroupResponse, EditScoreResponse, GenScoreResponse
-from tests.support import b64, free_port, running_server
+from tests.support import b64, free_port, running_process, running_server
 
 SERVED = "tiny-critic"
 
@@ -28,30 +25,10 @@ def vllm_serve(vllm_checkpoint: Path, cache_dir: Path, vllm_python: str, vllm_va
     cmd = [vllm, "serve", str(vllm_checkpoint), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--served-model-name", SERVED, "--dtype", "float32", "--enforce-eager", "--seed", "0"]
     cmd += ["--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--max-model-len", "16384"]
-    log_path = cache_dir / f"vllm-serve-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **vllm_vars})
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve not ready after 600 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+    log_path = cache_dir / f"vllm-serve-{port}.log"
+    with running_process("vllm serve", cmd, log_path, f"{url}/v1/models", env=vllm_vars, timeout=600):
         yield f"{url}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
