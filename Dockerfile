@@ -32,9 +32,11 @@ ENV HF_HOME=/models/huggingface \
     VLLM_CACHE_ROOT=/models/vllm \
     FIRM_CACHE_DIR=/models/firm-reward-server
 # The critics' own prompts, fetched from the public FIRM release and checked against their pinned
-# digests at build time, so the container starts without reaching the release. A new named volume
-# starts out with this copy.
-RUN firm-serve prompts pull && chown -R firm:firm /models
+# digests at build time, and kept in the image outside the volume: the container reads them from
+# there (and checks them again) without reaching the release, whatever is mounted on /models.
+RUN firm-serve prompts pull --cache-dir /tmp/firm-prompt-cache --to /opt/firm/release-prompts \
+    && rm -rf /tmp/firm-prompt-cache
+ENV FIRM_PROMPT_SOURCE=/opt/firm/release-prompts
 VOLUME ["/models"]
 
 # The server binds loopback by default; inside a container that is unreachable from outside.

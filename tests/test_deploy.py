@@ -183,8 +183,8 @@ def test_prometheus_scrapes_the_server():
 # --- Dockerfile -------------------------------------------------------------------------------
 
 
-def _instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+def _instructions(dockerfile: Path = ROOT / "Dockerfile") -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
     lines = [line.strip() for line in text.splitlines()]
     return [(ins.upper(), rest) for ins, _, rest in (line.partition(" ") for line in lines if line and line[0] != "#")]
 
@@ -213,14 +213,16 @@ def test_dockerfile_runs_firm_serve_unprivileged_and_checks_readiness():
     assert ("EXPOSE", "8000") in instructions
 
 
-def test_dockerfile_fetches_the_release_prompts_into_the_cache_the_server_reads():
-    """The image pulls the critics' prompts at build time (after FIRM_CACHE_DIR is set, before the volume
-    is declared, so a new volume starts with them): the container then starts without the release."""
-    instructions = _instructions()
-    steps = [ins for ins, _ in instructions]
-    [pull] = [i for i, (ins, rest) in enumerate(instructions) if ins == "RUN" and "firm-serve prompts pull" in rest]
-    cache = next(i for i, (ins, rest) in enumerate(instructions) if ins == "ENV" and "FIRM_CACHE_DIR=/models/" in rest)
-    assert cache < pull < steps.index("VOLUME") < steps.index("USER")
+def test_dockerfile_keeps_the_verified_release_prompts_outside_the_volume():
+    """The image pulls the critics' prompts at build time into a folder of its own, outside /models (a
+    volume or an emptyDir mounted there would hide them), and the server reads them from there."""
+    for dockerfile in (ROOT / "Dockerfile", ROOT / "deploy" / "ray" / "Dockerfile"):
+        instructions = _instructions(dockerfile)
+        [pull] = [rest for ins, rest in instructions if ins == "RUN" and "firm-serve prompts pull" in rest]
+        folder = pull.split("--to ")[1].split()[0]
+        assert not folder.startswith("/models")
+        env = " ".join(rest for ins, rest in instructions if ins == "ENV")
+        assert f"FIRM_PROMPT_SOURCE={folder}" in env.split(), dockerfile
 
 
 # --- docker compose ---------------------------------------------------------------------------

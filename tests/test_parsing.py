@@ -88,7 +88,11 @@ def test_expected_score_is_read_at_the_rating_line_not_the_box() -> None:
 
 
 def test_the_box_wins_over_the_rating_line_as_in_the_release() -> None:
-    assert parse_alignment_rating(_alignment("2", "\\boxed{5}")).scores["score"].value == 5
+    text = _alignment("2", "\\boxed{5}")
+    parsed = parse_alignment_rating(text).scores["score"]
+    assert parsed.value == 5
+    # a rating line that disagrees with the box does not lend its probabilities to the box's score
+    assert text[parsed.offset - len("\\boxed{") : parsed.offset + 1] == "\\boxed{5"
 
 
 def test_instruction_following_reasoning_is_the_final_analysis_paragraph() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -216,6 +217,35 @@ def test_prompts_pull_refuses_drift_by_name_and_exits_non_zero(
     result = _prompts_cli("pull", "--prompt-source", url, "--cache-dir", str(tmp_path), "--allow-prompt-drift")
     assert result.returncode == 0, result.stderr
     assert "DRIFT" in result.stdout and "cached in" in result.stdout
+
+
+def test_pull_to_a_folder_makes_a_copy_that_serves_as_a_source(
+    release_url: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    url, _ = release_url
+    copy = tmp_path / "copy"
+    result = _prompts_cli(
+        "pull", "--prompt-source", url, "--cache-dir", str(tmp_path), "--allow-prompt-drift", "--to", str(copy)
+    )
+    assert result.returncode == 0, result.stderr
+    for path in PINNED:
+        assert (copy / path).read_bytes() == (FIXTURE / path).read_bytes()
+    assert PromptSource(str(copy), tmp_path, pins=FIXTURE_PINS).prompts(ALL)["gen_quality"].verified
+
+
+def test_prompts_commands_take_the_servers_settings_but_bind_nothing(tmp_path: Path) -> None:
+    """A public FIRM_HOST without keys (as in the Docker image) is no reason to refuse to show a prompt, and
+    the flags that change what a judge is sent are taken."""
+    mine = tmp_path / "execution.txt"
+    mine.write_text("Mine: {prompt}")
+    args = ("show", "--json", "--prompts", "own", "--edit-execution-template", str(mine), "--edit-max-new-tokens", "64")
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "prompts", *args, "--judge", "edit_execution", "--instruction", "go"],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "FIRM_HOST": "0.0.0.0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [row] = map(json.loads, result.stdout.splitlines())
+    assert (row["text"], row["max_new_tokens"], row["source"]) == ("Mine: go", 64, str(mine))
 
 
 def test_a_server_that_cannot_have_the_release_prompts_refuses_to_start(tmp_path: Path) -> None:

@@ -31,12 +31,19 @@ def add_prompt_flags(parser: argparse.ArgumentParser, what: str) -> None:
     add(
         "--prompts",
         default=OWN,
+        type=_prompt_set,
         help=f"{what}: 'own' (this project's templates), 'firm' (the release's, fetched and verified as "
         "firm-serve does) or a directory of your own '<judge>.txt' templates (default: own).",
     )
     add("--prompt-source", default=DEFAULT_SOURCE, help="Where the release's prompt files are read (--prompts firm).")
     add("--allow-prompt-drift", action="store_true", help="Accept release prompt files whose digest differs.")
     add("--cache-dir", type=Path, default=default_cache_dir(), help="Where the release's prompt files are cached.")
+
+
+def _prompt_set(value: str) -> str:
+    if value in (FIRM, OWN) or Path(value).is_dir():
+        return value
+    raise argparse.ArgumentTypeError(f"expected own, firm or a directory of templates, got {value!r}")
 
 
 def released_prompts(args: argparse.Namespace) -> ReleasedPrompts:

@@ -126,7 +126,7 @@ def parse_alignment_rating(text: str) -> ParsedAnswer:
     """Parse the instruction-following analysis: the box, else the rating line, else a JSON score, else
     `Final Score: N`. Its reasoning is the `**Final Analysis**:` paragraph. The probabilities that give
     the expected score are read where the rating was first committed: the rating line when there is
-    one, else the digit that was parsed.
+    one that agrees with the box, else the digit that was parsed.
 
     >>> a = parse_alignment_rating("**Final Analysis**: Red.\\n**Final Alignment Rating: 4**\\n\\\\boxed{[4]}")
     >>> a.scores["score"].value, a.reasoning
@@ -139,8 +139,9 @@ def parse_alignment_rating(text: str) -> ParsedAnswer:
     if found is not None:
         analysis = _ANALYSIS.search(text)
         reasoning = analysis.group(1).strip() if analysis else None
-        offset = (rating or found).start("num")
-        score = ScoreMatch(value=int(found.group("num")), offset=offset)
+        # the rating line commits the score first; its probabilities stand for the box's only when they agree
+        agrees = rating is not None and rating.group("num") == found.group("num")
+        score = ScoreMatch(value=int(found.group("num")), offset=(rating if agrees else found).start("num"))
     else:
         score, reasoning = _json_score(text)
         if score is None and (final := _FINAL_SCORE.search(text)) is not None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -18,11 +19,28 @@ from server.judges import JUDGES, edit_fields, gen_fields
 from server.prompts.release import PromptSource
 from server.settings import SWITCHED_OFF, Settings
 
-_SHARED = ("prompts", "prompt_source", "allow_prompt_drift", "cache_dir", "edit_model", "gen_model")
+# the settings that decide which text each judge is sent, and with what budget
+_SHARED = (
+    "prompts",
+    "prompt_source",
+    "allow_prompt_drift",
+    "cache_dir",
+    "edit_model",
+    "gen_model",
+    "tiny",
+    "edit_max_new_tokens",
+    "gen_max_new_tokens",
+    "edit_execution_template",
+    "edit_consistency_template",
+    "gen_instruction_following_template",
+    "gen_quality_template",
+)
+TINY = "tiny-random"  # the tiny critic's model name: no released checkpoint
 _EPILOG = """\
 examples:
   firm-serve prompts pull                                   # cache the release's prompt files (needs network)
   firm-serve prompts pull --prompt-source /src/FIRM-Reward  # verify and use a local checkout instead
+  firm-serve prompts pull --to ./firm-prompts               # a verified copy for an air-gapped box
   firm-serve prompts show --instruction "Make the car red."
   firm-serve prompts show --judge gen_instruction_following --prompt "a red car" --requirement "no people"
 """
@@ -47,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                 )
             else:
                 sub.add_argument(flag(name), default=argparse.SUPPRESS, help=field.description)
+    pull.add_argument(
+        "--to",
+        type=Path,
+        help="Also write the verified files, in the release's layout, into this folder: a copy to carry to an "
+        "air-gapped box or bake into an image, and use there as --prompt-source.",
+    )
     show.add_argument("--judge", action="append", choices=list(JUDGES), help="Only this judge (repeatable).")
     show.add_argument("--instruction", default="", help="The edit instruction to render.")
     show.add_argument("--prompt", default="", help="The text-to-image prompt to render.")
@@ -55,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pull(settings: Settings) -> int:
+def _pull(settings: Settings, to: Path | None) -> int:
     source = PromptSource(settings.prompt_source, settings.cache_dir, allow_drift=settings.allow_prompt_drift)
     for fetched in source.pull():
         state = "verified" if fetched.verified else "DRIFT (allowed)"
         print(f"{fetched.path}  sha256 {fetched.sha256}  {state}  from {fetched.location}")
+        if to is not None:
+            (to / fetched.path).parent.mkdir(parents=True, exist_ok=True)
+            (to / fetched.path).write_text(fetched.text, encoding="utf-8")
+    if to is not None:
+        print(f"written in the release's layout to {to} (use it as --prompt-source)")
     print(f"cached in {source.cache}" if source.cache.exists() else "read from the local source (nothing to cache)")
     return 0
 
@@ -71,6 +100,7 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
     wanted = set(args.judge or JUDGES)
     models = {"edit": settings.edit_model, "gen": settings.gen_model}
     for task, model in models.items():
+        model = TINY if settings.tiny and model != SWITCHED_OFF else model  # the tiny critic gets our own
         if model == SWITCHED_OFF or not wanted & set(TASK_JUDGES[task]):
             continue
         for judge in task_judges(settings, task, model, released):
@@ -104,10 +134,10 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     given = {name: getattr(args, name) for name in _SHARED if hasattr(args, name)}
     try:
-        settings = Settings(**given)
+        settings = Settings(**given, host="127.0.0.1")  # nothing is served: a public FIRM_HOST needs no keys here
     except ValidationError as exc:
         sys.exit(f"firm-serve prompts: invalid settings:\n{describe_errors(exc)}")
     try:
-        return _pull(settings) if args.command == "pull" else _show(settings, args)
+        return _pull(settings, args.to) if args.command == "pull" else _show(settings, args)
     except (ValueError, OSError) as exc:  # a prompt source, template or settings error, said plainly
         sys.exit(f"firm-serve prompts: {exc}")

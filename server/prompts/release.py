@@ -61,12 +61,22 @@ PINNED: dict[str, str] = {f.path: f.sha256 for f in (EDIT_FILE, GEN_FILE)}
 
 
 def is_released_checkpoint(model: str) -> bool:
-    """Whether `model` names one of the released critics (hub id, any case).
+    """Whether `model` names one of the released critics: its hub id, a local copy in a folder named after
+    it, or a snapshot in the Hugging Face cache (any case).
 
     >>> is_released_checkpoint("VisionXLab/FIRM-Edit-8B"), is_released_checkpoint("/ckpt/my-critic")
     (True, False)
+    >>> is_released_checkpoint("/hf/hub/models--VisionXLab--FIRM-Gen-8B/snapshots/0a1b")
+    True
+    >>> is_released_checkpoint("/weights/FIRM-Edit-8B")
+    True
     """
-    return model.strip().rstrip("/").lower() in {c.lower() for c in RELEASED_CHECKPOINTS}
+    name = model.strip().rstrip("/").lower()
+    for released in RELEASED_CHECKPOINTS:
+        repo = released.lower()
+        if name == repo or name.endswith("/" + repo.split("/")[1]) or f"models--{repo.replace('/', '--')}/" in name:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

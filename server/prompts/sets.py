@@ -50,7 +50,7 @@ def chosen_set(setting: str, model: str) -> str:
         return setting
     if is_released_checkpoint(model):
         return FIRM
-    record = recorded_set(model)
+    record = recorded_set(model) if model else None  # "" is no model: training renders a set it is told
     if record is None:
         return OWN
     chosen = record["prompts"]
@@ -71,7 +71,7 @@ def _own_with(directory: Path, names: Sequence[str]) -> dict[str, Judge]:
 
 def _check_recorded(model: str, judges: Mapping[str, Judge]) -> None:
     """A trained critic whose recorded template digests no longer match what it is served is told."""
-    record = recorded_set(model) or {}
+    record = (recorded_set(model) if model else None) or {}
     for name, entry in (record.get("judges") or {}).items():
         judge = judges.get(name)
         if judge is not None and isinstance(entry, dict) and entry.get("sha256") not in (None, judge.sha256):
