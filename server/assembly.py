@@ -106,6 +106,15 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     judges = {task: task_judges(settings, task, source[0], released) for task, source in sources.items()}
     engine_name, reason = resolve_engine_name(settings.engine)
     log.info("engine %s (%s)", engine_name, reason)
+    if engine_name == "vllm":
+        for flag, budget in (
+            ("--edit-max-new-tokens", settings.edit_max_new_tokens),
+            ("--gen-max-new-tokens", settings.gen_max_new_tokens),
+        ):
+            if budget >= settings.max_model_len:
+                raise ValueError(
+                    f"{flag} {budget} leaves no room for the prompt in --max-model-len {settings.max_model_len}"
+                )
     shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
     models: dict[Task, TaskModel] = {}
     for task, source in sources.items():

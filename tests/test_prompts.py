@@ -117,6 +117,19 @@ def test_a_file_that_differs_from_its_pinned_digest_is_refused_by_name(
     assert not list(tmp_path.rglob("prompt_template.py"))  # a refused file is not cached
 
 
+def test_a_damaged_cached_copy_is_refused_with_the_way_to_fetch_it_again(
+    release_url: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    url, _ = release_url
+    source = PromptSource(url, tmp_path, pins=FIXTURE_PINS)
+    source.pull()
+    cached = source.cache / EDIT_FILE.path
+    cached.write_text(cached.read_text() + "# damaged\n")
+    with pytest.raises(PromptSourceError, match="run `firm-serve prompts pull` to fetch it again"):
+        PromptSource(url, tmp_path, pins=FIXTURE_PINS).prompts(["edit_execution"])
+    assert PromptSource(url, tmp_path, pins=FIXTURE_PINS).pull()[0].verified  # pull mends it
+
+
 def test_drift_can_be_allowed_and_is_reported(release_url: tuple[str, list[str]], tmp_path: Path) -> None:
     url, _ = release_url
     prompts = PromptSource(url, tmp_path, allow_drift=True).prompts(ALL)

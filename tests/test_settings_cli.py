@@ -41,7 +41,6 @@ def test_boolean_flags(tmp_path: Path) -> None:
     "values",
     [
         {"cme_w1": 0.0, "cme_w2": 0.0},
-        {"gen_max_new_tokens": 16384},  # no room left for the prompt in max_model_len
         {"qma_w1": -0.1},
         {"edit_model": "none", "gen_model": "none"},
         {"max_batch_size": 0},
@@ -74,6 +73,15 @@ def test_bad_values_exit_with_a_message_naming_the_flag() -> None:
     assert "w1 + w2 must be positive" in result.stderr
     result = _firm_serve("--max-batch-size", "0")
     assert result.returncode != 0 and "--max-batch-size" in result.stderr
+
+
+def test_a_budget_the_vllm_context_cannot_hold_stops_startup(tmp_path: Path) -> None:
+    result = _firm_serve(
+        "--engine", "vllm", "--edit-model", str(tmp_path), "--gen-model", "none", "--edit-max-new-tokens", "16384"
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--edit-max-new-tokens 16384 leaves no room for the prompt in --max-model-len 16384" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_template_without_its_placeholder_stops_startup(tmp_path: Path) -> None:

@@ -162,9 +162,13 @@ class PromptSource:
         if not verified:
             what = f"{path} from {location} has SHA-256 {digest}, but the released file has {pinned}"
             if not self.allow_drift:
+                remedy = (
+                    "run `firm-serve prompts pull` to fetch it again"
+                    if location == str(cached)
+                    else "pass --allow-prompt-drift to serve them anyway"
+                )
                 raise PromptSourceError(
-                    f"refusing {what}: the critic would get prompts it was not trained on "
-                    "(pass --allow-prompt-drift to serve them anyway)"
+                    f"refusing {what}: the critic would get prompts it was not trained on ({remedy})"
                 )
             log.warning("prompt drift allowed: %s", what)
         if fresh:  # only a file that passed its check (or was allowed to drift) is kept
