@@ -90,7 +90,7 @@ def training_steps(steps: int, fraction: float) -> list[int]:
     >>> training_steps(10, 0.99), training_steps(10, 1.0)[-1], training_steps(10, 0.3), training_steps(10, 0.01)
     ([0, 1, 2, 3, 4, 5, 6, 7, 8], 9, [0, 1, 2], [0])
     """
-    return list(range(max(1, int(fraction * steps + 1e-9))))
+    return list(range(max(1, int(fraction * steps))))
 
 
 def accumulate_gradients(

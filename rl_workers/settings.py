@@ -49,9 +49,9 @@ class RolloutSettings(BaseSettings):
     overlap: bool = Field(True, description="Score each group while the next one samples.")
     std_floor: float = Field(0.01, gt=0, description="Floor on a group's reward std when normalising advantages.")
     adv_std: Literal["group", "global"] = Field(
-        "group",
-        description="Divide each group's centred rewards by the group's std, or by the std of every reward "
-        "of the step on all ranks (Flow-GRPO's global_std).",
+        "global",
+        description="Divide each group's centred rewards by the std of every reward of the step on all ranks "
+        "(Flow-GRPO's default, global_std), or by the group's own std.",
     )
     adv_clip: float = Field(5.0, gt=0, description="Advantages are clipped to [-adv_clip, adv_clip].")
     max_failed_steps: int = Field(

@@ -144,7 +144,7 @@ def test_adv_std_global_divides_by_the_std_of_the_whole_step() -> None:
     std = float(torch.tensor(narrow + wide).std(unbiased=False))
     assert by_step[0].advantages.tolist() == pytest.approx([-0.1 / std, 0.1 / std], rel=1e-5)
     assert by_step[1].advantages.tolist() == pytest.approx([-0.5 / std, 0.5 / std], rel=1e-5)
-    assert RolloutSettings.model_fields["adv_std"].default == "group"
+    assert RolloutSettings.model_fields["adv_std"].default == "global"  # Flow-GRPO's global_std
 
 
 def test_adv_clip_bounds_an_outlier() -> None:
@@ -204,6 +204,17 @@ def test_prompts_are_embedded_once(cache_dir: Path, tmp_path: Path) -> None:
     generator.prepare(other, 2, torch.Generator())
     generator.prepare(condition, 2, torch.Generator())  # pushed out of a one-entry cache: embedded again
     assert generator.prompts.embedded == 3  # type: ignore[attr-defined]
+
+
+def test_the_same_instruction_on_another_source_is_embedded_anew(cache_dir: Path, tmp_path: Path) -> None:
+    """Qwen's encoder sees the source image, so a cached embedding is never reused for another image,
+    even under the same id and instruction."""
+    generator = _worker(settings_for("edit", cache_dir, tmp_path)).generator
+    red, blue = Condition("Make it green.", picture("red")), Condition("Make it green.", picture("blue"))
+    first, _ = generator.prepare(red, 1, torch.Generator())
+    second, _ = generator.prepare(blue, 1, torch.Generator())
+    assert generator.prompts.embedded == 2  # type: ignore[attr-defined]
+    assert not torch.equal(first.tensors["embeds"], second.tensors["embeds"])
 
 
 def test_qwen_edit_source_is_vae_encoded_and_seen_at_their_own_sizes(cache_dir: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ source's aspect ratio, and the critic is shown the source resized to that size.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -87,7 +88,9 @@ class QwenEditGenerator(Generator):
             raise ValueError(f"editing needs a source image (condition {condition.id!r} has none)")
         pipe = self.pipeline
         original = condition.source.convert("RGB")
-        key = (condition.id, condition.prompt, original.size, self.vl_side)
+        # the encoder sees the source, so the cache key holds its pixels' digest: equal ids never share embeddings
+        source_digest = hashlib.blake2b(original.tobytes(), digest_size=16).hexdigest()
+        key = (condition.prompt, source_digest, original.size, self.vl_side)
         tensors = repeat_rows(self.prompts.get(key, lambda: self._embed(condition.prompt, original)), n)
         masks = [m for m in (tensors.get("mask"), tensors.get("negative_mask")) if m is not None]
         unmasked = all(bool(m.all()) for m in masks)
