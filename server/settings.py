@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode
 from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits
+from server.judges import RELEASE_BUDGETS
 from server.prompts.release import DEFAULT_SOURCE
 from server.security import KeyRing, is_loopback, load_keys
 
@@ -77,10 +78,12 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype; auto is bfloat16 on GPU and float32 on CPU."
     )
     edit_max_new_tokens: int = Field(
-        256, ge=8, description="Most tokens an edit judge may write per answer (the release's budget: 256)."
+        RELEASE_BUDGETS["edit"],
+        ge=8,
+        description="Most tokens an edit judge may write per answer (the release's budget: 256).",
     )
     gen_max_new_tokens: int = Field(
-        8192,
+        RELEASE_BUDGETS["gen"],
         ge=8,
         description="Most tokens a generation judge may write per answer (the release's budget: 8192, room for "
         "its requirement-by-requirement analysis).",

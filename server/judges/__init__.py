@@ -86,12 +86,21 @@ ALIGNMENT_REGEX = (
     + "|".join(rf"{n}\*\*\n\\boxed\{{{n}\}}" for n in SCORE_TOKENS)
     + ")"
 )
+RELEASE_BUDGETS = {"edit": 256, "gen": 8192}  # new tokens per answer in the release's reward servers
 EDIT_FIELDS = {"instruction": "prompt", "requirement": "requirement"}
 GEN_FIELDS = {"prompt": "prompt", "requirement": "requirement"}
 
 
 def _edit_judge(name: str) -> JudgeSpec:
-    return JudgeSpec(name, "edit", EDIT_FIELDS, ("prompt",), parse_json_score, OutputConstraint(JSON_SCORE_SCHEMA), 256)
+    return JudgeSpec(
+        name,
+        "edit",
+        EDIT_FIELDS,
+        ("prompt",),
+        parse_json_score,
+        OutputConstraint(JSON_SCORE_SCHEMA),
+        RELEASE_BUDGETS["edit"],
+    )
 
 
 JUDGES: dict[str, JudgeSpec] = {
@@ -106,9 +115,11 @@ JUDGES: dict[str, JudgeSpec] = {
             ("prompt", "requirement"),
             parse_alignment_rating,
             OutputConstraint(regex=ALIGNMENT_REGEX),
-            8192,
+            RELEASE_BUDGETS["gen"],
         ),
-        JudgeSpec("gen_quality", "gen", {}, (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA), 8192),
+        JudgeSpec(
+            "gen_quality", "gen", {}, (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA), RELEASE_BUDGETS["gen"]
+        ),
     )
 }
 
