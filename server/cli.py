@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = create_app(settings)
     except (TemplateError, ValueError, OSError) as exc:
         sys.exit(f"firm-serve: {exc}")
+    if "FIRM_MAX_NEW_TOKENS" in os.environ:
+        log.warning(
+            "FIRM_MAX_NEW_TOKENS is no longer read: the budgets are FIRM_EDIT_MAX_NEW_TOKENS (default %d) and "
+            "FIRM_GEN_MAX_NEW_TOKENS (default %d)",
+            settings.edit_max_new_tokens,
+            settings.gen_max_new_tokens,
+        )
     if settings.insecure and not settings.key_ring().enabled:
         log.warning("serving %s WITHOUT API keys (--insecure): anyone who can reach it can score", settings.host)
     log.info("listening on http://%s:%d", settings.host, settings.port)
