@@ -66,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"firm-serve: {exc}")
     if "FIRM_MAX_NEW_TOKENS" in os.environ:
         log.warning(
-            "FIRM_MAX_NEW_TOKENS is no longer read: the budgets are FIRM_EDIT_MAX_NEW_TOKENS (default %d) and "
-            "FIRM_GEN_MAX_NEW_TOKENS (default %d)",
+            "FIRM_MAX_NEW_TOKENS is no longer read: the budgets are FIRM_EDIT_MAX_NEW_TOKENS (now %d) and "
+            "FIRM_GEN_MAX_NEW_TOKENS (now %d)",
             settings.edit_max_new_tokens,
             settings.gen_max_new_tokens,
         )
