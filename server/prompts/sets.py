@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.judges import JUDGES, Judge, load_judges, make_judge
+from server.judges import Judge, load_judges, make_judge
 from server.prompts.release import PromptSource, ReleasedPrompt, is_released_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ def recorded_set(model: str) -> dict[str, Any] | None:
     return found
 
 
-def chosen_set(setting: str, model: str) -> str:
-    """`firm`, `own` or a directory: what `setting` gives `model`."""
+def chosen_set(setting: str, model: str, record: Mapping[str, Any] | None = None) -> str:
+    """`firm`, `own` or a directory: what `setting` gives `model` (whose prompt-set record is read unless
+    given; "" is no model: training renders the set it is told)."""
     if setting != AUTO:
         if setting not in (FIRM, OWN) and not Path(setting).is_dir():
             raise ValueError(f"--prompts must be auto, firm, own or a directory of templates, got {setting!r}")
@@ -50,7 +51,8 @@ def chosen_set(setting: str, model: str) -> str:
         return setting
     if is_released_checkpoint(model):
         return FIRM
-    record = recorded_set(model) if model else None  # "" is no model: training renders a set it is told
+    if record is None and model:
+        record = recorded_set(model)
     if record is None:
         return OWN
     chosen = record["prompts"]
@@ -60,19 +62,9 @@ def chosen_set(setting: str, model: str) -> str:
     return chosen
 
 
-def _own_with(directory: Path, names: Sequence[str]) -> dict[str, Judge]:
-    judges = load_judges(names=names)
-    for name in names:
-        path = directory / f"{name}.txt"
-        if path.is_file():
-            judges[name] = make_judge(name, path.read_text(encoding="utf-8"), str(path))
-    return judges
-
-
-def _check_recorded(model: str, judges: Mapping[str, Judge]) -> None:
+def _check_recorded(model: str, record: Mapping[str, Any] | None, judges: Mapping[str, Judge]) -> None:
     """A trained critic whose recorded template digests no longer match what it is served is told."""
-    record = (recorded_set(model) if model else None) or {}
-    for name, entry in (record.get("judges") or {}).items():
+    for name, entry in ((record or {}).get("judges") or {}).items():
         judge = judges.get(name)
         if judge is not None and isinstance(entry, dict) and entry.get("sha256") not in (None, judge.sha256):
             log.warning(
@@ -94,23 +86,21 @@ def judges_for(
 ) -> dict[str, Judge]:
     """The judges `names` of `model` under the `--prompts` setting; `released` obtains the release's
     prompts (only called when they are needed). Per-judge template files in `overrides` win."""
-    chosen = chosen_set(setting, model)
+    record = recorded_set(model) if model else None
+    chosen = chosen_set(setting, model, record)
+    folder = None if chosen in (FIRM, OWN) else Path(chosen)
+    files: dict[str, Path | None] = {
+        n: folder / f"{n}.txt" for n in names if folder and (folder / f"{n}.txt").is_file()
+    }
+    given = {n: Path(p) for n, p in (overrides or {}).items() if p is not None and n in names}
+    for name, path in given.items():
+        if is_released_checkpoint(model):
+            log.warning("%s was trained on the release's prompts, but %s replaces the one of %s", model, path, name)
+    judges = load_judges(files | given, names)  # this project's templates, but for the files given
     if chosen == FIRM:
-        judges = {
-            name: make_judge(name, p.text, p.origin, sha256=p.sha256, verified=p.verified)
-            for name, p in released(names).items()
-        }
-    elif chosen == OWN:
-        judges = load_judges(names=names)
-    else:
-        judges = _own_with(Path(chosen), names)
-    for name in names:
-        path = (overrides or {}).get(name)
-        if path is not None:
-            if is_released_checkpoint(model):
-                log.warning("%s was trained on the release's prompts, but %s replaces the one of %s", model, path, name)
-            judges[name] = make_judge(name, Path(path).read_text(encoding="utf-8"), str(path))
-    _check_recorded(model, judges)
+        fetched = released([n for n in names if n not in given])
+        judges |= {n: make_judge(n, p.text, p.origin, sha256=p.sha256, verified=p.verified) for n, p in fetched.items()}
+    _check_recorded(model, record, judges)
     return judges
 
 
@@ -133,4 +123,4 @@ class ReleasedPrompts:
         return {n: self._found[n] for n in names}
 
 
-__all__ = ["AUTO", "FIRM", "JUDGES", "OWN", "RECORD_FILE", "ReleasedPrompts", "chosen_set", "describe", "judges_for"]
+__all__ = ["AUTO", "FIRM", "OWN", "RECORD_FILE", "ReleasedPrompts", "chosen_set", "describe", "judges_for"]
