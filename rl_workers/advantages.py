@@ -20,12 +20,22 @@ class GroupAdvantages:
     zero_spread: bool  # at least two samples were scored, all alike: nothing to learn from this group
 
 
+def std_of_sums(n: float, total: float, total_sq: float) -> float:
+    """The population std (not the unbiased estimate) of n values from their sum and sum of squares, the
+    form sums take when added up across ranks; NaN for no values.
+
+    >>> std_of_sums(2, 1.0, 1.0), std_of_sums(0, 0.0, 0.0)
+    (0.5, nan)
+    """
+    if not n:
+        return math.nan
+    mean = total / n
+    return math.sqrt(max(total_sq / n - mean * mean, 0.0))
+
+
 def population_std(rewards: Sequence[float]) -> float:
     """The std (not the unbiased estimate) of `rewards`; NaN when there are none."""
-    if not rewards:
-        return math.nan
-    mean = sum(rewards) / len(rewards)
-    return math.sqrt(max(sum(r * r for r in rewards) / len(rewards) - mean * mean, 0.0))
+    return std_of_sums(len(rewards), sum(rewards), sum(r * r for r in rewards))
 
 
 def group_advantages(
@@ -76,7 +86,7 @@ def step_advantages(
         scored = [r for group in rewards for r in group if r is not None]
         sums = {"n": float(len(scored)), "r": sum(scored), "r2": sum(r * r for r in scored)}
         total = sum_across(sums, ranks, device)
-        scale = math.sqrt(max(total["r2"] / total["n"] - (total["r"] / total["n"]) ** 2, 0.0)) if total["n"] else None
+        scale = std_of_sums(total["n"], total["r"], total["r2"]) if total["n"] else None
     elif adv_std != "group":
         raise ValueError(f"unknown adv_std {adv_std!r}")
     return [group_advantages(group, std_floor, scale=scale, clip=clip) for group in rewards]

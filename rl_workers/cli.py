@@ -47,11 +47,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per reward call drowns the figures
     from rl_workers.run import run
-    from rl_workers.worker import RewardsUnavailable
+    from rl_workers.worker import StoppedWithoutRewards
 
     try:
         run(settings)
-    except (ValueError, OSError, RewardsUnavailable) as exc:
+    except (ValueError, OSError, StoppedWithoutRewards) as exc:
         sys.exit(f"firm-rollout: {exc}")
 
 

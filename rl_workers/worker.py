@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rl_workers.advantages import step_advantages
+from rl_workers.advantages import std_of_sums, step_advantages
 from rl_workers.distributed import Ranks, average_gradients, broadcast_from_main, max_across, sum_across
 from rl_workers.generators.base import Condition, Generator
 from rl_workers.grpo import Rollout, UpdateStats, accumulate_gradients, training_steps
@@ -30,7 +30,7 @@ from rl_workers.settings import RolloutSettings
 log = logging.getLogger(__name__)
 
 
-class RewardsUnavailable(RuntimeError):
+class StoppedWithoutRewards(RuntimeError):
     """No rank got a single reward for `max_failed_steps` consecutive steps: the run cannot learn."""
 
 
@@ -237,7 +237,7 @@ class RolloutWorker:
         )  # fmt: skip
         figures = {
             "reward/mean": mean if n else math.nan,
-            "reward/std": math.sqrt(max(s["r2"] / max(n, 1) - mean**2, 0.0)) if n else math.nan,
+            "reward/std": std_of_sums(n, s["r"], s["r2"]),
             "reward/failed_fraction": s["failed"] / max(s["items"], 1),
             "reward/scored": n,
             "groups/zero_spread": s["zero_spread"],
@@ -249,7 +249,7 @@ class RolloutWorker:
         times = {k: s[f"t:{k}"] / world for k in ("sampling", "reward_wait", "training")}
         figures |= {f"time/{k}_s": v for k, v in times.items()}
         wall = sum(times.values())
-        figures["time/reward_wait_fraction"] = times["reward_wait"] / wall if wall else 0.0
+        figures["time/reward_wait_fraction"] = times["reward_wait"] / wall if wall else math.nan
         return figures
 
     # ------------------------------------------------------------------ the run
@@ -280,7 +280,7 @@ class RolloutWorker:
                 if (s.save_every and number % s.save_every == 0) or number == s.steps or stopping:
                     self.save(number)
             if without_rewards >= s.max_failed_steps:
-                raise RewardsUnavailable(
+                raise StoppedWithoutRewards(
                     f"no reward came back for {without_rewards} consecutive steps (--max-failed-steps), so the "
                     f"run stopped after step {number}; the LoRA weights are in "
                     f"{s.output_dir / f'checkpoint-{number}'}. Check the reward server and its /metrics."

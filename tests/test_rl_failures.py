@@ -31,7 +31,7 @@ from rl_workers.observability import MetricsLog
 from rl_workers.rewards import RemoteCritic
 from rl_workers.settings import RolloutSettings
 from rl_workers.tiny import ensure_tiny_pipeline
-from rl_workers.worker import RewardsUnavailable, RolloutWorker
+from rl_workers.worker import RolloutWorker, StoppedWithoutRewards
 from tests.support import picture
 
 G = 4
@@ -163,7 +163,7 @@ def test_a_run_without_rewards_saves_and_stops(cache_dir: Path, tmp_path: Path) 
         return _scored if outcome.get(step["n"], True) else (lambda r: _error(502))
 
     settings = _settings(cache_dir, tmp_path, steps=9, max_failed_steps=2, save_every=0)
-    with pytest.raises(RewardsUnavailable, match="no reward came back for 2 consecutive steps") as stopped:
+    with pytest.raises(StoppedWithoutRewards, match="no reward came back for 2 consecutive steps") as stopped:
         _run(settings, Server(post))
     lines = [json.loads(x) for x in (settings.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
