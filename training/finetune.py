@@ -23,7 +23,7 @@ import math
 import random
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,9 +135,11 @@ def load_base(args: argparse.Namespace, processor: Any) -> Loaded:
     return Loaded(model.to(device), processor, device, dtype)
 
 
-def servable_examples(args: argparse.Namespace, processor: Any) -> tuple[list[Example], list[str]]:
+def servable_examples(
+    args: argparse.Namespace, processor: Any, records: Mapping[Path, Sequence[Mapping[str, Any]]]
+) -> tuple[list[Example], list[str]]:
     """The records to train on, and the ids of those left out for answers the served critic could not finish."""
-    examples = load_examples(args.records)
+    examples = load_examples(args.records, records)
     if args.max_answer_tokens == 0:
         return examples, []
     budgets = {t: args.max_answer_tokens or b for t, b in SERVED_MAX_NEW_TOKENS.items()}
@@ -244,12 +246,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.output.exists() and any(args.output.iterdir()):
         raise FileExistsError(f"{args.output} is not empty; choose a new folder")
-    names = {record["judge"] for path in args.records for record in read_records(path)}
+    records = {path: list(read_records(path)) for path in args.records}  # read once, checked, then trained on
+    names = {record["judge"] for found in records.values() for record in found}
     judges = training_judges(args.prompts, names, released_prompts(args))
     for path in args.records:
-        check_records(read_records(path), judges, args.prompts)
+        check_records(records[path], judges, args.prompts)
     processor = load_processor(args)
-    examples, too_long = servable_examples(args, processor)
+    examples, too_long = servable_examples(args, processor, records)
     loaded = load_base(args, processor)
     collator = Collator(loaded.processor, args.image_pixel_budget)
     probe = random.Random(args.seed).sample(examples, min(args.measure_examples, len(examples)))

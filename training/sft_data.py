@@ -34,12 +34,15 @@ class Example:
     task: str  # edit or gen: whose answer budget applies
 
 
-def load_examples(paths: Sequence[Path]) -> list[Example]:
-    """Every record of the given JSONL files; image paths are relative to each file's folder."""
+def load_examples(
+    paths: Sequence[Path], records: Mapping[Path, Sequence[Mapping[str, Any]]] | None = None
+) -> list[Example]:
+    """Every record of the given JSONL files (read here unless `records` holds them already); image paths
+    are relative to each file's folder."""
     examples = []
     for path in paths:
         base = Path(path).parent
-        for record in read_records(Path(path)):
+        for record in records[path] if records is not None else read_records(Path(path)):
             parts: list[ImageRef | str] = []
             for part in record["messages"][0]["content"]:
                 if part["type"] == "image":
