@@ -344,15 +344,29 @@ def test_trl_block_trains_a_real_grpo_step_with_a_failed_item(
 
 
 def test_a_completion_naming_a_local_file_is_never_opened(server_url: str, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    picture("red").save(secret)  # a valid image: had it been opened, the server would have scored it
+    opened: list[str] = []
+    watching = [True]  # an audit hook cannot be removed: after this test it only returns
+
+    def watch(event: str, args: tuple) -> None:
+        if watching[0] and event == "open" and args and "secret.png" in str(args[0]):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(watch)
+    completions = [str(secret), f"file://{secret}"]
+    try:
+        _never_open(server_url, completions, str(secret))
+    finally:
+        watching[0] = False
+    assert not opened
+
+
+def _never_open(server_url: str, completions: list[str], secret: str) -> None:
     from clients import RewardClient
     from clients.adapters.trl import firm_reward
     from clients.adapters.verl import make_compute_score
 
-    secret = tmp_path / "secret.png"
-    picture("red").save(secret)  # a valid image: had it been opened, the server would have scored it
-    opened: list[str] = []
-    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args else None)
-    completions = [str(secret), f"file://{secret}"]
     with RewardClient(server_url) as client:
         reward = firm_reward(client, "gen")
         with pytest.raises(ValueError, match=r"render=.*generated_images"):
@@ -364,5 +378,4 @@ def test_a_completion_naming_a_local_file_is_never_opened(server_url: str, tmp_p
             echo(prompts=["a red square"] * 2, completions=completions)
         verl = make_compute_score(client, "gen", render=lambda responses, infos: responses)
         with pytest.raises(TypeError, match="never opened"):
-            verl(data_sources=["x"], solution_strs=[str(secret)], ground_truths=[None], extra_infos=[{"prompt": "p"}])
-    assert not [path for path in opened if "secret.png" in path]
+            verl(data_sources=["x"], solution_strs=[secret], ground_truths=[None], extra_infos=[{"prompt": "p"}])
