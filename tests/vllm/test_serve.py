@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from clients.protocol import EditGroupResponse, EditScoreResponse, GenScoreRespo
 from tests.support import b64, free_port, running_process, running_server
 
 SERVED = "tiny-critic"
+M = TypeVar("M", EditScoreResponse, EditGroupResponse, GenScoreResponse)
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +49,24 @@ def test_vllm_serve_names_the_score_digits_for_logprob_token_ids(vllm_serve: str
         assert len(tokens) == 1
 
 
+def _score(firm_url: str, route: str, body: dict[str, Any], reply: type[M]) -> M:
+    response = httpx.post(f"{firm_url}/v1/{route}", json={**body, "score_mode": "expected"}, timeout=300)
+    assert response.status_code == 200, response.text
+    return reply.model_validate(response.json())
+
+
 def test_edit_and_gen_score_end_to_end_with_expected_values(firm_url: str) -> None:
     edit = {"source": b64("blue"), "edited": b64("red"), "instruction": "Make the square red."}
-    options = {"score_mode": "expected"}
-    response = httpx.post(f"{firm_url}/v1/edit/score", json={"items": [edit], **options}, timeout=300)
-    assert response.status_code == 200, response.text
-    (result,) = EditScoreResponse.model_validate(response.json()).results
+    (result,) = _score(firm_url, "edit/score", {"items": [edit]}, EditScoreResponse).results
     assert result.error is None and result.reward is not None
     assert result.execution is not None and result.execution.expected is not None
     assert result.consistency is not None and result.consistency.expected is not None
 
     group = {"source": b64("blue"), "instruction": "Make the square red.", "candidates": [b64("red"), b64("blue")]}
-    response = httpx.post(f"{firm_url}/v1/edit/score_group", json={**group, **options}, timeout=300)
-    assert response.status_code == 200, response.text
-    assert EditGroupResponse.model_validate(response.json()).group.scored == 2
+    assert _score(firm_url, "edit/score_group", group, EditGroupResponse).group.scored == 2
 
     gen = {"image": b64("red"), "prompt": "a red square"}
-    response = httpx.post(f"{firm_url}/v1/gen/score", json={"items": [gen], **options}, timeout=300)
-    assert response.status_code == 200, response.text
-    (result,) = GenScoreResponse.model_validate(response.json()).results
+    (result,) = _score(firm_url, "gen/score", {"items": [gen]}, GenScoreResponse).results
     assert result.error is None and result.reward is not None
     assert result.instruction_following is not None and result.instruction_following.expected is not None
     assert result.quality is not None and result.quality.expected is not None
