@@ -38,7 +38,6 @@ def settings_parser(
     settings: type[BaseSettings], *, prog: str, description: str, epilog: str
 ) -> argparse.ArgumentParser:
     """One flag per field; the environment variable shown is the settings class's own prefix plus the name."""
-    env_prefix = settings.model_config.get("env_prefix", "")
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -46,22 +45,30 @@ def settings_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags leave env vars and defaults in charge
     )
-    for name, field in settings.model_fields.items():
-        env = f"{env_prefix}{name.upper()}"
-        if field.is_required():
-            help_text = f"{field.description} [env {env}; required]"
-        else:
-            default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-            help_text = f"{field.description} [env {env}; default {default}]"
-        annotation = field.annotation
-        choices = _choices(annotation)
-        if annotation is bool:
-            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
-        elif choices and all(isinstance(c, str) for c in choices):
-            parser.add_argument(flag(name), choices=choices, help=help_text)
-        else:
-            parser.add_argument(flag(name), metavar=_metavar(annotation), help=help_text)
+    for name in settings.model_fields:
+        add_setting_flag(parser, settings, name)
     return parser
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, settings: type[BaseSettings], name: str) -> None:
+    """The flag of one field: its description, environment variable and default as help; unset, it leaves
+    the environment and the default in charge."""
+    field = settings.model_fields[name]
+    env = f"{settings.model_config.get('env_prefix', '')}{name.upper()}"
+    if field.is_required():
+        help_text = f"{field.description} [env {env}; required]"
+    else:
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        help_text = f"{field.description} [env {env}; default {default}]"
+    annotation = field.annotation
+    choices = _choices(annotation)
+    unset = argparse.SUPPRESS
+    if annotation is bool:
+        parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=unset, help=help_text)
+    elif choices and all(isinstance(c, str) for c in choices):
+        parser.add_argument(flag(name), choices=choices, default=unset, help=help_text)
+    else:
+        parser.add_argument(flag(name), metavar=_metavar(annotation), default=unset, help=help_text)
 
 
 def parse_settings(parser: argparse.ArgumentParser, settings: type[BaseSettings], argv: Sequence[str] | None) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.flags import describe_errors, flag
+from server.flags import add_setting_flag, describe_errors
 from server.judges import JUDGES, edit_fields, gen_fields
 from server.prompts.release import PromptSource
 from server.settings import SWITCHED_OFF, Settings
@@ -58,13 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="Print each judge's prompt source, digest and rendered text.")
     for sub in (pull, show):
         for name in _SHARED:
-            field = Settings.model_fields[name]
-            if field.annotation is bool:
-                sub.add_argument(
-                    flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=field.description
-                )
-            else:
-                sub.add_argument(flag(name), default=argparse.SUPPRESS, help=field.description)
+            add_setting_flag(sub, Settings, name)
     pull.add_argument(
         "--to",
         type=Path,
