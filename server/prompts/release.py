@@ -171,13 +171,13 @@ class PromptSource:
                     f"refusing {what}: the critic would get prompts it was not trained on ({remedy})"
                 )
             log.warning("prompt drift allowed: %s", what)
-        if fresh:  # only a file that passed its check (or was allowed to drift) is kept
-            _write_atomically(cached, data)
-            (self.cache / "SOURCE").write_text(self.source + "\n")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PromptSourceError(f"{location} is not UTF-8 text") from exc
+        if fresh:  # only a readable file that passed its check (or was allowed to drift) is kept
+            _write_atomically(cached, data)
+            (self.cache / "SOURCE").write_text(self.source + "\n")
         return FetchedFile(path=path, location=location, sha256=digest, verified=verified, text=text)
 
     def prompts(self, judges: Iterable[str]) -> dict[str, ReleasedPrompt]:
