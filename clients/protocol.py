@@ -7,7 +7,7 @@ so this module is the single source of truth for the API. It depends on nothing 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +23,7 @@ MAX_PROMPT_CHARS = 8_000
 MAX_IMAGE_CHARS = 64 * 1024 * 1024
 
 ScoreMode = Literal["argmax", "expected"]
+Task = Literal["edit", "gen"]  # the critics' tasks; their facts are in `clients.tasks`
 
 ImageData = Annotated[
     str,
@@ -61,7 +62,26 @@ class RewardWeights(_Message):
         return self
 
 
+class ScoringDefaults(_Message):
+    """A server's defaults for the options a request leaves out."""
+
+    score_mode: ScoreMode = "argmax"
+    weights: dict[str, RewardWeights] = Field(description="Default reward weights of each task.")
+
+
+class ResolvedOptions(_Message):
+    """A request's options with every default filled in: what the server scores with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score_mode: ScoreMode
+    weights: RewardWeights
+    return_reasoning: bool
+
+
 class _ScoringOptions(_Message):
+    task: ClassVar[Task]
+
     weights: RewardWeights | None = Field(
         default=None, description="Reward weights for this request; the server's defaults when absent."
     )
@@ -71,6 +91,21 @@ class _ScoringOptions(_Message):
         "mean over the score tokens. The server's default when absent.",
     )
     return_reasoning: bool = Field(default=False, description="Include the judge's written reasoning.")
+
+    def resolve(self, defaults: ScoringDefaults) -> ResolvedOptions:
+        """The options this request scores with: its own where given, else the server's for its task.
+
+        >>> request = GenGroupRequest(prompt="a cat", images=["x"], score_mode="expected")
+        >>> defaults = ScoringDefaults(weights={"gen": RewardWeights(w1=0.4, w2=0.6)})
+        >>> options = request.resolve(defaults)
+        >>> options.score_mode, options.weights.w2, options.return_reasoning
+        ('expected', 0.6, False)
+        """
+        return ResolvedOptions(
+            score_mode=self.score_mode or defaults.score_mode,
+            weights=self.weights or defaults.weights[self.task],
+            return_reasoning=self.return_reasoning,
+        )
 
 
 # ----------------------------------------------------------------------------- requests
@@ -84,11 +119,15 @@ class EditItem(_Message):
 
 
 class EditScoreRequest(_ScoringOptions):
+    task: ClassVar[Task] = "edit"
+
     items: list[EditItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class EditGroupRequest(_ScoringOptions):
     """A GRPO group: one source image and instruction, several edited candidates."""
+
+    task: ClassVar[Task] = "edit"
 
     id: ItemId | None = None
     source: ImageData
@@ -104,11 +143,15 @@ class GenItem(_Message):
 
 
 class GenScoreRequest(_ScoringOptions):
+    task: ClassVar[Task] = "gen"
+
     items: list[GenItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class GenGroupRequest(_ScoringOptions):
     """A GRPO group: one prompt, several generated images."""
+
+    task: ClassVar[Task] = "gen"
 
     id: ItemId | None = None
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -217,7 +260,9 @@ class GenGroupResponse(_ScoreResponse):
     group: GroupStats
 
 
-Task = Literal["edit", "gen"]
+ScoringRequest = EditScoreRequest | EditGroupRequest | GenScoreRequest | GenGroupRequest
+ScoringResponse = EditScoreResponse | EditGroupResponse | GenScoreResponse | GenGroupResponse
+
 
 
 class JudgeCard(_Message):
@@ -239,7 +284,7 @@ class ModelCard(_Message):
     engine: str
     engine_reason: str | None = Field(default=None, description="Why this engine serves the model.")
     dimensions: list[str]
-    reward: Literal["CME", "QMA"]
+    reward: str = Field(description="The reward this task's results carry (CME, QMA).")
     judges: list[JudgeCard] = Field(default_factory=list)
 
 
