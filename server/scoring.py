@@ -351,6 +351,16 @@ class ScoringService:
                 response = without_reasoning(response)
         return response
 
+    async def score(self, request: Any) -> Response:
+        """Score any scoring request: its task and shape come from its class."""
+        if isinstance(request, EditScoreRequest):
+            return await self.score_edits(request)
+        if isinstance(request, EditGroupRequest):
+            return await self.score_edit_group(request)
+        if isinstance(request, GenScoreRequest):
+            return await self.score_generations(request)
+        return await self.score_generation_group(request)
+
     # ------------------------------------------------------------------ editing
 
     async def score_edits(self, request: EditScoreRequest) -> EditScoreResponse:
