@@ -72,6 +72,9 @@ class Metrics:
         self.replayed = Counter(
             "firm_replayed_requests", "Retried requests (same X-Request-ID) answered with the first answer.", registry=r
         )
+        self.in_flight = Gauge(
+            "firm_requests_in_flight", "Scoring requests taken and not yet answered (decoding included).", registry=r
+        )
         self.queue_depth = Gauge("firm_queue_depth", "Judge calls waiting for an engine batch.", ["model"], registry=r)
         self.scores = Histogram(
             "firm_judge_score",

@@ -7,16 +7,18 @@ the defaults below. Every field's description is its `--help` text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode
+from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode, ScoringDefaults, Task
+from server.flags import flag
 from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits
-from server.judges import RELEASE_BUDGETS
+from server.judges import JUDGES
 from server.prompts.release import DEFAULT_SOURCE
 from server.security import KeyRing, is_loopback, load_keys
+from server.tasks import SERVER_TASKS
 
 SWITCHED_OFF = "none"  # the model setting that switches a critic off (its state is then "disabled")
 
@@ -25,20 +27,73 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "firm-reward-server"
 
 
-class Settings(BaseSettings):
+def _task_settings() -> dict[str, Any]:
+    """Each critic's settings, made from the task table so a new critic gets its flags with its entry:
+    model and revision, answer budget, GPU share, remote model name, reward weights and templates."""
+    fields: dict[str, Any] = {}
+    for task in SERVER_TASKS.values():
+        name, spec = task.name, task.spec
+        reward, secondary = spec.reward, spec.dimensions[1].replace("_", " ")
+        fields[f"{name}_model"] = (
+            str,
+            Field(
+                task.checkpoint,
+                description=f"{task.checkpoint.split('/')[-1]} or another {spec.title} critic (hub id or local "
+                f"folder) for /v1/{name}/*; '{SWITCHED_OFF}' switches it off.",
+            ),
+        )
+        fields[f"{name}_revision"] = (
+            str | None,
+            Field(None, description=f"Hub revision (branch, tag or commit) of the {name} model."),
+        )
+        fields[f"{name}_max_new_tokens"] = (
+            int,
+            Field(
+                task.max_new_tokens,
+                ge=8,
+                description=f"Most tokens a {name} judge may write per answer (the release's budget: "
+                f"{task.max_new_tokens}).",
+            ),
+        )
+        fields[f"{name}_gpu_memory_utilization"] = (
+            float,
+            Field(0.42, gt=0.0, le=0.95, description=f"vllm: share of GPU memory for the {name} critic."),
+        )
+        fields[f"openai_{name}_model"] = (
+            str | None,
+            Field(
+                None,
+                description=f"openai: model name the remote server serves the {name} critic as "
+                f"(default: {flag(name + '_model')}).",
+            ),
+        )
+        for weight, what, value in (
+            ("w1", "constant", spec.default_weights.w1),
+            ("w2", secondary, spec.default_weights.w2),
+        ):
+            fields[f"{reward.lower()}_{weight}"] = (
+                float,
+                Field(
+                    value,
+                    ge=0.0,
+                    description=f"{reward} {spec.title} reward: {what} weight {weight} (divided by w1 + w2).",
+                ),
+            )
+        for judge in task.judges:
+            fields[f"{judge}_template"] = (
+                Path | None,
+                Field(None, description=f"Template file replacing the {judge.replace('_', ' ')} prompt."),
+            )
+    return fields
+
+
+_TaskSettings: type[BaseSettings] = create_model("_TaskSettings", __base__=BaseSettings, **_task_settings())
+
+
+class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     model_config = SettingsConfigDict(env_prefix="FIRM_", extra="forbid")
 
-    # models
-    edit_model: str = Field(
-        "VisionXLab/FIRM-Edit-8B",
-        description="FIRM-Edit checkpoint (hub id or local folder) for /v1/edit/*; 'none' switches editing off.",
-    )
-    gen_model: str = Field(
-        "VisionXLab/FIRM-Gen-8B",
-        description="FIRM-Gen checkpoint (hub id or local folder) for /v1/gen/*; 'none' switches generation off.",
-    )
-    edit_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the edit model.")
-    gen_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the gen model.")
+    # models (each critic's own settings come from the task table: see `_task_settings`)
     tiny: bool = Field(
         False,
         description="Serve a tiny randomly initialised critic built locally (no download) for every enabled task. "
@@ -77,17 +132,6 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto is bfloat16 on GPU and float32 on CPU."
     )
-    edit_max_new_tokens: int = Field(
-        RELEASE_BUDGETS["edit"],
-        ge=8,
-        description="Most tokens an edit judge may write per answer (the release's budget: 256).",
-    )
-    gen_max_new_tokens: int = Field(
-        RELEASE_BUDGETS["gen"],
-        ge=8,
-        description="Most tokens a generation judge may write per answer (the release's budget: 8192, room for "
-        "its requirement-by-requirement analysis).",
-    )
     max_batch_size: int = Field(
         256,
         ge=1,
@@ -114,12 +158,6 @@ class Settings(BaseSettings):
     max_model_len: int = Field(
         16384, ge=512, description="vllm: longest prompt + answer, in tokens; must exceed both answer budgets."
     )
-    edit_gpu_memory_utilization: float = Field(
-        0.42, gt=0.0, le=0.95, description="vllm: share of GPU memory for the edit critic (both fit one GPU)."
-    )
-    gen_gpu_memory_utilization: float = Field(
-        0.42, gt=0.0, le=0.95, description="vllm: share of GPU memory for the gen critic."
-    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs each critic is split across.")
     prefix_caching: bool = Field(
         True, description="vllm: reuse the shared prompt prefix (images + rubric) across a GRPO group."
@@ -138,12 +176,6 @@ class Settings(BaseSettings):
         "http://gpu1:8001/v1,http://gpu2:8001/v1; calls go to the one with the fewest in flight.",
     )
     openai_api_key: SecretStr | None = Field(None, description="openai: bearer key for those servers.")
-    openai_edit_model: str | None = Field(
-        None, description="openai: model name the remote server serves the edit critic as (default: --edit-model)."
-    )
-    openai_gen_model: str | None = Field(
-        None, description="openai: model name the remote server serves the gen critic as (default: --gen-model)."
-    )
     openai_timeout_s: float = Field(120.0, gt=0.0, description="openai: time limit of one call.")
     openai_max_retries: int = Field(2, ge=0, le=10, description="openai: retries of a failed call, on other URLs.")
     openai_max_connections: int = Field(64, ge=1, description="openai: connection pool size.")
@@ -199,20 +231,6 @@ class Settings(BaseSettings):
         description="What feeds the reward by default: 'argmax' (the written score, as in the paper) or "
         "'expected' (probability-weighted mean over the score tokens; smoother rewards).",
     )
-    cme_w1: float = Field(0.6, ge=0.0, description="CME editing reward: constant weight w1 (divided by w1 + w2).")
-    cme_w2: float = Field(0.4, ge=0.0, description="CME editing reward: consistency weight w2 (divided by w1 + w2).")
-    qma_w1: float = Field(0.4, ge=0.0, description="QMA generation reward: constant weight w1 (divided by w1 + w2).")
-    qma_w2: float = Field(0.6, ge=0.0, description="QMA generation reward: quality weight w2 (divided by w1 + w2).")
-
-    # prompt templates
-    edit_execution_template: Path | None = Field(None, description="Template file replacing the edit execution prompt.")
-    edit_consistency_template: Path | None = Field(
-        None, description="Template file replacing the edit consistency prompt."
-    )
-    gen_instruction_following_template: Path | None = Field(
-        None, description="Template file replacing the gen instruction-following prompt."
-    )
-    gen_quality_template: Path | None = Field(None, description="Template file replacing the gen quality prompt.")
 
     # HTTP and limits
     host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
@@ -237,8 +255,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        self.cme_weights()
-        self.qma_weights()
+        for task in SERVER_TASKS:
+            self.weights(task)
         try:
             keyed = self.key_ring().enabled  # a key file that holds no key counts as none
         except OSError as exc:
@@ -248,8 +266,9 @@ class Settings(BaseSettings):
                 f"binding {self.host} without API keys would let anyone score; set --api-keys or --api-key-file, "
                 "or pass --insecure if the network is trusted"
             )
-        if self.edit_model == SWITCHED_OFF and self.gen_model == SWITCHED_OFF:
-            raise ValueError("both models are switched off; at least one of --edit-model/--gen-model is needed")
+        if not self.enabled_tasks():
+            flags = "/".join(flag(f"{task}_model") for task in SERVER_TASKS)
+            raise ValueError(f"every model is switched off; at least one of {flags} is needed")
         return self
 
     def key_ring(self) -> KeyRing:
@@ -260,11 +279,33 @@ class Settings(BaseSettings):
     def base_urls(self) -> list[str]:
         return [u.strip() for u in (self.openai_base_urls or "").split(",") if u.strip()]
 
-    def cme_weights(self) -> RewardWeights:
-        return RewardWeights(w1=self.cme_w1, w2=self.cme_w2)
+    def _task_value(self, name: str) -> Any:
+        return getattr(self, name)
 
-    def qma_weights(self) -> RewardWeights:
-        return RewardWeights(w1=self.qma_w1, w2=self.qma_w2)
+    def enabled_tasks(self) -> list[Task]:
+        """The tasks whose model is not switched off, in table order."""
+        return [task for task in SERVER_TASKS if self._task_value(f"{task}_model") != SWITCHED_OFF]
+
+    def model_source(self, task: Task) -> tuple[str, str | None]:
+        """(checkpoint, revision) of `task`'s critic as configured."""
+        return self._task_value(f"{task}_model"), self._task_value(f"{task}_revision")
+
+    def weights(self, task: Task) -> RewardWeights:
+        reward = SERVER_TASKS[task].spec.reward.lower()
+        return RewardWeights(w1=self._task_value(f"{reward}_w1"), w2=self._task_value(f"{reward}_w2"))
+
+    def scoring_defaults(self) -> ScoringDefaults:
+        """What a request that leaves its options out is scored with."""
+        return ScoringDefaults(score_mode=self.score_mode, weights={task: self.weights(task) for task in SERVER_TASKS})
+
+    def max_new_tokens(self, task: Task) -> int:
+        return self._task_value(f"{task}_max_new_tokens")
+
+    def gpu_memory_utilization(self, task: Task) -> float:
+        return self._task_value(f"{task}_gpu_memory_utilization")
+
+    def openai_model(self, task: Task) -> str | None:
+        return self._task_value(f"openai_{task}_model")
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(
@@ -274,9 +315,4 @@ class Settings(BaseSettings):
         )
 
     def template_overrides(self) -> dict[str, Path | None]:
-        return {
-            "edit_execution": self.edit_execution_template,
-            "edit_consistency": self.edit_consistency_template,
-            "gen_instruction_following": self.gen_instruction_following_template,
-            "gen_quality": self.gen_quality_template,
-        }
+        return {judge: self._task_value(f"{judge}_template") for judge in JUDGES}
