@@ -198,22 +198,22 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/edit/score", response_model=EditScoreResponse, responses=_ERRORS, tags=["edit"])
     async def score_edits(body: EditScoreRequest, request: Request) -> EditScoreResponse:
         """Score image edits on execution and consistency; reward is CME."""
-        return await _once(request, _service(request).score_edits, body)
+        return await _once(request, _service(request).score, body)
 
     @app.post("/v1/edit/score_group", response_model=EditGroupResponse, responses=_ERRORS, tags=["edit"])
     async def score_edit_group(body: EditGroupRequest, request: Request) -> EditGroupResponse:
         """Score a GRPO group of edits of one source image; adds group mean, std and advantages."""
-        return await _once(request, _service(request).score_edit_group, body)
+        return await _once(request, _service(request).score, body)
 
     @app.post("/v1/gen/score", response_model=GenScoreResponse, responses=_ERRORS, tags=["gen"])
     async def score_generations(body: GenScoreRequest, request: Request) -> GenScoreResponse:
         """Score generated images on instruction following and quality; reward is QMA."""
-        return await _once(request, _service(request).score_generations, body)
+        return await _once(request, _service(request).score, body)
 
     @app.post("/v1/gen/score_group", response_model=GenGroupResponse, responses=_ERRORS, tags=["gen"])
     async def score_generation_group(body: GenGroupRequest, request: Request) -> GenGroupResponse:
         """Score a GRPO group of images for one prompt; adds group mean, std and advantages."""
-        return await _once(request, _service(request).score_generation_group, body)
+        return await _once(request, _service(request).score, body)
 
     @app.post("/v1/admin/sleep", response_model=AdminResponse, responses=_ADMIN_ERRORS, tags=["admin"])
     async def sleep(request: Request) -> AdminResponse:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -10,29 +9,21 @@ from clients.protocol import Task
 from server.audit import AuditLog
 from server.batching import DirectRunner, MicroBatcher, Runner
 from server.engines import Engine, create_engine, resolve_engine_name
-from server.judges import SCORE_TOKENS, Judge
+from server.flags import flag
+from server.judges import SCORE_TOKENS
+from server.lifecycle import TaskModel
 from server.metrics import Metrics
-from server.prompts.release import PromptSource
-from server.prompts.sets import ReleasedPrompts, judges_for
-from server.scoring import ScoringService, TaskModel
-from server.settings import SWITCHED_OFF, Settings
+from server.prompts.serving import released_prompts, task_judges
+from server.scoring import ScoringService
+from server.settings import Settings
+from server.tasks import SERVER_TASKS
 
 log = logging.getLogger(__name__)
-
-IMAGES_PER_PROMPT: dict[Task, int] = {"edit": 2, "gen": 1}
-TASK_JUDGES: dict[Task, tuple[str, ...]] = {
-    "edit": ("edit_execution", "edit_consistency"),
-    "gen": ("gen_instruction_following", "gen_quality"),
-}
 
 
 def model_sources(settings: Settings) -> dict[Task, tuple[str, str | None]]:
     """(checkpoint, revision) of each enabled task."""
-    sources: dict[Task, tuple[str, str | None]] = {}
-    if settings.edit_model != SWITCHED_OFF:
-        sources["edit"] = (settings.edit_model, settings.edit_revision)
-    if settings.gen_model != SWITCHED_OFF:
-        sources["gen"] = (settings.gen_model, settings.gen_revision)
+    sources = {task: settings.model_source(task) for task in settings.enabled_tasks()}
     if settings.tiny:  # the tiny critic stands in for every enabled task
         from server.tiny import ensure_tiny_checkpoint
 
@@ -59,40 +50,26 @@ def _runner(engine: Engine, settings: Settings, metrics: Metrics, label: str) ->
 
 def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
     """Every engine setting, for the tasks one engine serves; each engine takes what it needs."""
-    served = {"edit": settings.openai_edit_model, "gen": settings.openai_gen_model}
-    memory = {"edit": settings.edit_gpu_memory_utilization, "gen": settings.gen_gpu_memory_utilization}
+    memory = [settings.gpu_memory_utilization(task) for task in tasks]
     return {
         "device": settings.device,
         "dtype": settings.dtype,
         "seed": settings.seed,
         "max_model_len": settings.max_model_len,
-        "gpu_memory_utilization": sum(memory[t] for t in tasks) if len(tasks) > 1 else memory[tasks[0]],
+        "gpu_memory_utilization": sum(memory),
         "tensor_parallel_size": settings.tensor_parallel_size,
-        "images_per_prompt": max(IMAGES_PER_PROMPT[t] for t in tasks),
+        "images_per_prompt": max(SERVER_TASKS[t].images_per_prompt for t in tasks),
         "pixel_budget": settings.image_pixel_budget,
         "prefix_caching": settings.prefix_caching,
         "sleep_mode": settings.sleep_mode,
         "enforce_eager": settings.enforce_eager,
         "base_urls": settings.base_urls(),
         "api_key": settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
-        "served_model": served[tasks[0]],
+        "served_model": settings.openai_model(tasks[0]),
         "timeout_s": settings.openai_timeout_s,
         "max_retries": settings.openai_max_retries,
         "max_connections": settings.openai_max_connections,
     }
-
-
-def released_prompts(settings: Settings) -> ReleasedPrompts:
-    source = PromptSource(settings.prompt_source, settings.cache_dir, allow_drift=settings.allow_prompt_drift)
-    return ReleasedPrompts(source)
-
-
-def task_judges(settings: Settings, task: Task, model: str, released: ReleasedPrompts) -> tuple[Judge, ...]:
-    """The judges of `task` for `model`: the prompt set the settings give it, with the task's token budget."""
-    names = TASK_JUDGES[task]
-    chosen = judges_for(model, names, settings.prompts, released, settings.template_overrides())
-    budget = settings.edit_max_new_tokens if task == "edit" else settings.gen_max_new_tokens
-    return tuple(dataclasses.replace(chosen[name], max_new_tokens=budget) for name in names)
 
 
 def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
@@ -107,13 +84,12 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     engine_name, reason = resolve_engine_name(settings.engine)
     log.info("engine %s (%s)", engine_name, reason)
     if engine_name == "vllm":
-        for flag, budget in (
-            ("--edit-max-new-tokens", settings.edit_max_new_tokens),
-            ("--gen-max-new-tokens", settings.gen_max_new_tokens),
-        ):
+        for task in sources:
+            budget = settings.max_new_tokens(task)
             if budget >= settings.max_model_len:
                 raise ValueError(
-                    f"{flag} {budget} leaves no room for the prompt in --max-model-len {settings.max_model_len}"
+                    f"{flag(f'{task}_max_new_tokens')} {budget} leaves no room for the prompt in "
+                    f"--max-model-len {settings.max_model_len}"
                 )
     shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
     models: dict[Task, TaskModel] = {}
@@ -130,8 +106,8 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             shared[source] = (engine, _runner(engine, settings, metrics, "+".join(tasks)))
         engine, runner = shared[source]
         models[task] = TaskModel(
-            task=task,
-            name="tiny-random" if settings.tiny else source[0],
+            task=SERVER_TASKS[task],
+            name=settings.served_name(task),
             engine=engine,
             runner=runner,
             judges=judges[task],
@@ -142,9 +118,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         metrics,
         limits=settings.image_limits(),
         max_items=settings.max_items_per_request,
-        score_mode=settings.score_mode,
-        cme_weights=settings.cme_weights(),
-        qma_weights=settings.qma_weights(),
+        defaults=settings.scoring_defaults(),
         structured_outputs=settings.structured_outputs,
         request_timeout_s=settings.request_timeout_s,
         max_queue=settings.max_queue,

@@ -59,18 +59,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from server.app import create_app
     from server.judges import TemplateError
     from server.shutdown import DrainingServer
+    from server.tasks import SERVER_TASKS
 
     try:
         app = create_app(settings)
     except (TemplateError, ValueError, OSError) as exc:
         sys.exit(f"firm-serve: {exc}")
     if "FIRM_MAX_NEW_TOKENS" in os.environ:
-        log.warning(
-            "FIRM_MAX_NEW_TOKENS is no longer read: the budgets are FIRM_EDIT_MAX_NEW_TOKENS (now %d) and "
-            "FIRM_GEN_MAX_NEW_TOKENS (now %d)",
-            settings.edit_max_new_tokens,
-            settings.gen_max_new_tokens,
-        )
+        budgets = ", ".join(f"FIRM_{t.upper()}_MAX_NEW_TOKENS (now {settings.max_new_tokens(t)})" for t in SERVER_TASKS)
+        log.warning("FIRM_MAX_NEW_TOKENS is no longer read: the budgets are %s", budgets)
     if settings.insecure and not settings.key_ring().enabled:
         log.warning("serving %s WITHOUT API keys (--insecure): anyone who can reach it can score", settings.host)
     log.info("listening on http://%s:%d", settings.host, settings.port)

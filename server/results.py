@@ -1,32 +1,29 @@
 """From judge verdicts to the response's view: dimensions, rewards, item errors.
 
-Plain functions of the parsed outcomes, so the reward arithmetic of every route is one code path.
+Plain functions of the parsed outcomes, driven by the task table, so the reward arithmetic of
+every task and route is one code path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any
 
 from clients.protocol import (
     DimensionScore,
-    EditGroupResponse,
     EditResult,
-    EditScoreResponse,
-    GenGroupResponse,
     GenResult,
-    GenScoreResponse,
     ItemError,
     QualityScore,
     QualitySubscores,
-    RewardWeights,
+    ResolvedOptions,
     ScoreMode,
+    ScoringResponse,
 )
 from server import rewards
 from server.judges import JudgeOutcome
-
-Response = TypeVar("Response", EditScoreResponse, EditGroupResponse, GenScoreResponse, GenGroupResponse)
+from server.tasks import ServerTask
 
 
 @dataclass
@@ -36,27 +33,37 @@ class Judged:
 
 
 def dimension(
-    outcome: JudgeOutcome | None, key: str, mode: ScoreMode, reasoning: bool
+    outcome: JudgeOutcome | None, mode: ScoreMode, reasoning: bool
 ) -> tuple[DimensionScore | None, float | None]:
-    """The response's view of one dimension and the 1-5 value that feeds the reward."""
+    """The response's view of one dimension and the 1-5 value that feeds the reward.
+
+    A judge that writes one score gives it; a judge that writes several subscores (quality) gives
+    the weakest of them, and so the weakest expected value, with the subscores alongside.
+    """
     if outcome is None:
         return None, None
-    score, expected = outcome.scores[key], outcome.expected[key]
+    if list(outcome.scores) == ["score"]:
+        score, expected = outcome.scores["score"], outcome.expected["score"]
+        extra: dict[str, Any] = {}
+        view: type[DimensionScore] = DimensionScore
+    else:
+        parts = list(outcome.expected.values())
+        expected = None if None in parts else min(e for e in parts if e is not None)
+        score = min(outcome.scores.values())
+        extra, view = {"subscores": QualitySubscores(**outcome.scores)}, QualityScore
     value = float(score) if mode == "argmax" else expected
-    dim = DimensionScore(
+    dim = view(
         score=score,
         expected=expected,
         normalized=None if value is None else rewards.normalize(value),
         reasoning=outcome.reasoning if reasoning else None,
+        **extra,
     )
     return dim, value
 
 
-def gated(
-    judged: Judged,
-    values: tuple[float | None, float | None],
-    combine: Callable[[float, float], float],
-) -> float | None:
+def reward(judged: Judged, values: Sequence[float | None], options: ResolvedOptions) -> float | None:
+    """The item's reward, or None with the reason set on the item: never 0 for a failure."""
     if judged.error is not None:
         return None
     primary, secondary = values
@@ -66,72 +73,26 @@ def gated(
             message="score_mode 'expected' needs the score-token probabilities, which the engine did not give",
         )
         return None
-    return combine(primary, secondary)
+    return rewards.scored_reward(primary, secondary, options.weights)
 
 
-def edit_results(
-    ids: Sequence[str],
-    judged: Sequence[Judged],
-    mode: ScoreMode,
-    weights: RewardWeights,
-    reasoning: bool,
-) -> list[EditResult]:
+def task_results(
+    task: ServerTask, ids: Sequence[str], judged: Sequence[Judged], options: ResolvedOptions, reasoning: bool
+) -> list[EditResult | GenResult]:
+    """One result per item: each dimension from its judge, then the task's gated reward."""
     results = []
     for item_id, item in zip(ids, judged, strict=True):
-        execution, e = dimension(item.outcomes.get("edit_execution"), "score", mode, reasoning)
-        consistency, c = dimension(item.outcomes.get("edit_consistency"), "score", mode, reasoning)
-        reward = gated(item, (e, c), lambda p, s: rewards.cme_reward(p, s, weights))
-        results.append(
-            EditResult(id=item_id, execution=execution, consistency=consistency, reward=reward, error=item.error)
-        )
+        views: dict[str, DimensionScore | None] = {}
+        values: list[float | None] = []
+        for name, judge in zip(task.spec.dimensions, task.judges, strict=True):
+            views[name], value = dimension(item.outcomes.get(judge), options.score_mode, reasoning)
+            values.append(value)
+        score = reward(item, values, options)
+        results.append(task.spec.result(id=item_id, **views, reward=score, error=item.error))
     return results
 
 
-def gen_results(
-    ids: Sequence[str],
-    judged: Sequence[Judged],
-    mode: ScoreMode,
-    weights: RewardWeights,
-    reasoning: bool,
-) -> list[GenResult]:
-    results = []
-    for item_id, item in zip(ids, judged, strict=True):
-        following, i = dimension(item.outcomes.get("gen_instruction_following"), "score", mode, reasoning)
-        quality, q = quality_dimension(item.outcomes.get("gen_quality"), mode, reasoning)
-        reward = gated(item, (i, q), lambda p, s: rewards.qma_reward(p, s, weights))
-        results.append(
-            GenResult(
-                id=item_id,
-                instruction_following=following,
-                quality=quality,
-                reward=reward,
-                error=item.error,
-            )
-        )
-    return results
-
-
-def quality_dimension(
-    outcome: JudgeOutcome | None, mode: ScoreMode, reasoning: bool
-) -> tuple[QualityScore | None, float | None]:
-    """Quality is the weakest of the three subscores (and so is its expected value)."""
-    if outcome is None:
-        return None, None
-    expected_parts = list(outcome.expected.values())
-    expected = None if None in expected_parts else min(e for e in expected_parts if e is not None)
-    score = min(outcome.scores.values())
-    value = float(score) if mode == "argmax" else expected
-    quality = QualityScore(
-        score=score,
-        expected=expected,
-        normalized=None if value is None else rewards.normalize(value),
-        reasoning=outcome.reasoning if reasoning else None,
-        subscores=QualitySubscores(**outcome.scores),
-    )
-    return quality, value
-
-
-def without_reasoning(response: Response) -> Response:
+def without_reasoning(response: ScoringResponse) -> ScoringResponse:
     results = []
     for result in response.results:
         dims = {

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from clients.protocol import GroupStats, RewardWeights
+from clients.tasks import TASKS
 
-CME_WEIGHTS = RewardWeights(w1=0.6, w2=0.4)
-QMA_WEIGHTS = RewardWeights(w1=0.4, w2=0.6)
+CME_WEIGHTS = TASKS["edit"].default_weights
+QMA_WEIGHTS = TASKS["gen"].default_weights
 ADVANTAGE_EPS = 1e-4
 
 
@@ -40,6 +41,15 @@ def gated_reward(primary: float, secondary: float, weights: RewardWeights) -> fl
     """
     total = weights.w1 + weights.w2
     return min(1.0, max(0.0, primary * (weights.w1 + weights.w2 * secondary) / total))
+
+
+def scored_reward(primary: float, secondary: float, weights: RewardWeights) -> float:
+    """Every task's reward from its two 1-5 scores: the primary one gates, the secondary one shades.
+
+    >>> scored_reward(5, 3, CME_WEIGHTS) == cme_reward(5, 3)
+    True
+    """
+    return gated_reward(normalize(primary), normalize(secondary), weights)
 
 
 def cme_reward(execution: float, consistency: float, weights: RewardWeights = CME_WEIGHTS) -> float:

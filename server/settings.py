@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, create_model, model_validator
+from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode, ScoringDefaults, Task
@@ -17,10 +17,12 @@ from server.flags import flag
 from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits
 from server.judges import JUDGES
 from server.prompts.release import DEFAULT_SOURCE
+from server.prompts.sets import prompt_set
 from server.security import KeyRing, is_loopback, load_keys
 from server.tasks import SERVER_TASKS
 
 SWITCHED_OFF = "none"  # the model setting that switches a critic off (its state is then "disabled")
+TINY_MODEL_NAME = "tiny-random"  # the name --tiny's critic is served under: no released checkpoint
 
 
 def default_cache_dir() -> Path:
@@ -253,6 +255,11 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_set(cls, value: str) -> str:
+        return prompt_set(value)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         for task in SERVER_TASKS:
@@ -285,6 +292,10 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     def enabled_tasks(self) -> list[Task]:
         """The tasks whose model is not switched off, in table order."""
         return [task for task in SERVER_TASKS if self._task_value(f"{task}_model") != SWITCHED_OFF]
+
+    def served_name(self, task: Task) -> str:
+        """The name `task`'s critic is served and reported under: the tiny critic's, else the checkpoint."""
+        return TINY_MODEL_NAME if self.tiny else self.model_source(task)[0]
 
     def model_source(self, task: Task) -> tuple[str, str | None]:
         """(checkpoint, revision) of `task`'s critic as configured."""

@@ -49,7 +49,7 @@ def test_an_unparsable_answer_is_a_null_reward_with_an_error_never_a_zero(
     tiny_checkpoint: Path, cache_dir: Path
 ) -> None:
     # 8 new tokens cut every answer before its score: real model output that cannot be parsed
-    response, page = _serve(cache_dir, lambda s: s.score_edits(_edit_request()), edit_max_new_tokens=8)
+    response, page = _serve(cache_dir, lambda s: s.score(_edit_request()), edit_max_new_tokens=8)
     for result in response.results:
         assert result.reward is None
         assert result.error is not None and result.error.code == "parse_error"
@@ -62,7 +62,7 @@ def test_an_unparsable_answer_is_a_null_reward_with_an_error_never_a_zero(
 def test_expected_mode_feeds_the_probability_weighted_scores_to_the_reward(
     tiny_checkpoint: Path, cache_dir: Path
 ) -> None:
-    response, _ = _serve(cache_dir, lambda s: s.score_edits(_edit_request(score_mode="expected")))
+    response, _ = _serve(cache_dir, lambda s: s.score(_edit_request(score_mode="expected")))
     assert response.score_mode == "expected"
     for result in response.results:
         e, c = result.execution, result.consistency
@@ -75,7 +75,7 @@ def test_expected_mode_feeds_the_probability_weighted_scores_to_the_reward(
 def test_request_weights_override_the_servers(tiny_checkpoint: Path, cache_dir: Path) -> None:
     weights = RewardWeights(w1=0.5, w2=0.5)
     request = GenGroupRequest(prompt="a red square", images=[b64("red"), b64("blue")], weights=weights)
-    response, _ = _serve(cache_dir, lambda s: s.score_generation_group(request), qma_w1=0.3, qma_w2=0.7)
+    response, _ = _serve(cache_dir, lambda s: s.score(request), qma_w1=0.3, qma_w2=0.7)
     assert response.weights == weights
     for result in response.results:
         assert result.instruction_following is not None and result.quality is not None
@@ -84,7 +84,7 @@ def test_request_weights_override_the_servers(tiny_checkpoint: Path, cache_dir: 
 
 
 def test_server_weights_apply_when_the_request_has_none(tiny_checkpoint: Path, cache_dir: Path) -> None:
-    response, _ = _serve(cache_dir, lambda s: s.score_edits(_edit_request()), cme_w1=0.2, cme_w2=0.8)
+    response, _ = _serve(cache_dir, lambda s: s.score(_edit_request()), cme_w1=0.2, cme_w2=0.8)
     assert (response.weights.w1, response.weights.w2) == (0.2, 0.8)
     done = response.results[0]
     assert done.execution is not None and done.consistency is not None

@@ -18,7 +18,7 @@ from typing import Any
 
 from server.judges import Judge
 from server.prompts.release import DEFAULT_SOURCE, PromptSource, ReleasedPrompt
-from server.prompts.sets import FIRM, OWN, RECORD_FILE, ReleasedPrompts, describe, judges_for
+from server.prompts.sets import FIRM, OWN, RECORD_FILE, ReleasedPrompts, describe, judges_for, prompt_set
 from server.settings import default_cache_dir
 
 SAVED_TEMPLATES = "prompts"  # folder of the critic holding the templates of a set of the user's own
@@ -41,9 +41,10 @@ def add_prompt_flags(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _prompt_set(value: str) -> str:
-    if value in (FIRM, OWN) or Path(value).is_dir():
-        return value
-    raise argparse.ArgumentTypeError(f"expected own, firm or a directory of templates, got {value!r}")
+    try:
+        return prompt_set(value, allow_auto=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def released_prompts(args: argparse.Namespace) -> ReleasedPrompts:

@@ -15,9 +15,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from server.flags import add_setting_flag, describe_errors
-from server.judges import JUDGES, edit_fields, gen_fields
+from server.judges import JUDGES
 from server.prompts.release import PromptSource
-from server.settings import SWITCHED_OFF, Settings
+from server.prompts.serving import released_prompts, task_judges
+from server.settings import Settings
+from server.tasks import SERVER_TASKS
 
 # the settings that decide which text each judge is sent, and with what budget
 _SHARED = (
@@ -25,17 +27,10 @@ _SHARED = (
     "prompt_source",
     "allow_prompt_drift",
     "cache_dir",
-    "edit_model",
-    "gen_model",
     "tiny",
-    "edit_max_new_tokens",
-    "gen_max_new_tokens",
-    "edit_execution_template",
-    "edit_consistency_template",
-    "gen_instruction_following_template",
-    "gen_quality_template",
+    *(f"{task.name}_{setting}" for task in SERVER_TASKS.values() for setting in ("model", "max_new_tokens")),
+    *(f"{judge}_template" for task in SERVER_TASKS.values() for judge in task.judges),
 )
-TINY = "tiny-random"  # the tiny critic's model name: no released checkpoint
 _EPILOG = """\
 examples:
   firm-serve prompts pull                                   # cache the release's prompt files (needs network)
@@ -66,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "air-gapped box or bake into an image, and use there as --prompt-source.",
     )
     show.add_argument("--judge", action="append", choices=list(JUDGES), help="Only this judge (repeatable).")
-    show.add_argument("--instruction", default="", help="The edit instruction to render.")
-    show.add_argument("--prompt", default="", help="The text-to-image prompt to render.")
+    for task in SERVER_TASKS.values():
+        show.add_argument(
+            f"--{task.text_field}", default="", help=f"The {task.spec.title} {task.text_field} to render."
+        )
     show.add_argument("--requirement", default=None, help="The additional requirement (absent: empty).")
     show.add_argument("--json", action="store_true", help="One JSON object per judge instead of text.")
     return parser
@@ -88,23 +85,16 @@ def _pull(settings: Settings, to: Path | None) -> int:
 
 
 def _show(settings: Settings, args: argparse.Namespace) -> int:
-    from server.assembly import TASK_JUDGES, released_prompts, task_judges
-
     released = released_prompts(settings)
     wanted = set(args.judge or JUDGES)
-    models = {"edit": settings.edit_model, "gen": settings.gen_model}
-    for task, model in models.items():
-        model = TINY if settings.tiny and model != SWITCHED_OFF else model  # the tiny critic gets our own
-        if model == SWITCHED_OFF or not wanted & set(TASK_JUDGES[task]):
+    for name in settings.enabled_tasks():
+        task, model = SERVER_TASKS[name], settings.served_name(name)  # the tiny critic gets our own prompts
+        if not wanted & set(task.judges):
             continue
-        for judge in task_judges(settings, task, model, released):
+        fields = task.template_fields(getattr(args, task.text_field), args.requirement)
+        for judge in task_judges(settings, name, model, released):
             if judge.name not in wanted:
                 continue
-            fields = (
-                edit_fields(args.instruction, args.requirement)
-                if task == "edit"
-                else gen_fields(args.prompt, args.requirement)
-            )
             text = judge.render(**fields)
             entry = {
                 "judge": judge.name,

@@ -40,12 +40,25 @@ def recorded_set(model: str) -> dict[str, Any] | None:
     return found
 
 
+def prompt_set(value: str, *, allow_auto: bool = True) -> str:
+    """`value`, once it names a prompt set: auto (unless not allowed), firm, own or a directory of templates.
+
+    >>> prompt_set("own")
+    'own'
+    >>> prompt_set("auto", allow_auto=False)
+    Traceback (most recent call last):
+    ValueError: expected firm, own or a directory of templates, got 'auto'
+    """
+    named = (AUTO, FIRM, OWN) if allow_auto else (FIRM, OWN)
+    if value in named or Path(value).is_dir():
+        return value
+    raise ValueError(f"expected {', '.join(named)} or a directory of templates, got {value!r}")
+
+
 def chosen_set(setting: str, model: str, record: Mapping[str, Any] | None = None) -> str:
     """`firm`, `own` or a directory: what `setting` gives `model` (whose prompt-set record is read unless
     given; "" is no model: training renders the set it is told)."""
     if setting != AUTO:
-        if setting not in (FIRM, OWN) and not Path(setting).is_dir():
-            raise ValueError(f"--prompts must be auto, firm, own or a directory of templates, got {setting!r}")
         if setting != FIRM and is_released_checkpoint(model):
             log.warning("%s was trained on the release's prompts, but --prompts %s serves other ones", model, setting)
         return setting
@@ -123,4 +136,14 @@ class ReleasedPrompts:
         return {n: self._found[n] for n in names}
 
 
-__all__ = ["AUTO", "FIRM", "OWN", "RECORD_FILE", "ReleasedPrompts", "chosen_set", "describe", "judges_for"]
+__all__ = [
+    "AUTO",
+    "FIRM",
+    "OWN",
+    "RECORD_FILE",
+    "ReleasedPrompts",
+    "chosen_set",
+    "describe",
+    "judges_for",
+    "prompt_set",
+]
