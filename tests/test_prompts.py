@@ -25,6 +25,7 @@ import pytest
 from server.prompts.pysource import SourceError, constant, constants
 from server.prompts.release import EDIT_FILE, GEN_FILE, PINNED, PromptSource, PromptSourceError
 from server.prompts.sets import FIRM, OWN, RECORD_FILE, ReleasedPrompts, chosen_set, judges_for
+from server.settings import Settings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release"
 FIXTURE_PINS = {path: hashlib.sha256((FIXTURE / path).read_bytes()).hexdigest() for path in PINNED}
@@ -159,8 +160,8 @@ def test_released_checkpoints_get_the_release_prompts_and_other_models_our_own(t
     assert chosen_set("auto", "VisionXLab/FIRM-Edit-8B") == FIRM
     assert chosen_set("auto", str(tmp_path)) == OWN
     assert chosen_set("firm", str(tmp_path)) == FIRM
-    with pytest.raises(ValueError, match="--prompts must be"):
-        chosen_set("mine", "VisionXLab/FIRM-Gen-8B")
+    with pytest.raises(ValueError, match="expected auto, firm, own or a directory of templates, got 'mine'"):
+        Settings(prompts="mine")
 
 
 def test_other_prompts_for_a_released_checkpoint_are_logged(caplog: pytest.LogCaptureFixture) -> None:
