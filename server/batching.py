@@ -3,19 +3,26 @@
 `MicroBatcher` collects concurrent calls into one `Engine.generate` (up to `max_batch_size`;
 it waits, at most `max_wait`, for the callers of the previous batch to send their next calls),
 runs one batch at a time, and lets the event loop keep accepting requests meanwhile.
-`DirectRunner` is for engines that schedule by themselves. Both return, per call, a result or
-the exception that failed it, so one bad batch fails only its own items; both know how fast
-calls drain (for Retry-After) and whether the engine keeps failing (for readiness). A call
-whose caller left is dropped if it has not started, and flagged as cancelled if it has.
+`DirectRunner` is for engines that schedule by themselves. Both answer, per call, a result or
+the exception that failed it: a batch the engine fails whole is split in halves until the
+calls that break it fail alone, so one bad input costs about 2·log₂ n engine calls and no one
+else's answer. Both know how fast calls drain (for Retry-After) and whether the engine keeps
+failing (for readiness).
+
+`launch` starts calls and hands back one future per call; cancelling a future abandons its call
+(dropped if it has not started, flagged through `GenerationRequest.cancelled` if it has), which is
+how a caller that left, or the last of several callers sharing a call, stops work no one awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from server.metrics import Metrics
@@ -27,7 +34,7 @@ RATE_WINDOW_S = 60.0
 
 
 class Runner:
-    """What both runners share: the engine call with failure isolation, and the bookkeeping."""
+    """What both runners share: the engine call with failure isolation, abandoning, and the bookkeeping."""
 
     def __init__(self, engine: Engine, metrics: Metrics, label: str, *, unhealthy_after: int = 3) -> None:
         self.engine, self.metrics, self.label = engine, metrics, label
@@ -55,28 +62,67 @@ class Runner:
     async def close(self) -> None:
         return None
 
-    async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+    def launch(self, requests: Sequence[GenerationRequest]) -> list[asyncio.Future[Outcome]]:
+        """Start the calls; one future per call, in order, that ends with its outcome (never an exception).
+        Cancel a future to abandon its call."""
         raise NotImplementedError
 
+    async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+        """The outcomes of `requests`; if the caller is cancelled, the calls are abandoned."""
+        if not requests:
+            return []
+        return list(await asyncio.gather(*self.launch(requests)))  # a cancelled gather cancels every future
+
+    def _future(self, request: GenerationRequest) -> asyncio.Future[Outcome]:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(functools.partial(self._abandoned, request))
+        return future
+
+    def _abandoned(self, request: GenerationRequest, future: asyncio.Future[Outcome]) -> None:
+        if future.cancelled():
+            request.cancelled.set()  # an engine that is running it may stop early
+            self.metrics.cancelled_calls.labels(model=self.label).inc()
+
     async def _run_engine(self, requests: list[GenerationRequest]) -> list[Outcome]:
-        """One engine batch; if it raised, each call is retried alone so a bad input fails only itself."""
-        outcomes, raised = await self._run_batch(requests)
-        if raised and len(requests) > 1:
-            log.warning("retrying the %d calls of a failed batch one by one on %s", len(requests), self.label)
-            outcomes = [(await self._run_batch([r]))[0][0] for r in requests]
+        """Run a batch, bisecting it if the engine fails it whole; readiness moves once per batch."""
+        outcomes, _ = await self._bisect(requests, known_to_fail=False)
+        if any(isinstance(o, GenerationResult) for o in outcomes):
+            self.consecutive_failures = 0
+        else:
+            self.consecutive_failures += 1
+            if self.consecutive_failures == self.unhealthy_after:
+                log.error(
+                    "engine %s failed %d batches in a row: readiness is now false", self.label, self.unhealthy_after
+                )
         self._done.append((time.monotonic(), len(requests)))
         return outcomes
+
+    async def _bisect(self, requests: list[GenerationRequest], *, known_to_fail: bool) -> tuple[list[Outcome], bool]:
+        """The outcomes of `requests`, and whether the engine took them as one batch: run them whole, and
+        if the engine fails that, each half on its own.
+
+        When a half ran whole but the pair failed, the other half must hold what broke it, so it is split
+        without being run; a single call is always run, so the error it gets is its own."""
+        if not known_to_fail or len(requests) == 1:
+            outcomes, raised = await self._run_batch(requests)
+            if not raised or len(requests) == 1:
+                return outcomes, not raised
+            log.warning("engine %s failed a batch of %d calls as a whole: splitting it", self.label, len(requests))
+        half = len(requests) // 2
+        first, first_whole = await self._bisect(requests[:half], known_to_fail=False)
+        second, _ = await self._bisect(requests[half:], known_to_fail=first_whole)
+        return first + second, False
 
     async def _run_batch(self, requests: list[GenerationRequest]) -> tuple[list[Outcome], bool]:
         """The outcomes, and whether the engine failed the batch whole (raised, or answered the wrong count).
 
         An engine may also answer some or all calls with an EngineError of their own (vllm, openai): those
-        are that call's failure and are not retried here, but a batch without a single result still
-        counts as a failed batch for readiness."""
+        are that call's failure and are not retried, but a batch without a single result still counts
+        as a failed engine batch."""
         self.metrics.engine_batch_size.labels(model=self.label).observe(len(requests))
         started = time.perf_counter()
         try:
-            results = await self.engine.generate(requests)
+            results = list(await self.engine.generate(requests))
         except Exception as exc:  # the engine's failure becomes each item's engine_error
             log.exception("engine %s failed on a batch of %d", self.label, len(requests))
             self._count_failure()
@@ -88,42 +134,75 @@ class Runner:
             error = EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
             return [error] * len(requests), True
         outcomes = [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
-        if any(isinstance(o, GenerationResult) for o in outcomes):
-            self.consecutive_failures = 0
-        else:
+        if not any(isinstance(o, GenerationResult) for o in outcomes):
             self._count_failure()
         return outcomes, False
 
     def _count_failure(self) -> None:
         self.metrics.engine_failures.labels(model=self.label).inc()
-        self.consecutive_failures += 1
-        if self.consecutive_failures == self.unhealthy_after:
-            log.error("engine %s failed %d batches in a row: readiness is now false", self.label, self.unhealthy_after)
 
 
 def _wrong_type(result: object) -> EngineError:
     return EngineError(f"engine returned a {type(result).__name__}, not a GenerationResult")
 
 
-def _cancel(requests: Sequence[GenerationRequest]) -> None:
-    for request in requests:
-        request.cancelled.set()
-
-
 class DirectRunner(Runner):
-    async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+    """Each request's calls go to the engine at once, as one `generate`, in a task of their own; the task
+    is cancelled when every one of its calls is abandoned."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, label: str, *, unhealthy_after: int = 3) -> None:
+        super().__init__(engine, metrics, label, unhealthy_after=unhealthy_after)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def launch(self, requests: Sequence[GenerationRequest]) -> list[asyncio.Future[Outcome]]:
+        if not requests:
+            return []
+        futures = [self._future(request) for request in requests]
+        task = asyncio.create_task(self._deliver(list(requests), futures), name=f"engine-{self.label}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        def stop_if_abandoned(_: asyncio.Future[Outcome]) -> None:
+            if all(f.done() for f in futures) and any(f.cancelled() for f in futures):
+                task.cancel()
+
+        for future in futures:
+            future.add_done_callback(stop_if_abandoned)
+        return futures
+
+    async def _deliver(self, requests: list[GenerationRequest], futures: list[asyncio.Future[Outcome]]) -> None:
+        """Run the calls and hand out their outcomes; none is left unanswered, whatever happens."""
+        outcomes: list[Outcome] = []
         try:
-            return await self._run_engine(list(requests))
-        except asyncio.CancelledError:
-            _cancel(requests)
-            self.metrics.cancelled_calls.labels(model=self.label).inc(len(requests))
-            raise
+            outcomes = await self._run_engine(requests)
+        except Exception as exc:
+            log.exception("running a batch of %d calls on %s failed", len(requests), self.label)
+            outcomes = [EngineError(f"the server failed to run the call: {type(exc).__name__}: {exc}")] * len(requests)
+        finally:
+            outcomes = outcomes or [EngineError("the call was stopped before it finished")] * len(requests)
+            for future, outcome in zip(futures, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-_Pending = tuple[GenerationRequest, "asyncio.Future[Outcome]", float, int]  # ..., arrival, submission
+@dataclass(eq=False)
+class QueuedCall:
+    """One judge call waiting for a batch: what to run, where its outcome goes, and whose it is."""
+
+    request: GenerationRequest
+    future: asyncio.Future[Outcome]
+    arrival: float  # time.monotonic() when it was queued
+    submission: int  # the launch() it came with: calls of one request share the number
 
 
 class MicroBatcher(Runner):
+    """One batch at a time from a queue of calls, by a loop task that is restarted if it ever dies."""
+
     def __init__(
         self,
         engine: Engine,
@@ -139,48 +218,63 @@ class MicroBatcher(Runner):
             raise ValueError("max_batch_size must be at least 1")
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: collections.deque[QueuedCall] = collections.deque()  # live calls only: abandoned ones leave
+        self._arrived = asyncio.Event()
+        self._taken: list[QueuedCall] = []  # the batch being gathered or on the engine
         self._task: asyncio.Task[None] | None = None
         self._free_since = 0.0  # when the last batch finished
-        self._submissions = 0  # submit() calls so far
+        self._submissions = 0  # launch() calls so far
         self._submissions_at_free = 0
-        self._last_batch_submissions = 0  # distinct submit() calls the last batch answered
+        self._last_batch_submissions = 0  # distinct launch() calls the last batch answered
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.label}")
+        self._task = asyncio.create_task(self._supervise(), name=f"batcher-{self.label}")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while not self._queue.empty():
-            _, future, _, _ = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(EngineError("server is shutting down"))
+        self._fail_pending(EngineError("server is shutting down"))
 
-    async def submit(self, requests: Sequence[GenerationRequest]) -> list[Outcome]:
+    def launch(self, requests: Sequence[GenerationRequest]) -> list[asyncio.Future[Outcome]]:
         """Queue every call of one request at once, so they can share a batch."""
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
         self._submissions += 1
-        futures: list[asyncio.Future[Outcome]] = []
-        for request in requests:
-            future: asyncio.Future[Outcome] = loop.create_future()
-            futures.append(future)
-            self._queue.put_nowait((request, future, now, self._submissions))
+        calls = [QueuedCall(request, self._future(request), now, self._submissions) for request in requests]
+        for call in calls:
+            call.future.add_done_callback(functools.partial(self._leave_queue, call))
+        self._queue.extend(calls)
+        self._arrived.set()
         self._update_depth()
-        try:
-            return list(await asyncio.gather(*futures))
-        except asyncio.CancelledError:
-            # The caller left: calls not started are dropped, running ones are told to stop.
-            for future in futures:
-                future.cancel()
-            _cancel(requests)
-            self.metrics.cancelled_calls.labels(model=self.label).inc(len(requests))
-            raise
+        return [call.future for call in calls]
+
+    def _leave_queue(self, call: QueuedCall, future: asyncio.Future[Outcome]) -> None:
+        """An abandoned call that has not started leaves the queue at once."""
+        if future.cancelled() and call in self._queue:
+            self._queue.remove(call)
+            self._update_depth()
 
     def _update_depth(self) -> None:
-        self.metrics.queue_depth.labels(model=self.label).set(self._queue.qsize())
+        self.metrics.queue_depth.labels(model=self.label).set(len(self._queue))
+
+    def _fail_pending(self, error: EngineError) -> None:
+        """Answer every call not yet answered (on the engine or queued) with `error`."""
+        pending, self._taken = [*self._taken, *self._queue], []
+        self._queue.clear()
+        self._update_depth()
+        for call in pending:
+            if not call.future.done():
+                call.future.set_result(error)
+
+    async def _supervise(self) -> None:
+        """Run the batch loop; if it dies, its pending calls fail (none hangs) and it starts again."""
+        while True:
+            try:
+                await self._loop()
+            except Exception as exc:
+                log.exception("the batch loop of %s died; failing its pending calls and restarting it", self.label)
+                self.metrics.batch_loop_restarts.labels(model=self.label).inc()
+                self._fail_pending(EngineError(f"the server's batch loop failed: {type(exc).__name__}: {exc}"))
 
     def _callers_back(self) -> bool:
         """Have as many callers submitted since the last batch ended as that batch answered?
@@ -191,42 +285,52 @@ class MicroBatcher(Runner):
         """
         return self._submissions - self._submissions_at_free >= self._last_batch_submissions
 
-    async def _collect(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        deadline = max(batch[0][2], self._free_since) + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._callers_back():
-                break
+    async def _wait_for_calls(self, deadline: float | None) -> bool:
+        """Wait until a call is queued (True), or until `deadline` (time.monotonic()) passes (False)."""
+        while not self._queue:
+            self._arrived.clear()
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return False
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                await asyncio.wait_for(self._arrived.wait(), timeout)
             except TimeoutError:
+                return bool(self._queue)
+        return True
+
+    async def _collect(self) -> None:
+        """Take the next batch from the queue into `_taken`."""
+        await self._wait_for_calls(None)
+        self._taken = batch = [self._queue.popleft()]
+        deadline = max(batch[0].arrival, self._free_since) + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if self._queue:
+                batch.append(self._queue.popleft())
+            elif self._callers_back() or not await self._wait_for_calls(deadline):
                 break
         self._update_depth()
         log.debug(
             "batch of %d calls from %d submissions; %d callers back of %d expected, waited %.0f ms",
             len(batch),
-            len({b[3] for b in batch}),
+            len({call.submission for call in batch}),
             self._submissions - self._submissions_at_free,
             self._last_batch_submissions,
-            1000 * (time.monotonic() - max(batch[0][2], self._free_since)),
+            1000 * (time.monotonic() - max(batch[0].arrival, self._free_since)),
         )
-        return [item for item in batch if not item[1].done()]
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._collect()
+            await self._collect()
+            batch = [call for call in self._taken if not call.future.done()]  # some may have left meanwhile
             if not batch:
                 continue
             try:
-                outcomes = await self._run_engine([r for r, _, _, _ in batch])
+                outcomes = await self._run_engine([call.request for call in batch])
             finally:
                 self._free_since = time.monotonic()
                 self._submissions_at_free = self._submissions
-                self._last_batch_submissions = len({submission for _, _, _, submission in batch})
-            for (_, future, _, _), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+                self._last_batch_submissions = len({call.submission for call in batch})
+            for call, outcome in zip(batch, outcomes, strict=True):
+                if not call.future.done():
+                    call.future.set_result(outcome)
+            self._taken = []

@@ -51,6 +51,12 @@ class Metrics:
             registry=r,
         )
         self.engine_failures = Counter("firm_engine_failures", "Engine batches that failed.", ["model"], registry=r)
+        self.batch_loop_restarts = Counter(
+            "firm_batch_loop_restarts",
+            "Times a model's batch loop died, failed its pending calls and was started again.",
+            ["model"],
+            registry=r,
+        )
         self.cancelled_calls = Counter(
             "firm_cancelled_calls",
             "Judge calls dropped or stopped because their request went away.",
