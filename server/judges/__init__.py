@@ -86,7 +86,8 @@ ALIGNMENT_REGEX = (
     + "|".join(rf"{n}\*\*\n\\boxed\{{{n}\}}" for n in SCORE_TOKENS)
     + ")"
 )
-RELEASE_BUDGETS = {"edit": 256, "gen": 8192}  # new tokens per answer in the release's reward servers
+# new tokens per answer in the release's reward servers: the edit critic's short JSON, the gen critic's analysis
+EDIT_BUDGET, GEN_BUDGET = 256, 8192
 EDIT_FIELDS = {"instruction": "prompt", "requirement": "requirement"}
 GEN_FIELDS = {"prompt": "prompt", "requirement": "requirement"}
 
@@ -99,7 +100,7 @@ def _edit_judge(name: str) -> JudgeSpec:
         ("prompt",),
         parse_json_score,
         OutputConstraint(JSON_SCORE_SCHEMA),
-        RELEASE_BUDGETS["edit"],
+        EDIT_BUDGET,
     )
 
 
@@ -115,11 +116,9 @@ JUDGES: dict[str, JudgeSpec] = {
             ("prompt", "requirement"),
             parse_alignment_rating,
             OutputConstraint(regex=ALIGNMENT_REGEX),
-            RELEASE_BUDGETS["gen"],
+            GEN_BUDGET,
         ),
-        JudgeSpec(
-            "gen_quality", "gen", {}, (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA), RELEASE_BUDGETS["gen"]
-        ),
+        JudgeSpec("gen_quality", "gen", {}, (), parse_quality_scores, OutputConstraint(QUALITY_SCHEMA), GEN_BUDGET),
     )
 }
 
