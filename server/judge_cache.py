@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
 from server.batching import Outcome, Runner
-from server.engines.base import EngineError, GenerationRequest, GenerationResult, PromptPart
+from server.engines.base import GenerationRequest, GenerationResult, PromptPart
 from server.images import DIGEST_KEY
 
 
@@ -40,11 +42,24 @@ def call_key(model: str, revision: str | None, judge: str, parts: Sequence[Promp
     return h.hexdigest()
 
 
+@dataclass(eq=False)
+class _SharedCall:
+    """An engine call in progress and how many requests still wait for it."""
+
+    future: asyncio.Future[Outcome]
+    waiters: int = 1
+
+
 class CallSharing:
+    """The cache, and the calls in progress that a new identical call joins instead of running again.
+
+    A call in progress is cancelled only when the last request waiting for it has gone (deadline or
+    disconnect), so the request that started it can leave without failing the others."""
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._cache: collections.OrderedDict[str, GenerationResult] = collections.OrderedDict()
-        self._running: dict[str, asyncio.Future[Outcome]] = {}
+        self._running: dict[str, _SharedCall] = {}
 
     @property
     def enabled(self) -> bool:
@@ -62,6 +77,26 @@ class CallSharing:
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
 
+    def _join(self, key: str) -> _SharedCall | None:
+        call = self._running.get(key)
+        if call is None or call.future.done():  # a finished or abandoned call is not joined
+            return None
+        call.waiters += 1
+        return call
+
+    def _finished(self, key: str, call: _SharedCall, future: asyncio.Future[Outcome]) -> None:
+        if self._running.get(key) is call:
+            del self._running[key]
+        if not future.cancelled() and isinstance(result := future.result(), GenerationResult):
+            self._put(key, result)
+
+    def _leave(self, key: str, call: _SharedCall) -> None:
+        call.waiters -= 1
+        if call.waiters == 0 and not call.future.done():
+            if self._running.get(key) is call:
+                del self._running[key]
+            call.future.cancel()  # no one waits for it any more: the runner drops or stops it
+
     async def run(
         self,
         runner: Runner,
@@ -71,37 +106,31 @@ class CallSharing:
     ) -> list[Outcome]:
         """Outcomes for `requests`, computing each distinct key once; `hit(n)` counts the calls spared."""
         if not self.enabled:
-            return await runner.submit(requests) if requests else []
+            return await runner.submit(requests)
         known: dict[str, Outcome] = {}
-        shared: dict[str, asyncio.Future[Outcome]] = {}
+        waiting: dict[str, _SharedCall] = {}
         new: dict[str, GenerationRequest] = {}
         hits = 0
         for key, request in zip(keys, requests, strict=True):
-            if key in known or key in shared or key in new:
+            if key in known or key in waiting or key in new:
                 hits += 1
             elif (cached := self._get(key)) is not None:
                 known[key], hits = cached, hits + 1
-            elif key in self._running:
-                shared[key], hits = self._running[key], hits + 1
+            elif (call := self._join(key)) is not None:
+                waiting[key], hits = call, hits + 1
             else:
                 new[key] = request
         if hits:
             hit(hits)
-        loop = asyncio.get_running_loop()
-        for key in new:
-            self._running[key] = loop.create_future()
+        futures = runner.launch(list(new.values())) if new else []
+        for key, future in zip(new, futures, strict=True):
+            self._running[key] = waiting[key] = _SharedCall(future)
+            future.add_done_callback(functools.partial(self._finished, key, waiting[key]))
         try:
-            outcomes = await runner.submit(list(new.values())) if new else []
-            for key, outcome in zip(new, outcomes, strict=True):
-                known[key] = outcome
-                self._running[key].set_result(outcome)
-                if isinstance(outcome, GenerationResult):
-                    self._put(key, outcome)
+            if waiting:
+                await asyncio.wait([call.future for call in waiting.values()])
         finally:
-            for key in new:
-                future = self._running.pop(key)
-                if not future.done():  # this request was cancelled: whoever shared the call learns why
-                    future.set_result(EngineError("the identical call this one waited for was cancelled"))
-        for key, future in shared.items():
-            known[key] = await asyncio.shield(future)
+            for key, call in waiting.items():
+                self._leave(key, call)
+        known.update((key, call.future.result()) for key, call in waiting.items())
         return [known[key] for key in keys]

@@ -32,7 +32,8 @@ class GenerationRequest:
     parts: tuple[PromptPart, ...]
     max_new_tokens: int
     constraint: OutputConstraint | None = None  # honoured by engines with supports_constraints
-    # Set when the caller has gone (deadline passed, client left): an engine may stop early.
+    # Set when no one waits for the answer any more (deadline passed, client disconnected, and no other
+    # request shares the call): an engine may stop early.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
@@ -105,5 +106,5 @@ class Engine(abc.ABC):
         """Answer a batch: one entry per request, in order.
 
         An entry may be an EngineError for a request that failed on its own; raising fails the
-        whole batch (the server then retries its requests one by one).
+        whole batch (the server then splits it in halves until the requests that break it run alone).
         """
