@@ -264,6 +264,37 @@ ScoringRequest = EditScoreRequest | EditGroupRequest | GenScoreRequest | GenGrou
 ScoringResponse = EditScoreResponse | EditGroupResponse | GenScoreResponse | GenGroupResponse
 
 
+def failed_response(request: ScoringRequest, message: str) -> ScoringResponse:
+    """The reply standing in for a request that failed whole (its retries ran out, or the answer was not
+    the protocol's): every item without a reward and with a `request_failed` error, under the request's
+    own options, resolved against its task's default weights. A training loop masks the items and goes on.
+
+    >>> reply = failed_response(GenGroupRequest(id="g", prompt="a cat", images=["x", "y"]), "no server answered")
+    >>> reply.mask(), reply.id, reply.weights.w2, reply.group.scored, str(reply.results[1].error)
+    ([False, False], 'g', 0.6, 0, 'request_failed: no server answered')
+    """
+    from clients.tasks import TASKS  # the task table is made of this module's classes
+
+    spec = TASKS[request.task]
+    options = request.resolve(ScoringDefaults(weights={request.task: spec.default_weights}))
+    error = ItemError(code="request_failed", message=message)
+    is_group = isinstance(request, spec.group_request)
+    if is_group:
+        ids = [str(i) for i in range(len(getattr(request, spec.group_members)))]
+    else:
+        ids = [str(i) if item.id is None else item.id for i, item in enumerate(request.items)]  # type: ignore[union-attr]
+    fields: dict[str, object] = {
+        "model": ModelRef(name="unavailable"),
+        "score_mode": options.score_mode,
+        "weights": options.weights,
+        "results": [spec.result(id=i, reward=None, error=error) for i in ids],
+    }
+    if not is_group:
+        return spec.score_response.model_validate(fields)
+    fields["id"] = request.id  # type: ignore[union-attr]
+    fields["group"] = GroupStats(mean=None, std=None, advantages=[None] * len(ids), scored=0)
+    return spec.group_response.model_validate(fields)
+
 
 class JudgeCard(_Message):
     """One judge of a model: where its prompt came from and how long its answers may be."""
