@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from rl_workers.settings import RolloutSettings
-from server.flags import describe_errors, parse_settings, settings_parser
+from foundation.flags import describe_errors, parse_settings, settings_parser
 
 _EPILOG = """\
 examples:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.settings import default_cache_dir
+from foundation.cache import default_cache_dir
 
 DEFAULT_MODELS = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "Qwen/Qwen-Image-Edit"}
 DEFAULT_GUIDANCE = {"t2i": 4.5, "edit": 4.0}

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.tiny import SPECIAL_TOKENS, build_once, train_bpe
+from foundation.bpe import SPECIAL_TOKENS, train_bpe
+from foundation.cache import build_once
 
 TINY_VERSION = "2"
 _CORPUS = [

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, create_model, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode, ScoringDefaults, Task
+from foundation.cache import default_cache_dir
 from server.flags import flag
 from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits
 from server.judges import JUDGES
@@ -23,10 +24,6 @@ from server.tasks import SERVER_TASKS
 
 SWITCHED_OFF = "none"  # the model setting that switches a critic off (its state is then "disabled")
 TINY_MODEL_NAME = "tiny-random"  # the name --tiny's critic is served under: no released checkpoint
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "firm-reward-server"
 
 
 def _task_settings() -> dict[str, Any]:

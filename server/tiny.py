@@ -13,37 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
+from foundation.bpe import SPECIAL_TOKENS, train_bpe
+from foundation.cache import build_once
 from server.judges import JUDGES, edit_fields, gen_fields, load_judges
 from server.judges.answers import alignment_answer, json_score_answer, quality_answer
 
 log = logging.getLogger(__name__)
 
 TINY_VERSION = "5"
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# Qwen's pre-tokenizer: every digit is a token of its own.
-_PRETOKENIZE = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 # The chat layout of Qwen3-VL: one turn per message, images as vision placeholders in place.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -116,36 +101,6 @@ def synthetic_examples(count: int, seed: int) -> list[Example]:
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def train_bpe(
-    corpus: list[str], special_tokens: list[str], vocab_size: int, *, split_digits: bool = True
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocabulary and merges trained on `corpus` (with Qwen's pre-tokenizer, where
-    every digit is a token of its own, unless `split_digits` is False). Also used for the tiny generators."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    if split_digits:
-        bpe.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        bpe.decoder = decoders.ByteLevel()
-    else:
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return model["vocab"], merges
 
 
 def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
@@ -334,25 +289,6 @@ def build_tiny_checkpoint(path: Path, *, steps: int = 300, seed: int = 0, shape:
     )
     log.info("tiny critic built in %s (final loss %.4f)", path, loss)
     return path
-
-
-def build_once(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
-    """`target`, built by `build(path)` unless it already holds `marker`. The build happens in a staging
-    folder renamed into place, so a crash leaves no half copy and two processes racing keep one copy."""
-    if (target / marker).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        build(staging / "model")
-        try:
-            os.replace(staging / "model", target)
-        except OSError:
-            if not (target / marker).exists():  # another process won the race: use its copy
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def ensure_tiny_checkpoint(cache_dir: Path, shape: str = "cpu") -> Path:
