@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from rl_workers.settings import RolloutSettings
 from foundation.flags import describe_errors, parse_settings, settings_parser
+from rl_workers.settings import RolloutSettings
 
 _EPILOG = """\
 examples:
