@@ -20,8 +20,9 @@ from pathlib import Path
 
 from clients.retry import RetryPolicy
 from server.judges import JUDGES, TemplateError
+from server.tasks import SERVER_TASKS
 from training.curation.chat import ChatClient, Endpoint
-from training.curation.common import MAX_ANSWER_CHARS, Context, Pipeline
+from training.curation.common import Context, Pipeline, PipelineKind
 from training.curation.edit import EditPipeline
 from training.curation.gen import GenPipeline
 from training.curation.prompts import PromptError, load_prompt
@@ -31,45 +32,46 @@ from training.manifest import ManifestError, parse_field_map, read_manifest
 from training.prompt_set import add_prompt_flags, released_prompts
 from training.records import SERVED_PIXEL_BUDGET
 
-STEPS = {
-    "edit": (
-        ("describe", "vision-language model that lists the differences between source and edited image"),
-        ("grade", "model that grades execution and consistency from the differences and the instruction"),
-    ),
-    "gen": (
-        ("plan", "language model that turns the prompt into a checklist"),
-        ("check", "vision-language model that checks the image against the checklist and rates it"),
-    ),
-}
-FIELDS = {"edit": ("source", "edited", "instruction"), "gen": ("image", "prompt", "requirement")}
+# firm-curate's pipelines, one subcommand each, by the task whose critic their records train.
+PIPELINES: dict[str, PipelineKind] = {kind.task: kind for kind in (EditPipeline, GenPipeline)}
 _EPILOG = """\
-input: a JSONL file, one item per line. edit: {"id", "source", "edited", "instruction"};
-gen: {"id", "image", "prompt", "requirement"?}. Image paths are relative to --image-root.
-Rename columns with --field, e.g. --field source=original_path. Items without an id get one
-from their content. Run the same command again to resume: done items are skipped.
+input: a JSONL file, one item per line: {columns} (? marks an optional one).
+Image paths are relative to --image-root. Rename columns with --field, e.g. --field
+{first}=original_path. Items without an id get one from their content. Run the same command
+again to resume: done items are skipped.
 """
 
 
-def _add_common(parser: argparse.ArgumentParser, task: str) -> None:
-    _add_input(parser, task)
-    _add_endpoints(parser, task)
+def _epilog(kind: PipelineKind) -> str:
+    """The subcommand's input format, from the columns its pipeline reads.
+
+    >>> print(_epilog(GenPipeline).splitlines()[0])
+    input: a JSONL file, one item per line: {"id", "image", "prompt", "requirement"?} (? marks an optional one).
+    """
+    names = ", ".join(f'"{f}"' + ("" if f in kind.required else "?") for f in kind.fields)
+    return _EPILOG.format(columns=f'{{"id", {names}}}', first=kind.fields[0])
+
+
+def _add_common(parser: argparse.ArgumentParser, kind: PipelineKind) -> None:
+    _add_input(parser, kind)
+    _add_endpoints(parser, kind)
     _add_calls(parser)
-    _add_records(parser)
+    _add_records(parser, kind)
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
 
-def _add_input(parser: argparse.ArgumentParser, task: str) -> None:
+def _add_input(parser: argparse.ArgumentParser, kind: PipelineKind) -> None:
     add = parser.add_argument
     add("input", type=Path, help="JSONL manifest of the items to curate.")
     add("--output", type=Path, required=True, help="JSONL file of records (appended; resumable).")
     add("--summary", type=Path, help="Summary JSON (default: OUTPUT with .summary.json).")
     add("--image-root", type=Path, help="Folder image paths are relative to (default: the input's).")
-    add("--field", action="append", metavar="NAME=COLUMN", help=f"Read NAME ({', '.join(FIELDS[task])}) from COLUMN.")
+    add("--field", action="append", metavar="NAME=COLUMN", help=f"Read NAME ({', '.join(kind.fields)}) from COLUMN.")
     add("--id-field", default="id", help="Column holding the item id (default: id).")
     add("--limit", type=int, help="Curate only the first N items of the input.")
 
 
-def _add_endpoints(parser: argparse.ArgumentParser, task: str) -> None:
+def _add_endpoints(parser: argparse.ArgumentParser, kind: PipelineKind) -> None:
     """The shared endpoint flags, and one group per step overriding them."""
     parser.add_argument(
         "--base-url",
@@ -80,7 +82,7 @@ def _add_endpoints(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key for every step [env OPENAI_API_KEY]."
     )
-    for step, role in STEPS[task]:
+    for step, role in kind.steps:
         group = parser.add_argument_group(f"step '{step}'", f"The {role}; each flag overrides the shared one.")
         group.add_argument(f"--{step}-base-url", help=f"Base URL for the {step} step.")
         group.add_argument(f"--{step}-model", help=f"Model for the {step} step.")
@@ -101,9 +103,10 @@ def _add_calls(parser: argparse.ArgumentParser) -> None:
     add("--backoff-s", type=float, default=1.0, help="First retry wait, doubled each retry (default: 1).")
 
 
-def _add_records(parser: argparse.ArgumentParser) -> None:
+def _add_records(parser: argparse.ArgumentParser, kind: PipelineKind) -> None:
     """What the records hold: image size, answer length, the judge templates they are rendered with."""
     add = parser.add_argument
+    served = SERVER_TASKS[kind.task]
     add(
         "--image-pixel-budget",
         type=int,
@@ -115,10 +118,10 @@ def _add_records(parser: argparse.ArgumentParser) -> None:
         "--max-answer-chars",
         type=int,
         default=None,
-        help="Longest critic answer kept; a longer one fails its item. The served critic writes at most 256 "
-        "tokens for an edit judge and 8192 for a generation judge; the defaults, "
-        f"{MAX_ANSWER_CHARS['edit']} and {MAX_ANSWER_CHARS['gen']} characters of English, stay under them with "
-        "room for wordier text, and firm-train checks the exact token count.",
+        help=f"Longest critic answer kept; a longer one fails its item. The served critic writes at most "
+        f"{served.max_new_tokens} tokens for a judge of {served.spec.title}; the default, {kind.max_answer_chars} "
+        "characters of English, stays under it with room for wordier text, and firm-train checks the exact "
+        "token count.",
     )
     add_prompt_flags(parser, "The critic's prompt set the records are rendered with; train with the same")
     add(
@@ -137,19 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Records are rendered with the server's own judge prompts.",
     )
     tasks = parser.add_subparsers(dest="task", required=True)
-    helps = {
-        "edit": "difference-first curation of image edits (execution and consistency records)",
-        "gen": "plan-then-score curation of generated images (instruction-following records)",
-    }
-    for task, help_text in helps.items():
+    for task, kind in PIPELINES.items():
         sub = tasks.add_parser(
             task,
-            help=help_text,
-            description=help_text,
-            epilog=_EPILOG,
+            help=kind.summary,
+            description=kind.summary,
+            epilog=_epilog(kind),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_common(sub, task)
+        _add_common(sub, kind)
     return parser
 
 
@@ -180,18 +179,18 @@ def _templates(pairs: Sequence[str] | None) -> dict[str, Path | None]:
 
 
 def build_pipeline(args: argparse.Namespace) -> Pipeline:
+    kind = PIPELINES[args.task]
     context = Context(
         image_root=args.image_root or args.input.parent,
         records_dir=args.output.parent,
         pixel_budget=args.image_pixel_budget,
-        max_answer_chars=args.max_answer_chars,
+        max_answer_chars=args.max_answer_chars or kind.max_answer_chars,
         templates=_templates(args.template),
         prompts=args.prompts,
         released=released_prompts(args),
     )
-    first, second = (step for step, _ in STEPS[args.task])
-    pipeline = EditPipeline if args.task == "edit" else GenPipeline
-    return pipeline(
+    first, second = (step for step, _ in kind.steps)
+    return kind(
         _client(args, first),
         _client(args, second),
         context,
@@ -202,7 +201,7 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
 
 async def _curate(args: argparse.Namespace) -> RunReport:
     pipeline = build_pipeline(args)
-    fields = parse_field_map(args.field, FIELDS[args.task])
+    fields = parse_field_map(args.field, PIPELINES[args.task].fields)
     rows = list(read_manifest(args.input, fields, pipeline.required, args.id_field))[: args.limit]
     summary_path = args.summary or args.output.with_name(args.output.stem + ".summary.json")
     with RecordStore(args.output, len(pipeline.judges)) as store:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from clients.protocol import Task
 from server.judges import JUDGES, Judge
 from server.prompts.release import ReleasedPrompt
 from server.prompts.sets import judges_for
@@ -35,11 +37,29 @@ class Pipeline(Protocol):
     async def curate(self, row: Row) -> list[dict[str, Any]]: ...
 
 
-# The served critic writes at most 256 new tokens for an edit judge and 8192 for a generation judge
-# (firm-serve --edit-max-new-tokens, --gen-max-new-tokens). English reasoning runs at about 3.5 characters
-# a token, so these leave room for the format around it and for wordier text; firm-train counts the exact
-# tokens with the checkpoint's tokenizer.
-MAX_ANSWER_CHARS = {"edit": 700, "gen": 24_000}
+class PipelineKind(Protocol):
+    """A pipeline class as firm-curate offers it, one subcommand per task: what its flags and help need
+    before it is built, and its constructor (the two steps' clients, the context, the two steps' prompts)."""
+
+    task: Task  # the task whose critic the records train
+    summary: str  # what the pipeline does, for the subcommand's help
+    steps: tuple[tuple[str, str], tuple[str, str]]  # (name, teacher's role) of the first and second step
+    fields: tuple[str, ...]  # the manifest columns it reads (--field)
+    required: tuple[str, ...]  # those an item must have
+    # The longest answer kept by default. The served critic writes at most its task's max_new_tokens (firm-serve
+    # --<task>-max-new-tokens); English reasoning runs at about 3.5 characters a token, so the limit leaves room
+    # for the format around it and for wordier text; firm-train counts the exact tokens with the tokenizer.
+    max_answer_chars: int
+
+    def __call__(
+        self,
+        first: ChatClient,
+        second: ChatClient,
+        context: Context,
+        first_prompt: string.Template,
+        second_prompt: string.Template,
+        /,
+    ) -> Pipeline: ...
 
 
 def _no_release(names: Sequence[str]) -> Mapping[str, ReleasedPrompt]:
@@ -53,7 +73,7 @@ class Context:
     image_root: Path
     records_dir: Path
     pixel_budget: int | None = SERVED_PIXEL_BUDGET
-    max_answer_chars: int | None = None  # None: the default of the judge's task
+    max_answer_chars: int | None = None  # None: no limit beyond the judge's answer format
     templates: Mapping[str, Path | None] = field(default_factory=dict)
     prompts: str = "own"  # the prompt set records are rendered with: own, firm or a directory
     released: Callable[[Sequence[str]], Mapping[str, ReleasedPrompt]] | None = None  # for prompts="firm"
@@ -81,8 +101,8 @@ class Context:
 
     def answer(self, judge_name: str, answer: str, score: int) -> str:
         """The critic's answer, once the server's parser reads `score` from it and it fits the format."""
-        limit = self.max_answer_chars or MAX_ANSWER_CHARS[JUDGES[judge_name].task]
-        if len(answer) > limit:
+        limit = self.max_answer_chars
+        if limit is not None and len(answer) > limit:
             raise AnswerMismatch(
                 f"{judge_name}: the answer has {len(answer)} characters, over --max-answer-chars {limit}"
             )

@@ -14,15 +14,18 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from clients.tasks import EDIT
 from server.judges import edit_fields
 from server.judges.answers import json_score_answer
+from server.tasks import SERVER_TASKS
 from training.curation.chat import ChatClient, user_turn
 from training.curation.common import Context
 from training.curation.replies import extract_json, grade_of
 from training.manifest import Row
 from training.records import make_record
 
-DIMENSIONS = {"execution": "edit_execution", "consistency": "edit_consistency"}
+# The judge of each dimension the grader rates (its reply's keys are the dimensions' names).
+DIMENSIONS = dict(zip(EDIT.dimensions, SERVER_TASKS[EDIT.name].judges, strict=True))
 
 
 @dataclass
@@ -33,9 +36,16 @@ class EditPipeline:
     describe_prompt: string.Template
     grade_prompt: string.Template
 
-    task = "edit"
+    task = EDIT.name
+    summary = "difference-first curation of image edits (execution and consistency records)"
+    steps = (
+        ("describe", "vision-language model that lists the differences between source and edited image"),
+        ("grade", "model that grades execution and consistency from the differences and the instruction"),
+    )
+    fields = ("source", "edited", "instruction")
+    max_answer_chars = 700
     judges = tuple(DIMENSIONS.values())
-    required = ("source", "edited", "instruction")
+    required = fields
 
     def clients(self) -> dict[str, ChatClient]:
         return {"describe": self.describer, "grade": self.grader}

@@ -14,15 +14,17 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from clients.tasks import GEN
 from server.judges import gen_fields
 from server.judges.answers import alignment_answer
+from server.tasks import SERVER_TASKS
 from training.curation.chat import ChatClient, user_turn
 from training.curation.common import Context
 from training.curation.replies import ReplyError, extract_json, score_of, text_of
 from training.manifest import Row
 from training.records import make_record
 
-JUDGE = "gen_instruction_following"
+JUDGE = SERVER_TASKS[GEN.name].judges[0]  # the primary dimension's: instruction following
 VERDICTS = ("met", "partly met", "not met")
 
 
@@ -78,7 +80,14 @@ class GenPipeline:
     plan_prompt: string.Template
     check_prompt: string.Template
 
-    task = "gen"
+    task = GEN.name
+    summary = "plan-then-score curation of generated images (instruction-following records)"
+    steps = (
+        ("plan", "language model that turns the prompt into a checklist"),
+        ("check", "vision-language model that checks the image against the checklist and rates it"),
+    )
+    fields = ("image", "prompt", "requirement")
+    max_answer_chars = 24_000
     judges = (JUDGE,)
     required = ("image", "prompt")
 
