@@ -1,4 +1,4 @@
-"""The README's "Plug into your trainer" blocks, run the way each trainer runs them, against a live
+"""The "Plug into your trainer" blocks of docs/rl.md, run the way each trainer runs them, against a live
 firm-serve on the tiny critic, with one item in a prompt group that the server cannot score.
 
 The trainers' own code is not a dependency here, except TRL, which runs for real. Where a test
@@ -25,17 +25,17 @@ import torch
 
 from tests.support import picture
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "rl.md"
 INSTRUCTION = "Make the square red."
 TIMESTEPS = 3  # denoising steps the trainers repeat `avg` over
 TOO_LONG = "x" * 5000  # over the protocol's 4,000-character requirement: the server refuses that request
 
 
-def readme_block(name: str) -> str:
-    """The fenced block that follows `<!-- trainer-block: NAME -->` in the README."""
-    text = README.read_text()
+def trainer_block(name: str) -> str:
+    """The fenced block that follows `<!-- trainer-block: NAME -->` in docs/rl.md."""
+    text = GUIDE.read_text()
     match = re.search(rf"<!-- trainer-block: {re.escape(name)} -->\n```\w+\n(.*?)```", text, re.S)
-    assert match, f"README has no trainer block {name!r}"
+    assert match, f"docs/rl.md has no trainer block {name!r}"
     return match.group(1)
 
 
@@ -76,7 +76,7 @@ def closing(reward_fn: Any) -> None:
 
 @pytest.fixture
 def firm_env(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The README blocks build their client from FIRM_URL; one item per request, so a refused request
+    """The trainer blocks build their client from FIRM_URL; one item per request, so a refused request
     fails one item."""
     monkeypatch.setenv("FIRM_URL", server_url)
     monkeypatch.setenv("FIRM_CHUNK_SIZE", "1")
@@ -84,7 +84,7 @@ def firm_env(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
 
 
 def swapped_factory(block: str) -> SimpleNamespace:
-    """Run a README block that swaps `flow_grpo.rewards.multi_score`, as it runs inside a trainer script
+    """Run a trainer block that swaps `flow_grpo.rewards.multi_score`, as it runs inside a trainer script
     right after `import flow_grpo.rewards`; the trainer's own module is a stand-in with its own factory."""
     rewards = ModuleType("flow_grpo.rewards")
     rewards.multi_score = lambda device, score_dict, **options: pytest.fail("the trainer's own scorers were built")
@@ -94,10 +94,10 @@ def swapped_factory(block: str) -> SimpleNamespace:
 
 
 def test_release_editing_script_gets_finite_advantages_with_a_failed_item(firm_env: None) -> None:
-    flow_grpo = swapped_factory(readme_block("release"))
-    # editing/config/qwen_image_edit_nft.py sets the total score on by default; the README config block follows.
+    flow_grpo = swapped_factory(trainer_block("release"))
+    # editing/config/qwen_image_edit_nft.py sets the total score on by default; the docs config block follows.
     config = SimpleNamespace(reward_fn={"mllm_score_execution": 0.6}, mllm_use_total_score=True)
-    exec(readme_block("release-config"), {"config": config})
+    exec(trainer_block("release-config"), {"config": config})
     # train_nft_qwen_image_edit.py lines 602-622: the factory, called with the release's options.
     reward_fn = flow_grpo.rewards.multi_score(
         "cpu",
@@ -143,7 +143,7 @@ def nft_weights(advantages: np.ndarray, clip_max: float = 5.0) -> np.ndarray:
 
 
 def test_release_text_to_image_script_and_the_nan_setting(firm_env: None) -> None:
-    flow_grpo = swapped_factory(readme_block("release"))
+    flow_grpo = swapped_factory(trainer_block("release"))
     prompts = ["a red square"] * 4 + ["a blue square"] * 4
     metadata: list[dict[str, Any]] = [{}] * 8
     metadata[5] = {"requirement": TOO_LONG}  # that item's request is refused: its reward is missing
@@ -174,9 +174,9 @@ def test_release_text_to_image_script_and_the_nan_setting(firm_env: None) -> Non
 
 
 def test_flow_grpo_script_two_sampling_batches_and_policy_loss(firm_env: None) -> None:
-    flow_grpo = swapped_factory(readme_block("flow-grpo"))
+    flow_grpo = swapped_factory(trainer_block("flow-grpo"))
     config = SimpleNamespace(reward_fn={"pickscore": 1.0})
-    exec(readme_block("flow-grpo-config"), {"config": config})
+    exec(trainer_block("flow-grpo-config"), {"config": config})
     reward_fn = flow_grpo.rewards.multi_score("cpu", config.reward_fn)  # train_sd3.py line 474
     try:
         batches = [  # the K-repeat sampler spreads each prompt's images over several sampling batches
@@ -209,11 +209,11 @@ def test_flow_grpo_script_two_sampling_batches_and_policy_loss(firm_env: None) -
 def test_verl_block_in_the_batch_and_per_item_call_forms(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIRM_URL", server_url)
     monkeypatch.setenv("FIRM_CHUNK_SIZE", "1")
-    command = readme_block("verl-command")
+    command = trainer_block("verl-command")
     assert "reward_model.reward_manager=batch" in command and "custom_reward_function.name=compute_score" in command
     colours = iter(["red", "blue", "red", "red", "blue", "red"])
     module: dict[str, Any] = {"text_to_image": lambda response: picture(next(colours))}
-    exec(readme_block("verl"), module)  # verl loads firm_reward.py as a module
+    exec(trainer_block("verl"), module)  # verl loads firm_reward.py as a module
     raw_fn = module["compute_score"]
     try:
         # verl/trainer/ppo/reward.py lines 42-48: the config's reward_kwargs merged into the call.
@@ -333,7 +333,7 @@ def test_trl_block_trains_a_real_grpo_step_with_a_failed_item(
         "dataset": Dataset.from_dict({"prompt": ["a red square", "a blue square"]}),
         "text_to_image": text_to_image,
     }
-    exec(readme_block("trl"), namespace)
+    exec(trainer_block("trl"), namespace)
     trainer = namespace["trainer"]
     logged = trainer.state.log_history[0]
     assert np.isfinite(logged["loss"])
