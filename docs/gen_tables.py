@@ -51,6 +51,8 @@ REQUEST_ERRORS: dict[str, str] = {
     "not_ready": "The model is loading, asleep or failed to load, or the server is shutting down; `Retry-After` "
     "is set.",
     "deadline_exceeded": "The request took longer than `--request-timeout-s`; its engine work was cancelled.",
+    "client_disconnected": "The client disconnected before its answer, and its work was cancelled. No one reads "
+    "this response: the status shows only in the logs and in `firm_requests_total`.",
     "not_found": "No such route.",
     "method_not_allowed": "The route exists, but not for this HTTP method.",
     "internal_error": "An unexpected fault; the server log has the details, the response never a traceback.",
