@@ -34,6 +34,7 @@ from clients.protocol import (
     ReadinessResponse,
 )
 from server.assembly import build_service
+from server.disconnect import until_disconnect
 from server.errors import error_response, install_error_handlers
 from server.idempotency import RecentAnswers
 from server.logs import RequestContext, caller
@@ -185,10 +186,11 @@ def _service(request: Request) -> ScoringService:
 
 async def _once(request: Request, score: Callable[[T], Awaitable[R]], body: T) -> R:
     """Score, unless this is a retry (same caller, route and X-Request-ID) of a request already answered.
-    The caller (the API key's name) is part of the key: another caller reusing an id gets its own scores."""
+    The caller (the API key's name) is part of the key: another caller reusing an id gets its own scores.
+    A client that disconnects cancels its own work (`server.disconnect`)."""
     client_id = request.scope.get("state", {}).get("client_request_id")
     key = f"{caller.get()}:{request.url.path}:{client_id}" if client_id else None
-    answer, replayed = await request.app.state.answers.once(key, lambda: score(body))
+    answer, replayed = await until_disconnect(request, request.app.state.answers.once(key, lambda: score(body)))
     if replayed:
         request.app.state.metrics.replayed.inc()
     return answer
