@@ -18,8 +18,10 @@ import torch
 from clients import RewardClient
 from clients.adapters.failures import RewardsUnavailable, check_on_failure, fill_failures
 from clients.adapters.flow_grpo import edit_reward_fn, gen_reward_fn, multi_score
+from clients.adapters.inputs import INPUTS, TaskInputs
 from clients.adapters.trl import firm_reward
 from clients.adapters.verl import make_compute_score
+from clients.tasks import TASKS
 from tests.support import picture
 
 INSTRUCTION = "Make the square red."
@@ -97,6 +99,21 @@ def test_fill_failures_groups_and_settings() -> None:
     for bad in ("zero", math.nan, True):
         with pytest.raises(ValueError, match="on_failure"):
             check_on_failure(bad)  # type: ignore[arg-type]
+
+
+def test_every_task_has_one_inputs_entry_naming_its_wire_fields() -> None:
+    assert set(INPUTS) == set(TASKS)
+    assert INPUTS["edit"].keys == ("edited", "instruction", "source")
+    assert INPUTS["gen"].keys == ("image", "prompt", "requirement")
+    assert INPUTS["edit"].terms == ("firm_edit", "execution", "consistency")
+    with pytest.raises(ValueError, match=r"\['edited'\] are not fields of its wire item"):
+        TaskInputs(TASKS["gen"], image="edited", text="prompt", source=None, requirement=None, score=print)
+    with pytest.raises(ValueError, match="task must be one of 'edit', 'gen', got 't2i'"):
+        firm_reward(object(), "t2i")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_compute_score(object(), "video")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown gen terms"):
+        gen_reward_fn(object(), weights={"execution": 1.0})  # type: ignore[arg-type]
 
 
 def test_multi_score_terms_and_release_options(client: RewardClient) -> None:

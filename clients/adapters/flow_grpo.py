@@ -21,7 +21,7 @@ reasons go to the `clients.adapters` logger and to `reward_fn.last_errors`.
     >>> multi_score("cuda", {"execution": 0.5, "quality": 0.5}, client=object())
     Traceback (most recent call last):
     ...
-    ValueError: score_dict mixes editing and generation terms: ['execution', 'quality']
+    ValueError: score_dict mixes the terms of several tasks (edit, gen): ['execution', 'quality']
 """
 
 from __future__ import annotations
@@ -29,21 +29,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
+from clients.adapters.inputs import INPUTS, Batch, TaskInputs, task_inputs
 from clients.client import RewardClient
-from clients.protocol import EditScoreResponse, GenScoreResponse
+from clients.protocol import ScoringResponse, Task
+from clients.tasks import EDIT, GEN
 
 logger = logging.getLogger("clients.adapters")
-
-Task = Literal["edit", "gen"]
-TERMS: dict[Task, tuple[str, ...]] = {
-    "edit": ("firm_edit", "execution", "consistency"),
-    "gen": ("firm_gen", "instruction_following", "quality"),
-}
 
 
 def _per_item(metadata: Any, n: int) -> list[Mapping[str, Any]]:
@@ -58,12 +54,13 @@ def _per_item(metadata: Any, n: int) -> list[Mapping[str, Any]]:
     return [m or {} for m in items]
 
 
-def reward_columns(reply: EditScoreResponse | GenScoreResponse, task: Task) -> dict[str, np.ndarray]:
+def reward_columns(reply: ScoringResponse, inputs: TaskInputs) -> dict[str, np.ndarray]:
     """The reward and each normalised dimension, NaN where missing."""
-    columns: dict[str, list[float]] = {name: [] for name in TERMS[task]}
+    reward, *dimensions = inputs.terms
+    columns: dict[str, list[float]] = {name: [] for name in inputs.terms}
     for result in reply.results:
-        columns[TERMS[task][0]].append(np.nan if result.reward is None else result.reward)
-        for name in TERMS[task][1:]:
+        columns[reward].append(np.nan if result.reward is None else result.reward)
+        for name in dimensions:
             dimension = getattr(result, name)
             columns[name].append(np.nan if dimension is None or dimension.normalized is None else dimension.normalized)
     return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
@@ -72,9 +69,10 @@ def reward_columns(reply: EditScoreResponse | GenScoreResponse, task: Task) -> d
 class FirmRewardFn:
     """`(images, prompts, metadata, ref_images=None, **host_options) -> (rewards, {})`.
 
-    task: "edit" (CME, sources from `ref_images`, else `metadata[i][source_key]`, a path
-    relative to `source_root` when that is given) or "gen" (QMA; `metadata[i][requirement_key]`
-    is sent as the requirement when present). weights: how `avg` sums the terms, by default
+    task: a name of `clients.tasks.TASKS`: "edit" (CME) or "gen" (QMA). A task that compares
+    against a source image takes it from `ref_images`, else from `metadata[i][source_key]` (a path
+    relative to `source_root` when that is given); one that takes a requirement sends
+    `metadata[i][requirement_key]` when present. weights: how `avg` sums the terms, by default
     the combined reward alone. Extra keyword arguments of the trainer (`only_strict`, ...) are
     accepted and ignored.
     """
@@ -90,12 +88,12 @@ class FirmRewardFn:
         source_root: str | Path | None = None,
         requirement_key: str = "requirement",
     ) -> None:
-        if task not in TERMS:
-            raise ValueError(f"task must be 'edit' or 'gen', got {task!r}")
-        self.weights = dict(weights or {TERMS[task][0]: 1.0})
-        unknown = sorted(set(self.weights) - set(TERMS[task]))
+        self.inputs = task_inputs(task)
+        terms = self.inputs.terms
+        self.weights = dict(weights or {terms[0]: 1.0})
+        unknown = sorted(set(self.weights) - set(terms))
         if unknown:
-            raise ValueError(f"unknown {task} terms {unknown}; known: {list(TERMS[task])}")
+            raise ValueError(f"unknown {task} terms {unknown}; known: {list(terms)}")
         self.client, self.task, self.on_failure = client, task, check_on_failure(on_failure)
         self.source_key, self.requirement_key = source_key, requirement_key
         self.source_root = None if source_root is None else Path(source_root)
@@ -106,12 +104,13 @@ class FirmRewardFn:
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         texts = [str(p) for p in prompts]
         per_item = _per_item(metadata, len(texts))
-        if self.task == "edit":
+        sources: list[Any] | None = None
+        requirements: list[Any] | None = None
+        if self.inputs.source is not None:
             sources = list(ref_images) if ref_images is not None else [self._source(m) for m in per_item]
-            reply: EditScoreResponse | GenScoreResponse = self.client.score_edits(sources, images, texts)
-        else:
+        if self.inputs.requirement is not None:
             requirements = [m.get(self.requirement_key) for m in per_item]
-            reply = self.client.score_generations(images, texts, requirements=requirements)
+        reply = self.inputs.score(self.client, Batch(images, texts, sources, requirements))
         return self._rewards(reply, texts), {}
 
     def _source(self, item: Mapping[str, Any]) -> Any:
@@ -125,8 +124,8 @@ class FirmRewardFn:
             return self.source_root / source
         return source
 
-    def _rewards(self, reply: EditScoreResponse | GenScoreResponse, groups: list[str]) -> dict[str, np.ndarray]:
-        values = reward_columns(reply, self.task)
+    def _rewards(self, reply: ScoringResponse, groups: list[str]) -> dict[str, np.ndarray]:
+        values = reward_columns(reply, self.inputs)
         avg = sum(weight * values[name] for name, weight in self.weights.items())
         failed = np.isnan(np.asarray(avg, dtype=np.float64))
         self.last_errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
@@ -147,12 +146,12 @@ class FirmRewardFn:
 
 def gen_reward_fn(client: RewardClient, **options: Any) -> FirmRewardFn:
     """QMA rewards for text-to-image samples; options as for `FirmRewardFn`."""
-    return FirmRewardFn(client, "gen", **options)
+    return FirmRewardFn(client, GEN.name, **options)
 
 
 def edit_reward_fn(client: RewardClient, **options: Any) -> FirmRewardFn:
     """CME rewards for edited images; options as for `FirmRewardFn`."""
-    return FirmRewardFn(client, "edit", **options)
+    return FirmRewardFn(client, EDIT.name, **options)
 
 
 def multi_score(
@@ -173,17 +172,18 @@ def multi_score(
     options (score normalisation, total-score settings) are accepted and have no effect: the
     server computes CME and QMA.
     """
-    weights = dict(score_dict or {"firm_edit": 1.0})
-    tasks = {task for task, terms in TERMS.items() for name in weights if name in terms}
+    weights = dict(score_dict or {EDIT.reward_term: 1.0})
+    tasks = sorted({task for task, entry in INPUTS.items() for name in weights if name in entry.terms})
     if len(tasks) > 1:
-        raise ValueError(f"score_dict mixes editing and generation terms: {sorted(weights)}")
+        raise ValueError(f"score_dict mixes the terms of several tasks ({', '.join(tasks)}): {sorted(weights)}")
     if not tasks:
-        raise ValueError(f"score_dict names no FIRM term: {sorted(weights)}; known: {[*TERMS['edit'], *TERMS['gen']]}")
+        known = [term for entry in INPUTS.values() for term in entry.terms]
+        raise ValueError(f"score_dict names no FIRM term: {sorted(weights)}; known: {known}")
     if host_options:
         logger.info("ignoring the trainer's reward options %s: the server computes the rewards", sorted(host_options))
     return FirmRewardFn(
         client if client is not None else RewardClient(),
-        tasks.pop(),
+        tasks[0],
         weights=weights,
         on_failure=on_failure,
         source_key=source_key,

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
-from clients.adapters.inputs import one_image_each, prompt_text
+from clients.adapters.inputs import Batch, one_image_each, prompt_text, task_inputs
 from clients.client import RewardClient
+from clients.protocol import Task
 
 logger = logging.getLogger("clients.adapters")
 
@@ -49,7 +50,7 @@ Render = Callable[[list[Any], list[Any]], Sequence[Any]]
 
 def firm_reward(
     client: RewardClient,
-    task: Literal["gen", "edit"],
+    task: Task,
     *,
     render: Render | None = None,
     images_column: str = "generated_images",
@@ -61,14 +62,15 @@ def firm_reward(
     """A `reward_funcs` entry scoring each completion's image with FIRM-Gen (QMA) or FIRM-Edit (CME).
 
     prompt_column: a column holding the text the critic should judge against (by default the
-    last user text of each prompt). requirement_column: optional FIRM-Gen requirements.
+    last user text of each prompt). source_column: the source images, for a task that compares
+    against one (editing). requirement_column: optional requirements, for a task that takes them
+    (FIRM-Gen).
     """
-    if task not in ("gen", "edit"):
-        raise ValueError(f"task must be 'gen' or 'edit', got {task!r}")
+    inputs = task_inputs(task)
     if images_column in ("image", "images"):
         raise ValueError(f"{images_column!r} holds the policy's input images in TRL; use another column")
     on_failure = check_on_failure(on_failure)
-    name = f"firm_{task}"
+    name = inputs.spec.reward_term
 
     def images_for(prompts: list[Any], completions: list[Any], columns: dict[str, Any]) -> list[Any]:
         if render is not None:
@@ -83,13 +85,13 @@ def firm_reward(
     def firm(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         images = images_for(list(prompts), list(completions), columns)
         texts = [str(t) for t in columns[prompt_column]] if prompt_column else [prompt_text(p) for p in prompts]
-        if task == "gen":
-            reply = client.score_generations(images, texts, requirements=columns.get(requirement_column))
-        else:
+        sources: list[Any] | None = None
+        if inputs.source is not None:
             if columns.get(source_column) is None:
                 raise ValueError(f"{name} needs the source images in the {source_column!r} column")
             sources = one_image_each(columns[source_column], len(images), source_column, allow_paths=True)
-            reply = client.score_edits(sources, images, texts)
+        requirements = columns.get(requirement_column) if inputs.requirement is not None else None
+        reply = inputs.score(client, Batch(images, texts, sources, requirements))
         rewards = np.asarray(reply.rewards(), dtype=np.float64)
         failures = reply.errors()
         if failures:

@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
-from clients.adapters.flow_grpo import TERMS, reward_columns
-from clients.adapters.inputs import one_image_each
+from clients.adapters.flow_grpo import reward_columns
+from clients.adapters.inputs import Batch, one_image_each, task_inputs
 from clients.client import RewardClient
+from clients.protocol import Task
 
 logger = logging.getLogger("clients.adapters")
 
 Render = Callable[[list[str], list[dict[str, Any]]], Sequence[Any]]
-_FIELDS = {"gen": ("image", "prompt"), "edit": ("edited", "instruction")}
 
 
 class VerlComputeScore:
@@ -45,13 +45,12 @@ class VerlComputeScore:
     def __init__(
         self,
         client: RewardClient,
-        task: Literal["gen", "edit"],
+        task: Task,
         *,
         render: Render | None = None,
         on_failure: OnFailure = "group_mean",
     ) -> None:
-        if task not in TERMS:
-            raise ValueError(f"task must be 'gen' or 'edit', got {task!r}")
+        self.inputs = task_inputs(task)
         self.client, self.task, self.render = client, task, render
         self.on_failure = check_on_failure(on_failure)
         self.last_errors: list[tuple[int, str]] = []
@@ -81,33 +80,37 @@ class VerlComputeScore:
         return self.score([solution_str or ""], [extra_info])[0]
 
     def score(self, responses: list[str], infos: list[dict[str, Any]]) -> list[dict[str, float]]:
-        """One result per item of a batch."""
-        image_key, text_key = _FIELDS[self.task]
+        """One result per item of a batch; each item's `extra_info` keys are its task's wire item fields."""
+        inputs = self.inputs
         if self.render is not None:
             images = one_image_each(list(self.render(responses, infos)), len(infos), "render()", allow_paths=False)
         else:
-            images = one_image_each([i.get(image_key) for i in infos], len(infos), f"extra_info[{image_key!r}]", True)
-        texts = [str(i[text_key]) for i in infos]
-        if self.task == "gen":
-            reply = self.client.score_generations(images, texts, requirements=[i.get("requirement") for i in infos])
-        else:
-            sources = one_image_each([i.get("source") for i in infos], len(infos), "extra_info['source']", True)
-            reply = self.client.score_edits(sources, images, texts)
-        values = reward_columns(reply, self.task)
-        failed = np.isnan(values[TERMS[self.task][0]])
+            images = self._images(infos, inputs.image)
+        texts = [str(i[inputs.text]) for i in infos]
+        sources = None if inputs.source is None else self._images(infos, inputs.source)
+        requirements = None if inputs.requirement is None else [i.get(inputs.requirement) for i in infos]
+        reply = inputs.score(self.client, Batch(images, texts, sources, requirements))
+        values = reward_columns(reply, inputs)
+        reward = inputs.spec.reward_term
+        failed = np.isnan(values[reward])
         self.last_errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
         reason = self.last_errors[0][1] if self.last_errors else ""
         if self.last_errors:
             logger.warning("%d of %d items were not scored (%s)", len(self.last_errors), len(infos), reason)
         filled = {name: fill_failures(v, texts, self.on_failure, reason) for name, v in values.items()}
-        filled["score"] = filled[TERMS[self.task][0]]
+        filled["score"] = filled[reward]
         filled["failed"] = failed.astype(np.float64)
         return [{name: float(column[i]) for name, column in filled.items()} for i in range(len(infos))]
+
+    @staticmethod
+    def _images(infos: list[dict[str, Any]], key: str) -> list[Any]:
+        """One image per item from `extra_info[key]` (a path is read: the host's own data)."""
+        return one_image_each([i.get(key) for i in infos], len(infos), f"extra_info[{key!r}]", allow_paths=True)
 
 
 def make_compute_score(
     client: RewardClient,
-    task: Literal["gen", "edit"],
+    task: Task,
     *,
     render: Render | None = None,
     on_failure: OnFailure = "group_mean",
