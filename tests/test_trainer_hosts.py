@@ -272,7 +272,7 @@ def _tiny_policy(folder: Path) -> Path:
     """A one-layer random Qwen2 causal LM and a locally trained tokenizer, saved as a checkpoint folder."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-    from server.tiny import train_bpe
+    from foundation.bpe import train_bpe
 
     vocab, merges = train_bpe(["a red square", "a blue square"] * 20, ["<|endoftext|>", "<|im_end|>"], 300)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
