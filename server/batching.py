@@ -133,7 +133,9 @@ class Runner:
             self._count_failure()
             error = EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
             return [error] * len(requests), True
-        outcomes = [r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results]
+        outcomes: list[Outcome] = [
+            r if isinstance(r, GenerationResult | EngineError) else _wrong_type(r) for r in results
+        ]
         if not any(isinstance(o, GenerationResult) for o in outcomes):
             self._count_failure()
         return outcomes, False

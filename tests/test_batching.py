@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from server.batching import DirectRunner, MicroBatcher, QueuedCall
+from server.batching import DirectRunner, MicroBatcher, Outcome, QueuedCall
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from server.metrics import Metrics
 
@@ -73,7 +73,7 @@ async def _with_batcher(engine: EchoEngine, max_batch_size: int, max_wait_s: flo
 def test_concurrent_calls_share_batches_up_to_the_maximum() -> None:
     engine = EchoEngine()
 
-    async def work(batcher: MicroBatcher) -> list[list[object]]:
+    async def work(batcher: MicroBatcher) -> list[list[Outcome]]:
         return await asyncio.gather(*(batcher.submit([_request(f"{i}a"), _request(f"{i}b")]) for i in range(10)))
 
     answers = asyncio.run(_with_batcher(engine, max_batch_size=8, max_wait_s=0.05, work=work))
@@ -88,7 +88,7 @@ def test_a_call_that_breaks_its_batch_fails_alone() -> None:
     engine = EchoEngine()
     engine.fail_on = {"bad"}
 
-    async def work(batcher: MicroBatcher) -> tuple[list[object], list[object]]:
+    async def work(batcher: MicroBatcher) -> tuple[list[Outcome], list[Outcome]]:
         first = await batcher.submit([_request("bad"), _request("x")])
         second = await batcher.submit([_request("good")])
         return first, second
@@ -104,7 +104,7 @@ def test_an_engine_that_is_down_fails_every_call_with_engine_error() -> None:
     engine = EchoEngine()
     engine.fail_on = {"a", "b"}
 
-    async def work(batcher: MicroBatcher) -> list[object]:
+    async def work(batcher: MicroBatcher) -> list[Outcome]:
         return await batcher.submit([_request("a"), _request("b")])
 
     outcomes = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.0, work=work))
@@ -115,7 +115,7 @@ def test_a_wrong_number_of_results_is_an_engine_error_for_every_call() -> None:
     engine = EchoEngine()
     engine.drop_one = True
 
-    async def work(batcher: MicroBatcher) -> list[object]:
+    async def work(batcher: MicroBatcher) -> list[Outcome]:
         return await batcher.submit([_request("a"), _request("b")])
 
     outcomes = asyncio.run(_with_batcher(engine, max_batch_size=4, max_wait_s=0.01, work=work))
@@ -153,7 +153,7 @@ def test_calls_of_a_caller_that_left_are_not_run() -> None:
 def test_a_call_abandoned_on_the_engine_is_flagged_and_only_that_one() -> None:
     engine = EchoEngine(delay=0.0)
 
-    async def work(batcher: MicroBatcher) -> list[object]:
+    async def work(batcher: MicroBatcher) -> list[Outcome]:
         engine.started, engine.release = asyncio.Event(), asyncio.Event()
         leaving = asyncio.create_task(batcher.submit([_request("leaving")]))
         staying = asyncio.create_task(batcher.submit([_request("staying")]))
@@ -246,7 +246,7 @@ def test_a_failed_batch_is_bisected_so_one_bad_call_costs_about_log2_n_engine_ca
     engine.fail_on = {"poison"}
     texts = ["poison" if i == poisoned else f"call-{i}" for i in range(calls)]
 
-    async def work(batcher: MicroBatcher) -> list[object]:
+    async def work(batcher: MicroBatcher) -> list[Outcome]:
         return await batcher.submit([_request(t) for t in texts])
 
     outcomes = asyncio.run(_with_batcher(engine, max_batch_size=calls, max_wait_s=0.0, work=work))
@@ -264,7 +264,7 @@ def test_two_bad_calls_in_one_batch_each_fail_alone() -> None:
     engine.fail_on = {"bad-3", "bad-12"}
     texts = [f"bad-{i}" if i in (3, 12) else f"good-{i}" for i in range(16)]
 
-    async def work(batcher: MicroBatcher) -> list[object]:
+    async def work(batcher: MicroBatcher) -> list[Outcome]:
         return await batcher.submit([_request(t) for t in texts])
 
     outcomes = asyncio.run(_with_batcher(engine, max_batch_size=16, max_wait_s=0.0, work=work))
@@ -278,7 +278,7 @@ def test_each_caller_of_a_failed_batch_gets_its_own_answer() -> None:
     engine = EchoEngine(delay=0.0)
     engine.fail_on = {"bad"}
 
-    async def work(batcher: MicroBatcher) -> list[list[object]]:
+    async def work(batcher: MicroBatcher) -> list[list[Outcome]]:
         sends = [["a", "b"], ["c", "bad"], ["d"], ["e", "f", "g"]]
         return await asyncio.gather(*(batcher.submit([_request(t) for t in texts]) for texts in sends))
 
@@ -294,12 +294,12 @@ def test_a_batch_loop_that_dies_fails_its_pending_calls_and_starts_again(caplog:
     engine = EchoEngine(delay=0.0)
     metrics = Metrics()
 
-    async def work() -> tuple[list[object], list[object], list[object]]:
+    async def work() -> tuple[list[Outcome], list[Outcome], list[Outcome]]:
         engine.started, engine.release = asyncio.Event(), asyncio.Event()
         batcher = MicroBatcher(engine, metrics, "test", max_batch_size=1, max_wait_s=0.0)
         real = batcher._run_engine
 
-        async def broken(requests: list[GenerationRequest]) -> list[object]:
+        async def broken(requests: list[GenerationRequest]) -> list[Outcome]:
             batcher._run_engine = real  # type: ignore[method-assign]
             await real(requests)
             raise RuntimeError("a fault in the batch loop")

@@ -89,8 +89,8 @@ def keyed_url(tiny_checkpoint: Path, cache_dir: Path) -> Iterator[str]:
 )
 def test_keys_and_scopes(keyed_url: str, path: str, method: str, key: str | None, status: int) -> None:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    kwargs = {"json": _gen()} if path == "/v1/gen/score" else {}
-    response = httpx.request(method.upper(), f"{keyed_url}{path}", headers=headers, timeout=60, **kwargs)
+    body = _gen() if path == "/v1/gen/score" else None
+    response = httpx.request(method.upper(), f"{keyed_url}{path}", headers=headers, timeout=60, json=body)
     assert response.status_code == status, response.text
     if status == 401:
         assert response.headers["www-authenticate"] == "Bearer"
