@@ -20,6 +20,8 @@ class ClientConfig:
     (FIRM_TIMEOUT_S). chunk_size: items per request (FIRM_CHUNK_SIZE); max_in_flight: requests
     one call keeps open at once (FIRM_MAX_IN_FLIGHT). strict: raise when an item fails instead of
     returning a NaN reward (FIRM_STRICT). image_format / jpeg_quality: how images are encoded.
+    cooldown_s: how long a failing server rests before its readiness is checked again. retry: the
+    retry policy of a scoring call (attempts, backoff; Retry-After is honoured).
     """
 
     base_urls: tuple[str, ...] = (DEFAULT_URL,)
@@ -38,8 +40,28 @@ class ClientConfig:
             raise ValueError("at least one base URL is needed")
         if self.chunk_size < 1 or self.max_in_flight < 1:
             raise ValueError("chunk_size and max_in_flight must be at least 1")
+        if not self.timeout_s > 0 or self.cooldown_s < 0:
+            raise ValueError("timeout_s must be positive and cooldown_s not negative")
         if self.image_format.upper() not in ("PNG", "JPEG", "WEBP"):
             raise ValueError("image_format must be PNG, JPEG or WEBP")
+
+    @classmethod
+    def of(
+        cls, config: ClientConfig | None = None, env: Mapping[str, str] | None = None, **options: object
+    ) -> ClientConfig:
+        """The settings a client runs with: `config` when given, else the FIRM_* variables of `env` (the
+        process's by default) under the options given (None: not given). A config and options together is
+        an error, not a silent choice.
+
+        >>> ClientConfig.of(base_urls="http://a:1", chunk_size=None, env={}).base_urls
+        ('http://a:1',)
+        """
+        given = {name: value for name, value in options.items() if value is not None}
+        if config is None:
+            return cls.from_env(env, **given)
+        if given:
+            raise ValueError(f"pass a config or options ({', '.join(given)}), not both")
+        return config
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ClientConfig:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
+
+from clients.retry import retry_after
+
 
 class FirmError(Exception):
     """Base of every error the client raises."""
@@ -86,3 +90,21 @@ RETRYABLE = (Overloaded, ServerTimeout, ServerFault)
 
 def error_for(status: int, code: str, message: str, retry_after: float | None) -> ServerError:
     return _BY_STATUS.get(status, ServerError)(status, code, message, retry_after)
+
+
+def server_error(response: httpx.Response) -> ServerError:
+    """The typed error of an error answer, from the server's error body (or the text of one that is not ours).
+
+    >>> error = server_error(httpx.Response(429, headers={"Retry-After": "2"},
+    ...                                     json={"error": {"code": "overloaded", "message": "queue full"}}))
+    >>> type(error).__name__, error.code, error.retry_after
+    ('Overloaded', 'overloaded', 2.0)
+    >>> str(server_error(httpx.Response(502, text="<html>bad gateway</html>")))
+    'HTTP 502 http_error: <html>bad gateway</html>'
+    """
+    try:
+        body = response.json()["error"]
+        code, message = str(body.get("code", "http_error")), str(body.get("message", ""))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, message = "http_error", response.text[:300]
+    return error_for(response.status_code, code, message, retry_after(response.headers))

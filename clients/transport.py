@@ -1,11 +1,28 @@
-"""POST a protocol message to one of several servers, with failover and bounded retries.
+"""Failover across replicas of the reward service, as an httpx transport.
 
-Replicas are picked by least outstanding requests. A replica that drops a connection, says it
-is not ready (503) or sits behind a proxy that lost it (502) rests for a cool-down and has its
-/readyz checked before it is used again. 429, 500, 502, 503 and 504 answers and connection errors
-are retried under the retry policy, honouring Retry-After; any other 4xx is raised at once, since
-a retry would get the same answer. Every attempt of one call carries the same X-Request-ID, so a
-server can recognise a retry.
+`FailoverTransport` sends each request to the least busy of several base URLs (the replica with
+the fewest requests in flight). A replica that drops a connection, gives no answer in time, says
+it is not ready (503) or sits behind a proxy that lost it (502) rests for a cool-down, and its
+/readyz is checked before it gets a request again. The transport never retries: it answers what
+the chosen replica answered, or raises the httpx error of the failure, and the retry loop above it
+(`clients.retry.send_with_retries`) decides what to do next.
+
+Requests name only a path on `ORIGIN`; the transport puts the chosen replica's URL in front:
+
+>>> import asyncio
+>>> seen = []
+>>> def server(request: httpx.Request) -> httpx.Response:
+...     seen.append(str(request.url))
+...     return httpx.Response(200, json={})
+>>> async def two_calls() -> None:
+...     transport = FailoverTransport(["http://a:1", "http://b:2/critic"], transport=httpx.MockTransport(server))
+...     async with httpx.AsyncClient(base_url=ORIGIN, transport=transport) as client:
+...         await client.get("/v1/models")
+...         transport.rest(transport.replicas[0], "a test")
+...         await client.get("/v1/models")
+>>> asyncio.run(two_calls())
+>>> seen
+['http://a:1/v1/models', 'http://b:2/critic/v1/models']
 """
 
 from __future__ import annotations
@@ -14,157 +31,201 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
-from clients.config import ClientConfig
 from clients.errors import (
     RETRYABLE,
-    BadResponse,
     DeadlineExceeded,
     FirmError,
-    NoServerAvailable,
     Overloaded,
     RequestFailed,
     ServerError,
     ServerFault,
-    error_for,
+    server_error,
 )
-from clients.retry import retry_after
+from clients.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+ORIGIN = "http://replica"  # the origin requests are addressed to: the transport picks the real one
+READY_PATH = "/readyz"
+READY_TIMEOUT_S = 5.0  # the longest a readiness check of a rested replica may take
+RESTING_STATUS = frozenset({502, 503})  # answers that say the replica itself cannot serve now
 
 
 @dataclass
 class Replica:
+    """One base URL and what the transport knows of it."""
+
     url: str
-    outstanding: int = 0
-    resting_until: float = 0.0
-    check_ready: bool = False
+    outstanding: int = 0  # requests sent to it and not yet answered
+    resting_until: float = 0.0  # clock time before which it gets no request if another is awake
+    check_ready: bool = False  # its /readyz must answer 200 before its next request
 
 
-def server_error(response: httpx.Response) -> ServerError:
-    try:
-        body = response.json()["error"]
-        code, message = str(body.get("code", "http_error")), str(body.get("message", ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        code, message = "http_error", response.text[:300]
-    return error_for(response.status_code, code, message, retry_after(response.headers))
+class _EnvironmentConnections(httpx.AsyncBaseTransport):
+    """The connection pool of a plain httpx client: proxies (HTTP_PROXY, NO_PROXY) and certificates from
+    the environment apply to each replica's URL, as they would to a client without failover."""
 
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._client = httpx.AsyncClient(limits=limits, timeout=None)
 
-class Transport:
-    def __init__(self, config: ClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.config = config
-        self.replicas = [Replica(url) for url in config.base_urls]
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        limits = httpx.Limits(max_connections=max(16, 4 * config.max_in_flight * len(self.replicas)))
-        self.http = httpx.AsyncClient(headers=headers, limits=limits, transport=transport, timeout=config.timeout_s)
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._client.send(request, stream=True)
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self._client.aclose()
 
-    def _rest(self, replica: Replica, why: str) -> None:
-        replica.resting_until = time.monotonic() + self.config.cooldown_s
+
+class FailoverTransport(httpx.AsyncBaseTransport):
+    """Spreads requests over replicas of one service, resting the failing ones.
+
+    `transport` carries the requests to the replicas (a real connection pool by default; tests pass
+    `httpx.MockTransport`); `clock` tells the time of rests (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        *,
+        cooldown_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limits: httpx.Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not base_urls:
+            raise ValueError("at least one base URL is needed")
+        self.replicas = [Replica(url.rstrip("/")) for url in base_urls]
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._inner = transport or _EnvironmentConnections(limits or httpx.Limits())
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def awake(self) -> list[Replica]:
+        """The replicas not resting now."""
+        now = self._clock()
+        return [r for r in self.replicas if r.resting_until <= now]
+
+    def rest(self, replica: Replica, why: str) -> None:
+        """Keep requests away from `replica` for the cool-down; its readiness is checked after."""
+        replica.resting_until = self._clock() + self.cooldown_s
         replica.check_ready = True
-        log.warning("server %s rests for %.0f s: %s", replica.url, self.config.cooldown_s, why)
+        log.warning("server %s rests for %.0f s: %s", replica.url, self.cooldown_s, why)
 
-    async def _is_ready(self, replica: Replica, deadline: float) -> bool:
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        replica = await self._pick(request)
+        replica.outstanding += 1
         try:
-            response = await self.http.get(
-                f"{replica.url}/readyz", timeout=max(0.1, min(5.0, deadline - time.monotonic()))
-            )
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            response = await self._inner.handle_async_request(_rebased(request, replica.url))
+        except httpx.TransportError as exc:
+            self.rest(replica, f"{type(exc).__name__}: {exc}")
+            raise type(exc)(f"{replica.url}: {exc}", request=request) from exc
+        finally:
+            replica.outstanding -= 1
+        if response.status_code in RESTING_STATUS:
+            self.rest(replica, f"it answered {response.status_code}")
+        return response
 
-    async def _pick(self, deadline: float) -> Replica:
+    async def _pick(self, request: httpx.Request) -> Replica:
         """The awake replica with the fewest requests in flight, its readiness checked after a rest.
 
         When every replica rests, the one whose rest ends first is tried anyway: resting steers
         traffic to the others, it never stops the retries of a single server.
         """
-        for _ in range(len(self.replicas)):
-            now = time.monotonic()
-            awake = [r for r in self.replicas if r.resting_until <= now]
+        for _ in self.replicas:
+            awake = self.awake()
             if not awake:
-                return min(self.replicas, key=lambda r: r.resting_until)
+                break
             replica = min(awake, key=lambda r: r.outstanding)
             if not replica.check_ready:
                 return replica
-            if await self._is_ready(replica, deadline):
+            if await self._is_ready(replica, request):
                 replica.check_ready = False
                 return replica
-            self._rest(replica, "not ready after its rest")
+            self.rest(replica, "not ready after its rest")
         return min(self.replicas, key=lambda r: r.resting_until)
 
-    async def get(self, path: str) -> httpx.Response:
-        """A status GET to the least busy awake replica (no retries)."""
-        replica = await self._pick(time.monotonic() + self.config.timeout_s)
+    async def _is_ready(self, replica: Replica, request: httpx.Request) -> bool:
+        """Whether the replica's /readyz answers 200, asked with the request's credentials, within the
+        request's own timeout (at most `READY_TIMEOUT_S`)."""
+        asked = request.extensions.get("timeout", {}).get("read")
+        seconds = min(READY_TIMEOUT_S, asked) if asked is not None else READY_TIMEOUT_S
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        check = httpx.Request(
+            "GET", replica.url + READY_PATH, headers=headers, extensions={"timeout": httpx.Timeout(seconds).as_dict()}
+        )
         try:
-            return await self.http.get(f"{replica.url}{path}")
-        except httpx.RequestError as exc:
-            self._rest(replica, f"{type(exc).__name__}: {exc}")
-            raise NoServerAvailable(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
+            response = await self._inner.handle_async_request(check)
+            await response.aread()  # the connection goes back to the pool
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        deadline = time.monotonic() + self.config.timeout_s
-        headers = {"X-Request-ID": uuid.uuid4().hex}
-        policy = self.config.retry
-        last: FirmError | None = None
-        for attempt in range(policy.max_attempts):
-            replica = await self._pick(deadline)
-            try:
-                return await self._attempt(replica, path, body, headers, deadline)
-            except (RequestFailed, *RETRYABLE) as exc:
-                last = exc
-            if attempt + 1 == policy.max_attempts:
-                break
-            wait = self._wait(replica, last, attempt)
-            if time.monotonic() + wait >= deadline:
-                raise DeadlineExceeded(
-                    f"the {self.config.timeout_s:g} s deadline leaves no time for another attempt; last error: {last}"
-                ) from last
-            await asyncio.sleep(wait)
-        raise RequestFailed(f"{policy.max_attempts} attempts failed; last error: {last}") from last
 
-    def _wait(self, failed: Replica, error: FirmError, attempt: int) -> float:
-        """No wait when another server is awake and the failure was this server's own (a drop, a
-        timeout); otherwise back off, since an overloaded or faulting service needs time."""
-        now = time.monotonic()
-        elsewhere = any(r is not failed and r.resting_until <= now for r in self.replicas)
-        if elsewhere and not isinstance(error, (Overloaded, ServerFault)):
-            return 0.0
-        asked = error.retry_after if isinstance(error, ServerError) else None
-        return self.config.retry.delay(attempt, asked)
+def _rebased(request: httpx.Request, base_url: str) -> httpx.Request:
+    """The same request addressed to a replica: its path and query after the replica's base URL."""
+    url = httpx.URL(base_url + request.url.raw_path.decode("ascii"))
+    headers = request.headers.copy()
+    headers.pop("host", None)  # set again from the replica's URL
+    return httpx.Request(request.method, url, headers=headers, stream=request.stream, extensions=request.extensions)
 
-    async def _attempt(
-        self, replica: Replica, path: str, body: dict[str, Any], headers: dict[str, str], deadline: float
-    ) -> dict[str, Any]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded(f"deadline of {self.config.timeout_s:g} s passed")
-        replica.outstanding += 1
+
+async def send_with_retries(
+    http: httpx.AsyncClient,
+    request: httpx.Request,
+    policy: RetryPolicy,
+    *,
+    timeout_s: float,
+    can_fail_over: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> httpx.Response:
+    """The 200 answer to `request`, attempted under `policy` within `timeout_s` (the retries' waits included).
+
+    There is no wait before the next attempt when the failure was a replica's own (a drop, a
+    timeout) and `can_fail_over()` says another replica is awake; an overloaded or faulting
+    service gets the policy's backoff, or the Retry-After it asked for. Raises the last error's
+    `FirmError` when the attempts run out, `DeadlineExceeded` when the deadline leaves no time.
+    """
+    request.headers.setdefault("X-Request-ID", uuid.uuid4().hex)
+    deadline = time.monotonic() + timeout_s
+    last: FirmError | None = None
+    for attempt in range(policy.max_attempts):
         try:
-            response = await self.http.post(f"{replica.url}{path}", json=body, headers=headers, timeout=remaining)
-        except httpx.TimeoutException as exc:
-            self._rest(replica, f"no answer in time ({type(exc).__name__})")
-            raise DeadlineExceeded(f"{replica.url} gave no answer before the deadline") from exc
-        except httpx.RequestError as exc:
-            self._rest(replica, f"{type(exc).__name__}: {exc}")
-            raise RequestFailed(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            replica.outstanding -= 1
-        if response.status_code == 200:
-            try:
-                body = response.json()
-            except ValueError as exc:
-                raise BadResponse(f"{replica.url}: a 200 answer that is not JSON: {response.text[:200]!r}") from exc
-            if not isinstance(body, dict):
-                raise BadResponse(f"{replica.url}: a 200 answer that is not a JSON object: {response.text[:200]!r}")
-            return body
-        error = server_error(response)
-        if response.status_code in (502, 503):
-            self._rest(replica, f"{error.code}: {error.message}")
-        raise error
+            return await _attempt(http, request, deadline, timeout_s)
+        except (RequestFailed, *RETRYABLE) as exc:
+            last = exc
+        if attempt + 1 == policy.max_attempts:
+            break
+        wait = 0.0
+        if isinstance(last, (Overloaded, ServerFault)) or not can_fail_over():
+            wait = policy.delay(attempt, last.retry_after if isinstance(last, ServerError) else None)
+        if time.monotonic() + wait >= deadline:
+            raise DeadlineExceeded(
+                f"the {timeout_s:g} s deadline leaves no time for another attempt; last error: {last}"
+            ) from last
+        await sleep(wait)
+    raise RequestFailed(f"{policy.max_attempts} attempts failed; last error: {last}") from last
+
+
+async def _attempt(
+    http: httpx.AsyncClient, request: httpx.Request, deadline: float, timeout_s: float
+) -> httpx.Response:
+    """One attempt within what is left of the deadline: the 200 answer, or the typed error of the failure."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded(f"deadline of {timeout_s:g} s passed")
+    request.extensions["timeout"] = httpx.Timeout(remaining).as_dict()
+    try:
+        response = await http.send(request)
+    except httpx.TimeoutException as exc:
+        raise DeadlineExceeded(f"no answer before the deadline ({type(exc).__name__}: {exc})") from exc
+    except httpx.RequestError as exc:
+        raise RequestFailed(f"{type(exc).__name__}: {exc}") from exc
+    if response.status_code != 200:
+        raise server_error(response)
+    return response
