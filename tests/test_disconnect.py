@@ -9,11 +9,113 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.types import Message
 
 from clients.images import encode
+from server.disconnect import ClientDisconnected, until_disconnect
 from tests.support import metric_value, picture, running_server
 
 LEAVER_ITEMS, STAYER_ITEMS = 64, 2
+
+
+# ---------------------------------------------------------------------------- the race, on its own
+
+
+class Connection:
+    """The ASGI side of one request whose body was read: `receive` waits until the test says the client left
+    (or, with `broken`, fails as a server's receive might)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.gone = asyncio.Event()
+        self.broken = broken
+
+    async def receive(self) -> Message:
+        if self.broken:
+            raise RuntimeError("receive failed")
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    def request(self) -> Request:
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, self.receive)
+
+
+def test_work_that_finishes_first_gives_its_answer_or_its_error() -> None:
+    async def answer() -> str:
+        return "scores"
+
+    async def fail() -> str:
+        raise ValueError("bad request")
+
+    async def scenario() -> tuple[str, BaseException | str]:
+        first = await until_disconnect(Connection().request(), answer())
+        try:
+            return first, await until_disconnect(Connection().request(), fail())
+        except ValueError as exc:
+            return first, exc
+
+    first, second = asyncio.run(scenario())
+    assert first == "scores"
+    assert isinstance(second, ValueError) and str(second) == "bad request"
+
+
+def test_a_disconnect_cancels_the_work_and_waits_for_its_clean_up() -> None:
+    cleaned_up = asyncio.Event()
+
+    async def work() -> str:
+        try:
+            await asyncio.Event().wait()  # queued forever
+        finally:
+            cleaned_up.set()
+        return "never"
+
+    async def scenario() -> ClientDisconnected:
+        connection = Connection()
+        race = asyncio.create_task(until_disconnect(connection.request(), work()))
+        connection.gone.set()
+        try:
+            await race
+        except ClientDisconnected as exc:
+            assert cleaned_up.is_set()  # the work's own clean-up ran before the route gave up
+            return exc
+        raise AssertionError("the work outlived its client")
+
+    error = asyncio.run(scenario())
+    assert error.status == 499 and error.code == "client_disconnected"
+
+
+def test_when_the_disconnect_cannot_be_heard_the_work_goes_on() -> None:
+    async def work() -> str:
+        await asyncio.sleep(0)
+        return "scores"
+
+    assert asyncio.run(until_disconnect(Connection(broken=True).request(), work())) == "scores"
+
+
+def test_a_cancelled_route_cancels_its_work_too() -> None:
+    """The server stopping the route (shutdown) reaches the work, as a disconnect would."""
+    running, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def work() -> str:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    async def scenario() -> None:
+        route = asyncio.create_task(until_disconnect(Connection().request(), work()))
+        await running.wait()
+        route.cancel()
+        await asyncio.gather(route, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert cancelled.is_set()
+
+
+# ---------------------------------------------------------------------------- over HTTP
 
 
 @pytest.fixture(scope="module")
