@@ -171,7 +171,7 @@ def _rebased(request: httpx.Request, base_url: str) -> httpx.Request:
     """The same request addressed to a replica: its path and query after the replica's base URL."""
     url = httpx.URL(base_url + request.url.raw_path.decode("ascii"))
     headers = request.headers.copy()
-    headers.pop("host", None)  # set again from the replica's URL
+    headers["host"] = url.netloc.decode("ascii")  # the replica's; httpx adds none to a request given a stream
     return httpx.Request(request.method, url, headers=headers, stream=request.stream, extensions=request.extensions)
 
 
