@@ -14,15 +14,16 @@ from pydantic import ValidationError
 
 from foundation.flags import describe_errors, parse_settings, settings_parser
 from rl_workers.settings import RolloutSettings
+from rl_workers.tasks import ROLLOUT_TASKS
 
 _EPILOG = """\
 examples:
-  firm-rollout --task t2i --prompts prompts.txt --reward-url http://127.0.0.1:8000
+  firm-rollout --task gen --prompts prompts.txt --reward-url http://127.0.0.1:8000
   firm-rollout --task edit --prompts edits.jsonl --group-size 16 --groups-per-step 4
-  torchrun --nproc-per-node 8 -m rl_workers.cli --task t2i --prompts prompts.txt   # one worker per GPU
-  firm-rollout --tiny --task t2i --prompts prompts.txt --resolution 64 --group-size 4 --sample-steps 2
+  torchrun --nproc-per-node 8 -m rl_workers.cli --task gen --prompts prompts.txt   # one worker per GPU
+  firm-rollout --tiny --task gen --prompts prompts.txt --resolution 64 --group-size 4 --sample-steps 2
 
-Prompt files: t2i takes one prompt per line; edit takes JSONL lines {"source": "img.png", "instruction": "..."}
+Prompt files: gen takes one prompt per line; edit takes JSONL lines {"source": "img.png", "instruction": "..."}
 (paths relative to the file). Every flag is also an environment variable: --group-size 8 is FIRM_RL_GROUP_SIZE=8.
 The reward server's URL(s), API key and retries follow the client's FIRM_URLS / FIRM_API_KEY settings.
 Figures go to OUTPUT_DIR/metrics.jsonl; LoRA checkpoints to OUTPUT_DIR/checkpoint-N.
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     return settings_parser(
         RolloutSettings,
         prog="firm-rollout",
-        description="GRPO on Stable Diffusion 3.5 (t2i, QMA reward) or Qwen-Image-Edit (edit, CME reward), "
-        "with rewards from a running firm-serve.",
+        description="GRPO on "
+        + " or ".join(f"{t.generator_title} ({name}, {t.spec.reward} reward)" for name, t in ROLLOUT_TASKS.items())
+        + ", with rewards from a running firm-serve.",
         epilog=_EPILOG,
     )
 

@@ -2,6 +2,8 @@
 
 Calls run on the client's own event-loop thread, so a group is being scored while the worker
 samples the next one. A failed call or item gives a null reward (masked in the loss), never 0.
+The task's entry (`rl_workers.tasks`) says which group route scores it and which dimensions its
+results carry.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ from pydantic import ValidationError
 
 from clients import RewardClient
 from clients.errors import FirmError, RequestFailed, Unauthorized
-from clients.protocol import EditGroupResponse, GenGroupResponse, ScoreMode
+from clients.protocol import ScoreMode, ScoringResponse
 from rl_workers.generators.base import Condition
+from rl_workers.tasks import rollout_task
 
 log = logging.getLogger(__name__)
-COMPONENTS = {"t2i": ("instruction_following", "quality"), "edit": ("execution", "consistency")}
-CRITIC_TASK = {"t2i": "gen", "edit": "edit"}  # the server's name for the critic each task needs
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,10 @@ class GroupRewards:
         return sum(r is None for r in self.rewards)
 
 
-def rewards_of(reply: EditGroupResponse | GenGroupResponse, task: str) -> GroupRewards:
+def rewards_of(reply: ScoringResponse, dimensions: Sequence[str]) -> GroupRewards:
+    """A group reply's rewards and each of the task's `dimensions`, normalised, None where missing."""
     components: dict[str, list[float | None]] = {}
-    for name in COMPONENTS[task]:
+    for name in dimensions:
         dims = [getattr(r, name) for r in reply.results]
         components[name] = [None if d is None else d.normalized for d in dims]
     return GroupRewards(
@@ -48,9 +50,9 @@ def rewards_of(reply: EditGroupResponse | GenGroupResponse, task: str) -> GroupR
     )
 
 
-def failed_group(n: int, task: str, why: str) -> GroupRewards:
+def failed_group(n: int, dimensions: Sequence[str], why: str) -> GroupRewards:
     """A group none of whose samples got a reward, each carrying `why`."""
-    return GroupRewards([None] * n, {name: [None] * n for name in COMPONENTS[task]}, [f"{i}: {why}" for i in range(n)])
+    return GroupRewards([None] * n, {name: [None] * n for name in dimensions}, [f"{i}: {why}" for i in range(n)])
 
 
 class PendingRewards:
@@ -59,21 +61,21 @@ class PendingRewards:
     wrong with the call does the same here, logged with its traceback: a rank that raised would leave
     the other ranks waiting in their next all-reduce."""
 
-    def __init__(self, call: Future[Any], task: str, n: int) -> None:
+    def __init__(self, call: Future[Any], dimensions: Sequence[str], n: int) -> None:
         self._call = call
-        self._task = task
+        self._dimensions = tuple(dimensions)
         self._n = n
 
     def result(self) -> GroupRewards:
         try:
-            return rewards_of(self._call.result(), self._task)
+            return rewards_of(self._call.result(), self._dimensions)
         except Exception as exc:  # counted as failed samples (null rewards), never as a score
             log.exception("scoring a group failed unexpectedly")
-            return failed_group(self._n, self._task, f"request_failed: {type(exc).__name__}: {exc}")
+            return failed_group(self._n, self._dimensions, f"request_failed: {type(exc).__name__}: {exc}")
 
 
 class RemoteCritic:
-    """Scores GRPO groups through the reward server's group routes (edit: CME, t2i: QMA)."""
+    """Scores GRPO groups through the reward server's group route of the task (edit: CME, gen: QMA)."""
 
     def __init__(
         self,
@@ -83,7 +85,8 @@ class RemoteCritic:
         client: RewardClient | None = None,
         score_mode: ScoreMode | None = None,
     ) -> None:
-        self.task = task
+        self._entry = rollout_task(task)
+        self.task = self._entry.spec.name
         self.score_mode = score_mode
         # not strict: a failed item or call comes back as a null reward, it does not stop training
         self._client = client or RewardClient(base_urls, strict=False)
@@ -93,12 +96,8 @@ class RemoteCritic:
     ) -> PendingRewards:
         """Start scoring one group (edits against `source`, default the condition's); returns at once."""
         options = {"group_id": condition.id or None, "score_mode": self.score_mode}
-        if self.task == "edit":
-            source = source if source is not None else condition.source
-            call = self._client.submit("score_edit_group", source, condition.prompt, list(images), **options)
-        else:
-            call = self._client.submit("score_generation_group", condition.prompt, list(images), **options)
-        return PendingRewards(call, self.task, len(images))
+        call = self._entry.submit_group(self._client, condition, images, source, options)
+        return PendingRewards(call, self._entry.spec.dimensions, len(images))
 
     def problem(self) -> str | None:
         """Why this critic cannot score the task's groups, or None when it can: the server is unreachable,
@@ -113,7 +112,7 @@ class RemoteCritic:
             return f"cannot reach the reward server at {where} (is firm-serve running there?): {exc}"
         except (FirmError, ValidationError) as exc:
             return f"the reward server at {where} did not list its critics (GET /v1/models): {exc}"
-        needed = CRITIC_TASK[self.task]
+        needed = self.task
         served = sorted(card.task for card in models.models)
         if needed not in served:
             return (

@@ -5,36 +5,38 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from clients.protocol import Task
+from clients.tasks import GEN
 from foundation.cache import default_cache_dir
-
-DEFAULT_MODELS = {"t2i": "stabilityai/stable-diffusion-3.5-medium", "edit": "Qwen/Qwen-Image-Edit"}
-DEFAULT_GUIDANCE = {"t2i": 4.5, "edit": 4.0}
-# Samples per forward pass of the update: Qwen-Image-Edit's 20B transformer with true CFG fits one.
-DEFAULT_TRAIN_BATCH = {"t2i": 4, "edit": 1}
+from foundation.flags import FORMER_VALUES, renamed
+from rl_workers.tasks import FORMER_TASK_NAMES, ROLLOUT_TASKS, per_task
 
 
 class RolloutSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FIRM_RL_", extra="forbid")
 
     # what to train
-    task: Literal["t2i", "edit"] = Field(
-        "t2i",
-        description="t2i: Stable Diffusion 3.5 scored by FIRM-Gen (QMA); edit: Qwen-Image-Edit by FIRM-Edit (CME).",
+    task: Task = Field(
+        GEN.name,
+        description="; ".join(
+            f"{name}: {t.generator_title} scored by the {t.spec.title} critic ({t.spec.reward})"
+            for name, t in ROLLOUT_TASKS.items()
+        )
+        + f". Formerly also spelled {', '.join(FORMER_TASK_NAMES)} (still accepted, with a warning).",
+        json_schema_extra={FORMER_VALUES: FORMER_TASK_NAMES},
     )
     model: str | None = Field(
         None,
-        description="Generator checkpoint (hub id or folder); default SD3.5-Medium (t2i) or Qwen-Image-Edit (edit).",
+        description=f"Generator checkpoint (hub id or folder); default {per_task(lambda t: t.model)}.",
     )
     revision: str | None = Field(None, description="Hub revision of the generator.")
     drop_t5: bool = Field(False, description="Load SD3 without its T5 text encoder (saves ~10 GB; lower quality).")
     tiny: bool = Field(False, description="Use a tiny random pipeline built locally (no download): smoke tests only.")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where --tiny pipelines are built.")
-    prompts: Path = Field(
-        ..., description="Prompt file: one text prompt per line (t2i), or JSONL of {source, instruction} (edit)."
-    )
+    prompts: Path = Field(..., description=f"Prompt file: {per_task(lambda t: t.prompt_file)}.")
     output_dir: Path = Field(Path("firm-rollout-out"), description="Checkpoints and the metrics log go here.")
 
     # rewards
@@ -69,7 +71,9 @@ class RolloutSettings(BaseSettings):
     eval_steps: int = Field(40, ge=1, description="Denoising steps of the deterministic ODE sampler for evaluation.")
     eval_every: int = Field(0, ge=0, description="Evaluate (ODE sampling, mean reward) every N steps; 0 = never.")
     noise_level: float = Field(0.7, gt=0, description="SDE noise scale (Flow-GRPO's a); higher explores more.")
-    guidance_scale: float | None = Field(None, ge=1.0, description="CFG scale; default 4.5 (SD3.5) or 4.0 (Qwen).")
+    guidance_scale: float | None = Field(
+        None, ge=1.0, description=f"CFG scale; default {per_task(lambda t: t.guidance)}."
+    )
     max_sequence_length: int = Field(256, ge=8, description="Text tokens given to SD3's T5 encoder.")
     source_vae_side: int | None = Field(
         None,
@@ -127,7 +131,8 @@ class RolloutSettings(BaseSettings):
     train_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Samples per forward pass in the update (gradients accumulate); default 4 (t2i), 1 (edit).",
+        description="Samples per forward pass in the update (gradients accumulate); default "
+        f"{per_task(lambda t: t.train_batch)}.",
     )
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute the transformer's activations in the backward pass; default on for GPUs."
@@ -144,6 +149,11 @@ class RolloutSettings(BaseSettings):
     wandb_project: str | None = Field(None, description="Also log to this Weights & Biases project (when installed).")
     progress: bool = Field(True, description="Show a progress bar.")
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _former_task_name(cls, value: object) -> object:
+        return renamed(value, FORMER_TASK_NAMES, "--task (FIRM_RL_TASK)")
+
     @model_validator(mode="after")
     def _check(self) -> RolloutSettings:
         if self.resolution % 16:
@@ -152,7 +162,7 @@ class RolloutSettings(BaseSettings):
 
     @property
     def model_id(self) -> str:
-        return self.model or DEFAULT_MODELS[self.task]
+        return self.model or ROLLOUT_TASKS[self.task].model
 
     @property
     def vae_side(self) -> int:
@@ -164,8 +174,8 @@ class RolloutSettings(BaseSettings):
 
     @property
     def batch_size(self) -> int:
-        return self.train_batch_size or DEFAULT_TRAIN_BATCH[self.task]
+        return self.train_batch_size or ROLLOUT_TASKS[self.task].train_batch
 
     @property
     def guidance(self) -> float:
-        return self.guidance_scale if self.guidance_scale is not None else DEFAULT_GUIDANCE[self.task]
+        return self.guidance_scale if self.guidance_scale is not None else ROLLOUT_TASKS[self.task].guidance

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clients.tasks import TASKS
 from rl_workers.advantages import std_of_sums, step_advantages
 from rl_workers.distributed import Ranks, average_gradients, broadcast_from_main, max_across, sum_across
 from rl_workers.generators.base import Condition, Generator
 from rl_workers.grpo import Rollout, UpdateStats, accumulate_gradients, training_steps
 from rl_workers.lora import add_lora, save_lora
 from rl_workers.observability import MetricsLog
-from rl_workers.rewards import COMPONENTS, RemoteCritic
+from rl_workers.rewards import RemoteCritic
 from rl_workers.sampling import sample
 from rl_workers.settings import RolloutSettings
 
@@ -61,6 +62,7 @@ class RolloutWorker:
         eval_conditions: Iterator[Condition] | None = None,
     ) -> None:
         self.settings = settings
+        self.dimensions = TASKS[settings.task].dimensions  # the figures log each one's mean
         self.generator = generator
         self.critic = critic
         self.conditions = conditions
@@ -219,7 +221,7 @@ class RolloutWorker:
         sums |= {"u:samples": u.samples, "u:steps": u.optimizer_steps, "u:terms": u.terms, "u:loss": u.loss}
         sums |= {"u:policy": u.policy_loss, "u:kl": u.kl, "u:clipped": u.clipped, "u:grad_norm": u.grad_norm}
         sums |= {"t:sampling": t.sampling, "t:reward_wait": t.reward_wait, "t:training": t.training}
-        for name in COMPONENTS[self.settings.task]:
+        for name in self.dimensions:
             sums.setdefault(f"{name}:sum", 0.0)
             sums.setdefault(f"{name}:n", 0.0)
         return sums
@@ -243,7 +245,7 @@ class RolloutWorker:
             "groups/zero_spread": s["zero_spread"],
             "groups/total": s["groups"],
         }
-        for name in COMPONENTS[self.settings.task]:
+        for name in self.dimensions:
             figures[f"reward/{name}"] = s[f"{name}:sum"] / s[f"{name}:n"] if s[f"{name}:n"] else math.nan
         figures |= update.means()
         times = {k: s[f"t:{k}"] / world for k in ("sampling", "reward_wait", "training")}

@@ -80,7 +80,7 @@ class Server:
         return answer(request)
 
 
-def _critic(handler: Callable[[httpx.Request], httpx.Response], task: str = "t2i") -> RemoteCritic:
+def _critic(handler: Callable[[httpx.Request], httpx.Response], task: str = "gen") -> RemoteCritic:
     transport = httpx.MockTransport(handler)
     client = RewardClient("http://critic", http_transport=transport, retry=RETRY, cooldown_s=0.0)
     return RemoteCritic(task, client=client)
@@ -123,7 +123,7 @@ def _settings(cache_dir: Path, tmp_path: Path, **extra: Any) -> RolloutSettings:
     (tmp_path / "p.txt").write_text("a red square\n")
     fields = {"resolution": 64, "group_size": G, "groups_per_step": 2, "sample_steps": 2, "max_sequence_length": 16,
               "progress": False, "tensorboard": False, "updates_per_step": 1, "kl_beta": 0.0} | extra  # fmt: skip
-    return RolloutSettings(task="t2i", tiny=True, cache_dir=cache_dir, prompts=tmp_path / "p.txt",
+    return RolloutSettings(task="gen", tiny=True, cache_dir=cache_dir, prompts=tmp_path / "p.txt",
                            output_dir=tmp_path / "out", **fields)  # fmt: skip
 
 
@@ -230,7 +230,7 @@ def _torchrun(tmp_path: Path, cache_dir: Path, urls: list[str], prompts: Path, s
     env = dict(__import__("os").environ, TEST_URL_0=urls[0], TEST_URL_1=urls[1], TEST_TIMEOUT_1="4")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "--tiny",
-        "--task", "t2i", "--cache-dir", str(cache_dir), "--prompts", str(prompts), "--output-dir",
+        "--task", "gen", "--cache-dir", str(cache_dir), "--prompts", str(prompts), "--output-dir",
         str(tmp_path / "ddp"), "--resolution", "64", "--group-size", str(G), "--groups-per-step", "1",
         "--sample-steps", "2", "--max-sequence-length", "16", "--score-mode", "expected", "--steps", str(steps),
         "--no-progress", "--no-tensorboard", "--adv-std", "global",

@@ -17,8 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from clients.tasks import TASKS
+from foundation.flags import parse_settings
 from rl_workers import grpo
 from rl_workers.advantages import group_advantages, step_advantages
+from rl_workers.cli import build_parser
 from rl_workers.distributed import Ranks
 from rl_workers.generators import load_generator
 from rl_workers.generators.base import Condition, Generator
@@ -27,6 +30,7 @@ from rl_workers.observability import MetricsLog
 from rl_workers.rewards import GroupRewards
 from rl_workers.sampling import kl_to_reference, sample, sde_step, sigma_cap_of
 from rl_workers.settings import RolloutSettings
+from rl_workers.tasks import ROLLOUT_TASKS
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
 from tests.support import picture
@@ -36,7 +40,7 @@ CPU = torch.device("cpu")
 
 
 def settings_for(task: str, cache_dir: Path, tmp_path: Path, **extra: Any) -> RolloutSettings:
-    ensure_tiny_pipeline(cache_dir, "sd3" if task == "t2i" else "qwen_edit")
+    ensure_tiny_pipeline(cache_dir, ROLLOUT_TASKS[task].generator)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
     fields: dict[str, Any] = {
@@ -78,7 +82,7 @@ def test_timestep_fraction_trains_the_first_int_fraction_steps(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(grpo, "step_log_prob", spy)
-    worker = _worker(settings_for("t2i", cache_dir, tmp_path, kl_beta=0.0, group_size=2), [0.0, 1.0])
+    worker = _worker(settings_for("gen", cache_dir, tmp_path, kl_beta=0.0, group_size=2), [0.0, 1.0])
     for fraction, trained in ((0.99, [0, 1]), (1.0, [0, 1, 2]), (0.34, [0])):
         worker.settings = worker.settings.model_copy(update={"timestep_fraction": fraction})
         seen.clear()
@@ -88,7 +92,7 @@ def test_timestep_fraction_trains_the_first_int_fraction_steps(
 
 
 def test_kl_form_scales_each_step_by_its_size(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("t2i", cache_dir, tmp_path))
+    worker = _worker(settings_for("gen", cache_dir, tmp_path))
     sigmas, _ = worker.generator.schedule(10, torch.zeros(1, 4, 8, 8))
     x, v, ref_v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ratios = []
@@ -111,7 +115,7 @@ def _velocity_gradients(generator: Generator, conditioning: Any, latents: torch.
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("task", ["t2i", "edit"])
+@pytest.mark.parametrize("task", ["gen", "edit"])
 def test_cfg_grad_cond_detaches_the_unconditional_branch(task: str, cache_dir: Path, tmp_path: Path) -> None:
     worker = _worker(settings_for(task, cache_dir, tmp_path))
     generator, params = worker.generator, worker.params
@@ -129,7 +133,7 @@ def test_cfg_grad_cond_detaches_the_unconditional_branch(task: str, cache_dir: P
     assert any(not torch.allclose(a, b) for a, b in zip(cond_only, both, strict=True))
     with torch.no_grad():  # the same value either way: only the gradient's path changes
         assert torch.allclose(generator.velocity(latents, 500.0, conditioning), value, atol=1e-5)
-    if task == "t2i":  # linear CFG: d/dθ Σ(u + s(c - u)) with u detached is s · d/dθ Σc
+    if task == "gen":  # linear CFG: d/dθ Σ(u + s(c - u)) with u detached is s · d/dθ Σc
         scale = generator.guidance_scale
         generator.guidance_scale = 1.0
         unguided = _velocity_gradients(generator, conditioning, latents, params)
@@ -155,7 +159,7 @@ def test_adv_clip_bounds_an_outlier() -> None:
 
 
 def test_trajectory_latents_are_float32_and_the_model_gets_its_dtype(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("t2i", cache_dir, tmp_path))
+    worker = _worker(settings_for("gen", cache_dir, tmp_path))
     generator = worker.generator
     generator.transformer.to(torch.bfloat16)
     generator.dtype = torch.bfloat16
@@ -173,7 +177,7 @@ def test_trajectory_latents_are_float32_and_the_model_gets_its_dtype(cache_dir: 
 def test_gradient_checkpointing_is_a_setting_that_keeps_the_gradients(cache_dir: Path, tmp_path: Path) -> None:
     grads = {}
     for on in (False, True):
-        worker = _worker(settings_for("t2i", cache_dir, tmp_path, gradient_checkpointing=on))
+        worker = _worker(settings_for("gen", cache_dir, tmp_path, gradient_checkpointing=on))
         assert worker.generator.transformer.is_gradient_checkpointing is on
         with torch.no_grad():
             for p in worker.params:
@@ -188,8 +192,38 @@ def test_default_train_batch_and_source_sizes_are_per_model(tmp_path: Path) -> N
     real, tiny = RolloutSettings(task="edit", prompts=prompts), RolloutSettings(task="edit", prompts=prompts, tiny=True)
     assert (real.vae_side, real.vl_side, tiny.vae_side, tiny.vl_side) == (1024, 384, 512, 512)
     assert RolloutSettings(task="edit", prompts=prompts).batch_size == 1
-    assert RolloutSettings(task="t2i", prompts=prompts).batch_size == 4
+    assert RolloutSettings(task="gen", prompts=prompts).batch_size == 4
     assert RolloutSettings(task="edit", prompts=prompts, train_batch_size=2).batch_size == 2
+    gen, edit = RolloutSettings(task="gen", prompts=prompts), RolloutSettings(task="edit", prompts=prompts)
+    assert (gen.model_id, gen.guidance) == ("stabilityai/stable-diffusion-3.5-medium", 4.5)
+    assert (edit.model_id, edit.guidance) == ("Qwen/Qwen-Image-Edit", 4.0)
+
+
+def test_every_critic_task_has_a_rollout_entry_and_the_critics_names() -> None:
+    assert set(ROLLOUT_TASKS) == set(TASKS)
+    assert RolloutSettings.model_fields["task"].default == "gen"
+    for name, entry in ROLLOUT_TASKS.items():
+        assert entry.spec is TASKS[name]  # the critic's task, not a copy of its facts
+
+
+def test_the_former_task_name_t2i_still_works_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "p.txt"
+    with pytest.warns(FutureWarning, match="'t2i' is now called 'gen'"):
+        assert RolloutSettings(task="t2i", prompts=prompts).task == "gen"
+    monkeypatch.setenv("FIRM_RL_TASK", "t2i")
+    with pytest.warns(FutureWarning, match="'t2i' is now called 'gen'"):
+        assert RolloutSettings(prompts=prompts).task == "gen"
+    monkeypatch.delenv("FIRM_RL_TASK")
+    parser = build_parser()
+    with pytest.warns(FutureWarning, match="'t2i' is now called 'gen'"):
+        settings = parse_settings(parser, RolloutSettings, ["--task", "t2i", "--prompts", str(prompts)])
+    assert settings.task == "gen" and settings.batch_size == 4
+    assert "--task {edit,gen}" in parser.format_help()  # the help offers the current names only
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", "bogus"])
+    assert "invalid choice: 'bogus' (choose from 'edit', 'gen')" in capsys.readouterr().err
 
 
 def test_prompts_are_embedded_once(cache_dir: Path, tmp_path: Path) -> None:
@@ -286,7 +320,7 @@ def test_text_encoders_are_on_the_gpu_only_while_they_embed() -> None:
 
 
 def test_decode_batch_bounds_how_many_images_decode_at_once(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("t2i", cache_dir, tmp_path, decode_batch=3))
+    worker = _worker(settings_for("gen", cache_dir, tmp_path, decode_batch=3))
     generator, sizes = worker.generator, []
     decode = generator.decode
     generator.decode = lambda latents, c: sizes.append(len(latents)) or decode(latents, c)  # type: ignore[method-assign]

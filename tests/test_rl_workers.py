@@ -24,6 +24,7 @@ from rl_workers.prompts import endless, load_conditions
 from rl_workers.rewards import RemoteCritic
 from rl_workers.sampling import sample, sde_step, step_log_prob
 from rl_workers.settings import RolloutSettings
+from rl_workers.tasks import ROLLOUT_TASKS
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
 from tests.support import picture
@@ -44,18 +45,18 @@ SMALL = {
 @pytest.fixture(scope="session")
 def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prompts")
-    (root / "t2i.txt").write_text("a red square on a grey background\n\na blue square on a grey background\n")
+    (root / "gen.txt").write_text("a red square on a grey background\n\na blue square on a grey background\n")
     for colour in ("blue", "green"):
         picture(colour).save(root / f"{colour}.png")
     (root / "edit.jsonl").write_text(
         '{"source": "blue.png", "instruction": "Make the square red.", "id": "e1"}\n'
         '{"source": "green.png", "instruction": "Paint the square yellow.", "id": "e2"}\n'
     )
-    return {"t2i": root / "t2i.txt", "edit": root / "edit.jsonl"}
+    return {"gen": root / "gen.txt", "edit": root / "edit.jsonl"}
 
 
 def _settings(task: str, cache_dir: Path, prompts: Path, tmp_path: Path, **extra: object) -> RolloutSettings:
-    ensure_tiny_pipeline(cache_dir, "sd3" if task == "t2i" else "qwen_edit")
+    ensure_tiny_pipeline(cache_dir, ROLLOUT_TASKS[task].generator)
     fields = {**SMALL, "kl_beta": 0.04, "progress": False, "tensorboard": False} | extra
     return RolloutSettings(task=task, tiny=True, cache_dir=cache_dir, prompts=prompts, output_dir=tmp_path, **fields)
 
@@ -83,7 +84,7 @@ def _one_group(settings: RolloutSettings, url: str) -> tuple[RolloutWorker, Roll
     return worker, rollout
 
 
-@pytest.mark.parametrize("task", ["t2i", "edit"])
+@pytest.mark.parametrize("task", ["gen", "edit"])
 def test_one_training_step(task: str, server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
     # two optimizer steps: the second mini-batch meets a policy the first one moved (large lr: it shows)
     settings = _settings(task, cache_dir, prompt_files[task], tmp_path, learning_rate=0.05, clip_range=1e-6)
@@ -99,7 +100,7 @@ def test_one_training_step(task: str, server_url: str, cache_dir: Path, prompt_f
         # the server scored every candidate of the group with the task's reward and components
         assert rollout.rewards is not None and rollout.rewards.failed == 0
         assert all(0.0 <= r <= 1.0 for r in rollout.rewards.rewards)
-        names = {"t2i": {"instruction_following", "quality"}, "edit": {"execution", "consistency"}}[task]
+        names = {"gen": {"instruction_following", "quality"}, "edit": {"execution", "consistency"}}[task]
         assert set(rollout.rewards.components) == names
         # advantages are the rewards normalised within the group
         adv = rollout.advantages
@@ -181,7 +182,7 @@ def _gradients(worker: RolloutWorker, rollouts: list, kl_beta: float = 0.0) -> t
 
 
 def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
-    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1, updates_per_step=1)
+    settings = _settings("gen", cache_dir, prompt_files["gen"], tmp_path, groups_per_step=1, updates_per_step=1)
     worker, rollout = _one_group(settings, server_url)
     with torch.no_grad():  # B = 0: the policy that sampled is the base model
         base_velocity = worker.generator.velocity(
@@ -225,9 +226,9 @@ def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, promp
 def test_unreachable_server_gives_masked_failures_not_zeros(
     cache_dir: Path, prompt_files: dict, tmp_path: Path
 ) -> None:
-    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1)
+    settings = _settings("gen", cache_dir, prompt_files["gen"], tmp_path, groups_per_step=1)
     client = RewardClient("http://127.0.0.1:9", timeout_s=5, retry=RetryPolicy(max_attempts=1))
-    critic = RemoteCritic("t2i", client=client)
+    critic = RemoteCritic("gen", client=client)
     try:
         worker = _worker(settings, critic)
         result = worker.step()
@@ -251,8 +252,8 @@ def test_firm_rollout_cli_trains_and_saves(
     ensure_tiny_pipeline(cache_dir, "sd3")
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "rl_workers.cli", "--tiny", "--task", "t2i", "--cache-dir", str(cache_dir),
-        "--prompts", str(prompt_files["t2i"]), "--reward-url", server_url, "--output-dir", str(out),
+        sys.executable, "-m", "rl_workers.cli", "--tiny", "--task", "gen", "--cache-dir", str(cache_dir),
+        "--prompts", str(prompt_files["gen"]), "--reward-url", server_url, "--output-dir", str(out),
         "--resolution", "64", "--group-size", "4", "--groups-per-step", "1", "--sample-steps", "2",
         "--max-sequence-length", "16", "--score-mode", "expected", "--steps", "2", "--save-every", "1",
         "--no-progress", "--no-tensorboard",
@@ -279,7 +280,7 @@ def test_torchrun_workers_share_the_step_figures(
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rl_workers.cli", "--tiny",
-        "--task", "t2i", "--cache-dir", str(cache_dir), "--prompts", str(prompt_files["t2i"]),
+        "--task", "gen", "--cache-dir", str(cache_dir), "--prompts", str(prompt_files["gen"]),
         "--reward-url", server_url, "--output-dir", str(out), "--resolution", "64", "--group-size", "4",
         "--groups-per-step", "1", "--sample-steps", "2", "--max-sequence-length", "16", "--score-mode", "expected",
         "--steps", "1", "--no-progress", "--no-tensorboard",
@@ -302,9 +303,9 @@ def test_firm_rollout_rejects_bad_settings(flag: str, value: str, tmp_path: Path
 
 
 def test_every_rank_starts_from_the_same_adapter(cache_dir: Path, prompt_files: dict, tmp_path: Path) -> None:
-    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path)
+    settings = _settings("gen", cache_dir, prompt_files["gen"], tmp_path)
     client = RewardClient("http://127.0.0.1:9")
-    critic = RemoteCritic("t2i", client=client)
+    critic = RemoteCritic("gen", client=client)
     try:
         workers = [
             RolloutWorker(settings, load_generator(settings, torch.device("cpu")), critic, iter([]), Ranks(rank, 1))
@@ -321,7 +322,7 @@ def test_checkpoint_reloads_at_the_strength_it_trained(
     server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
 ) -> None:
     """A saved adapter loaded with diffusers' `load_lora_weights` predicts what the trained policy predicts."""
-    settings = _settings("t2i", cache_dir, prompt_files["t2i"], tmp_path, groups_per_step=1, lora_rank=4, lora_alpha=8)
+    settings = _settings("gen", cache_dir, prompt_files["gen"], tmp_path, groups_per_step=1, lora_rank=4, lora_alpha=8)
     worker, rollout = _one_group(settings, server_url)
     with torch.no_grad():
         for p in worker.params:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,49 +45,60 @@ def _place(pipeline: Any, device: torch.device, offload_text_encoders: bool) -> 
 
 def load_generator(settings: RolloutSettings, device: torch.device) -> Generator:
     """Load the generator's pipeline (hub id or folder), freeze it, and wrap it for the rollout loop."""
+    from rl_workers.tasks import rollout_task
     from rl_workers.tiny import ensure_tiny_pipeline
 
-    kind = "sd3" if settings.task == "t2i" else "qwen_edit"
+    kind = rollout_task(settings.task).generator
     model = str(ensure_tiny_pipeline(settings.cache_dir, kind)) if settings.tiny else settings.model_id
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": settings.revision} | _missing_components(model)
-    offload = settings.offload_text_encoders and device.type != "cpu"
-    shared: dict[str, Any] = {
-        "cfg_grad": settings.cfg_grad,
-        "prompt_cache": settings.prompt_cache,
-        "offload_text_encoders": offload,
-    }
-    if settings.task == "t2i":
-        from diffusers import StableDiffusion3Pipeline
-
-        from rl_workers.generators.sd3 import SD3Generator
-
-        if settings.drop_t5:
-            kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
-        pipeline = _place(StableDiffusion3Pipeline.from_pretrained(model, **kwargs), device, offload)
-        generator: Generator = SD3Generator(
-            pipeline,
-            resolution=settings.resolution,
-            guidance_scale=settings.guidance,
-            max_sequence_length=settings.max_sequence_length,
-            **shared,
-        )
-    else:
-        from diffusers import QwenImageEditPipeline
-
-        from rl_workers.generators.qwen_edit import QwenEditGenerator
-
-        pipeline = _place(QwenImageEditPipeline.from_pretrained(model, **kwargs), device, offload)
-        generator = QwenEditGenerator(
-            pipeline,
-            resolution=settings.resolution,
-            guidance_scale=settings.guidance,
-            vae_side=settings.vae_side,
-            vl_side=settings.vl_side,
-            **shared,
-        )
-    pipeline.set_progress_bar_config(disable=True)
+    generator = LOADERS[kind](settings, model, kwargs, device)
+    generator.pipeline.set_progress_bar_config(disable=True)
     checkpointing = settings.gradient_checkpointing
     if checkpointing if checkpointing is not None else device.type == "cuda":
         generator.transformer.enable_gradient_checkpointing()  # type: ignore[operator]
     return generator
+
+
+def _offload(settings: RolloutSettings, device: torch.device) -> bool:
+    return settings.offload_text_encoders and device.type != "cpu"
+
+
+def _shared(settings: RolloutSettings, device: torch.device) -> dict[str, Any]:
+    """The options every generator takes."""
+    return {
+        "resolution": settings.resolution,
+        "guidance_scale": settings.guidance,
+        "cfg_grad": settings.cfg_grad,
+        "prompt_cache": settings.prompt_cache,
+        "offload_text_encoders": _offload(settings, device),
+    }
+
+
+def _sd3(settings: RolloutSettings, model: str, kwargs: dict[str, Any], device: torch.device) -> Generator:
+    from diffusers import StableDiffusion3Pipeline
+
+    from rl_workers.generators.sd3 import SD3Generator
+
+    if settings.drop_t5:
+        kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
+    pipeline = _place(StableDiffusion3Pipeline.from_pretrained(model, **kwargs), device, _offload(settings, device))
+    return SD3Generator(pipeline, max_sequence_length=settings.max_sequence_length, **_shared(settings, device))
+
+
+def _qwen_edit(settings: RolloutSettings, model: str, kwargs: dict[str, Any], device: torch.device) -> Generator:
+    from diffusers import QwenImageEditPipeline
+
+    from rl_workers.generators.qwen_edit import QwenEditGenerator
+
+    pipeline = _place(QwenImageEditPipeline.from_pretrained(model, **kwargs), device, _offload(settings, device))
+    return QwenEditGenerator(
+        pipeline, vae_side=settings.vae_side, vl_side=settings.vl_side, **_shared(settings, device)
+    )
+
+
+# Each generator under the name the task table gives it: (settings, model, from_pretrained options, device).
+LOADERS: dict[str, Callable[[RolloutSettings, str, dict[str, Any], torch.device], Generator]] = {
+    "sd3": _sd3,
+    "qwen_edit": _qwen_edit,
+}

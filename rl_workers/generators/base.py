@@ -40,7 +40,6 @@ class Conditioning:
 class Generator(ABC):
     """A flow-matching image generator with a trainable `transformer`."""
 
-    task: str  # "t2i" or "edit": which reward route scores its images
     pipeline: Any  # the diffusers pipeline (its components, and where LoRA weights are saved from)
     transformer: torch.nn.Module
     device: torch.device

@@ -33,7 +33,7 @@ def edit_size(width: int, height: int, area: int, multiple: int = 32) -> tuple[i
 
 
 class QwenEditGenerator(Generator):
-    task = "edit"
+    """Editing: the condition is a source image and an instruction."""
 
     def __init__(
         self,

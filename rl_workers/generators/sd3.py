@@ -14,7 +14,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class SD3Generator(Generator):
-    task = "t2i"
+    """Text-to-image: the condition is a prompt."""
 
     def __init__(
         self,
