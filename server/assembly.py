@@ -55,7 +55,7 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
         "device": settings.device,
         "dtype": settings.dtype,
         "seed": settings.seed,
-        "max_model_len": settings.max_model_len,
+        "max_model_len": settings.context_length(),
         "gpu_memory_utilization": sum(memory),
         "tensor_parallel_size": settings.tensor_parallel_size,
         "images_per_prompt": max(SERVER_TASKS[t].images_per_prompt for t in tasks),
@@ -84,12 +84,14 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     engine_name, reason = resolve_engine_name(settings.engine)
     log.info("engine %s (%s)", engine_name, reason)
     if engine_name == "vllm":
+        context = settings.context_length()
         for task in sources:
-            budget = settings.max_new_tokens(task)
-            if budget >= settings.max_model_len:
+            if (needed := settings.context_needed(task, text=False)) > context:
                 raise ValueError(
-                    f"{flag(f'{task}_max_new_tokens')} {budget} leaves no room for the prompt in "
-                    f"--max-model-len {settings.max_model_len}"
+                    f"--max-model-len {context} cannot hold the largest images and answer of a call of the "
+                    f"{task} critic: {needed} tokens (images at --image-pixel-budget {settings.image_pixel_budget}, "
+                    f"the judge's template and {flag(f'{task}_max_new_tokens')} {settings.max_new_tokens(task)}); "
+                    "raise --max-model-len or leave it unset, or lower the pixel budget or the answer budget"
                 )
     shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
     models: dict[Task, TaskModel] = {}

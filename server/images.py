@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,33 @@ class ImageTooLarge(ValueError):
 # The Qwen3-VL image processor's own upper bound (its `longest_edge`, 4096 x 4096 pixels): within it the
 # processor keeps an image's size up to its 32-pixel grid, so the server leaves such images alone.
 QWEN3_VL_MAX_PIXELS = 16_777_216
+QWEN3_VL_PATCH_SIZE, QWEN3_VL_MERGE_SIZE = 16, 2  # a 16-pixel patch; 2 x 2 patches merge into one token
+MAX_ASPECT_RATIO = 200.0  # Qwen vision processors refuse anything more elongated
+
+
+def max_vision_tokens(
+    pixel_budget: int,
+    *,
+    patch_size: int = QWEN3_VL_PATCH_SIZE,
+    merge_size: int = QWEN3_VL_MERGE_SIZE,
+    processor_max_pixels: int = QWEN3_VL_MAX_PIXELS,
+) -> int:
+    """Most tokens one image can cost the critic once the server has fitted it to `pixel_budget`.
+
+    The processor rounds each side to its grid of `patch_size * merge_size` pixels (half a cell at
+    most each way, on a side no more elongated than MAX_ASPECT_RATIO), never past its own pixel cap,
+    and wraps the image's tokens in a start and an end token.
+
+    >>> max_vision_tokens(QWEN3_VL_MAX_PIXELS)  # a 4096 x 4096 image
+    16386
+    >>> max_vision_tokens(512 * 512)  # 256 at a square's grid, more for an elongated image of the same area
+    372
+    """
+    cell = patch_size * merge_size
+    pixels = min(pixel_budget, processor_max_pixels)
+    sides = math.sqrt(pixels) * (math.sqrt(MAX_ASPECT_RATIO) + 1 / math.sqrt(MAX_ASPECT_RATIO))
+    area = pixels + cell / 2 * sides + (cell / 2) ** 2
+    return min(math.ceil(area / cell**2), processor_max_pixels // cell**2) + 2
 
 
 @dataclass(frozen=True)
@@ -50,7 +78,7 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000  # refused before decoding: a bomb never reaches memory
     pixel_budget: int = QWEN3_VL_MAX_PIXELS  # larger images are downscaled to this many pixels (a memory guard)
-    max_aspect_ratio: float = 200.0  # Qwen vision processors refuse anything more elongated
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
 
 
 def _strip_data_url(data: str, field: str) -> str:

@@ -12,10 +12,18 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from clients.protocol import MAX_ITEMS_PER_REQUEST, RewardWeights, ScoreMode, ScoringDefaults, Task
+from clients.protocol import (
+    MAX_INSTRUCTION_CHARS,
+    MAX_ITEMS_PER_REQUEST,
+    MAX_PROMPT_CHARS,
+    RewardWeights,
+    ScoreMode,
+    ScoringDefaults,
+    Task,
+)
 from foundation.cache import default_cache_dir
 from server.flags import flag
-from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits
+from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits, max_vision_tokens
 from server.judges import JUDGES
 from server.prompts.release import DEFAULT_SOURCE
 from server.prompts.sets import prompt_set
@@ -24,6 +32,21 @@ from server.tasks import SERVER_TASKS
 
 SWITCHED_OFF = "none"  # the model setting that switches a critic off (its state is then "disabled")
 TINY_MODEL_NAME = "tiny-random"  # the name --tiny's critic is served under: no released checkpoint
+
+
+# Room for the longest judge prompt: the template (under 2,000 tokens for the release's) and the request's text
+# (at most MAX_PROMPT_CHARS + MAX_INSTRUCTION_CHARS characters, at two or more characters a token).
+TEMPLATE_TOKENS = 2048
+TEXT_TOKENS = (MAX_PROMPT_CHARS + MAX_INSTRUCTION_CHARS) // 2
+
+
+def _context_needed(task: Task, pixel_budget: int, max_new_tokens: int, *, text: bool = True) -> int:
+    images = SERVER_TASKS[task].images_per_prompt * max_vision_tokens(pixel_budget)
+    return images + TEMPLATE_TOKENS + (TEXT_TOKENS if text else 0) + max_new_tokens
+
+
+def _default_context() -> int:
+    return max(_context_needed(t, QWEN3_VL_MAX_PIXELS, task.max_new_tokens) for t, task in SERVER_TASKS.items())
 
 
 def _task_settings() -> dict[str, Any]:
@@ -154,8 +177,14 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     )
 
     # vllm engine
-    max_model_len: int = Field(
-        16384, ge=512, description="vllm: longest prompt + answer, in tokens; must exceed both answer budgets."
+    max_model_len: int | None = Field(
+        None,
+        ge=512,
+        description="vllm: longest prompt + answer, in tokens. Unset, it is derived so that any image the server "
+        "accepts can be scored: each task's images at --image-pixel-budget, the longest judge prompt and its "
+        f"answer budget ({_default_context():,} at the defaults). Lowering --image-pixel-budget or the answer "
+        "budgets lowers it. A value set here that cannot hold a task's images at the pixel budget, its template and "
+        "its answer budget is refused at start-up; a caller's text too long for it fails that item alone.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs each critic is split across.")
     prefix_caching: bool = Field(
@@ -314,6 +343,17 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
 
     def openai_model(self, task: Task) -> str | None:
         return self._task_value(f"openai_{task}_model")
+
+    def context_needed(self, task: Task, *, text: bool = True) -> int:
+        """Tokens the largest item `task` accepts can take: its images at the pixel budget, the longest
+        judge prompt (without the request's own text when `text` is false), and the answer budget."""
+        return _context_needed(task, self.image_pixel_budget, self.max_new_tokens(task), text=text)
+
+    def context_length(self) -> int:
+        """--max-model-len as set, else the least that holds every enabled task's largest item."""
+        if self.max_model_len is not None:
+            return self.max_model_len
+        return max(self.context_needed(task) for task in self.enabled_tasks())
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(

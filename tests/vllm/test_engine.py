@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from clients.images import encode
-from clients.protocol import EditScoreResponse
+from clients.protocol import MAX_INSTRUCTION_CHARS, MAX_PROMPT_CHARS, GenScoreResponse
 from server.tiny import draw_square
 from tests.support import b64, free_port, metric_value, running_server
 
@@ -24,11 +24,12 @@ CPU_FLAGS = ("--engine", "vllm", "--dtype", "float32", "--enforce-eager", "--log
 
 @pytest.fixture(scope="module")
 def vllm_url(vllm_checkpoint: Path, cache_dir: Path, vllm_python: str, vllm_vars: dict[str, str]) -> Iterator[str]:
-    """Both critics on one vLLM engine, with structured outputs on; a context of 1024 tokens, so a long
-    instruction passes the server's checks but not vLLM's; no cache of identical calls in front."""
+    """Both critics on one vLLM engine, with structured outputs on; a context of 3072 tokens, the least the
+    server takes for small images (a 256 x 256 pixel budget), its templates and a 512-token answer, so a long
+    prompt passes the server's checks but not vLLM's; no cache of identical calls in front."""
     path = str(vllm_checkpoint)
     args = ("--edit-model", path, "--gen-model", path, *CPU_FLAGS, "--structured-outputs", "--cache-size", "0")
-    args += ("--max-model-len", "1024", "--gen-max-new-tokens", "512")
+    args += ("--max-model-len", "3072", "--image-pixel-budget", str(256 * 256), "--gen-max-new-tokens", "512")
     with running_server(cache_dir, *args, tiny=False, timeout=600, python=vllm_python, env=vllm_vars) as url:
         yield url
 
@@ -112,11 +113,14 @@ def test_the_prefix_cache_serves_a_group_scored_again(vllm_url: str) -> None:
 
 
 def test_a_call_vllm_refuses_fails_its_item_alone(vllm_url: str) -> None:
-    too_long = ("Make the square red. " + "Then look again. " * 300)[:4000]  # the longest allowed: 1400 tokens
-    body = {"items": [{**_edit_item(), "id": "ok"}, {**_edit_item(instruction=too_long), "id": "long"}]}
-    response = httpx.post(f"{vllm_url}/v1/edit/score", json=body, timeout=300)
+    # the longest prompt and requirement allowed: about 4,200 tokens, over the context of 3072
+    prompt = ("a red square " + "seen again " * 800)[:MAX_PROMPT_CHARS]
+    requirement = ("no other shapes " * 300)[:MAX_INSTRUCTION_CHARS]
+    long_item = {**_gen_item(prompt=prompt), "requirement": requirement, "id": "long"}
+    body = {"items": [{**_gen_item(), "id": "ok"}, long_item]}
+    response = httpx.post(f"{vllm_url}/v1/gen/score", json=body, timeout=300)
     assert response.status_code == 200, response.text
-    ok, long = EditScoreResponse.model_validate(response.json()).results
+    ok, long = GenScoreResponse.model_validate(response.json()).results
     assert ok.error is None and ok.reward is not None
     assert long.reward is None and long.error is not None and long.error.code == "engine_error"
     assert "vllm refused" in long.error.message
