@@ -9,8 +9,8 @@ at the end. The output folder holds the model, its processor and tokenizer, and 
 served as it is: `firm-serve --edit-model critics/my-edit-critic --gen-model none`.
 
 A record whose answer is longer than the served critic may write for its judge (`--max-answer-tokens`;
-by default firm-serve's budgets, 256 tokens for an edit judge and 8192 for a generation judge) is left
-out with a warning: it would teach answers cut off at serving. The records must have been rendered with
+by default firm-serve's budget of the judge's task, `firm-train --help` lists them) is left out with a
+warning: it would teach answers cut off at serving. The records must have been rendered with
 the prompt set given by `--prompts` (this project's own by default); it is recorded next to the
 weights (firm_prompts.json), and firm-serve serves the critic with it.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.settings import Settings
+from server.tasks import SERVER_TASKS
 from training.model_card import write_model_card
 from training.prompt_set import add_prompt_flags, check_records, record_prompt_set, released_prompts, training_judges
 from training.records import SERVED_PIXEL_BUDGET, read_records
@@ -36,10 +36,14 @@ from training.sft_data import Collator, Example, load_examples, split_long_answe
 
 log = logging.getLogger("firm-train")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the language model's projections
-# what firm-serve lets a judge of each task write
-SERVED_MAX_NEW_TOKENS: dict[str, int] = {
-    task: Settings.model_fields[f"{task}_max_new_tokens"].default for task in ("edit", "gen")
-}
+# what firm-serve lets a judge of each task write, by default
+SERVED_MAX_NEW_TOKENS: dict[str, int] = {name: task.max_new_tokens for name, task in SERVER_TASKS.items()}
+
+
+def _budgets() -> str:
+    """The served budgets in words, e.g. '256 for image editing and 8192 for text-to-image generation'."""
+    said = [f"{task.max_new_tokens} for {task.spec.title}" for task in SERVER_TASKS.values()]
+    return " and ".join([", ".join(said[:-1]), said[-1]] if len(said) > 1 else said)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Leave out records whose answer has more tokens: the served critic would be cut off (default: "
-        f"firm-serve's budget of the record's judge, {SERVED_MAX_NEW_TOKENS['edit']} for edit and "
-        f"{SERVED_MAX_NEW_TOKENS['gen']} for generation; 0 keeps every record).",
+        f"firm-serve's budget of the record's judge, {_budgets()}; 0 keeps every record).",
     )
     add_prompt_flags(parser, "The prompt set the records were rendered with, checked and recorded with the critic")
     add("--measure-examples", type=int, default=32, help="Records whose loss is measured before and after (0: skip).")

@@ -31,7 +31,7 @@ class Example:
     id: str
     parts: tuple[ImageRef | str, ...]
     answer: str
-    task: str  # edit or gen: whose answer budget applies
+    task: str  # the task of the record's judge: whose answer budget applies
 
 
 def load_examples(

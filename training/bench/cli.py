@@ -26,18 +26,30 @@ import httpx
 from clients import AsyncRewardClient
 from clients.errors import FirmError
 from clients.protocol import ModelCard
-from training.bench.data import EDIT_FIELDS, GEN_FIELDS, BenchItem, load_edit_items, load_gen_items
+from training.bench.data import BenchItem, load_split
 from training.bench.plot import confusion_matrices, draw_confusions
 from training.bench.report import metrics, per_item, table
 from training.bench.scoring import BenchAborted, BenchScores, score_items
+from training.bench.splits import SPLITS, Split
 from training.manifest import ManifestError, parse_field_map
 
-_EPILOG = f"""\
-folder layout: EDIT_FILE and GEN_FILE (JSONL, either may be absent) with images under --image-root.
-edit columns: {", ".join(EDIT_FIELDS)} (dimension: execution or consistency; human: the 1-5 human score).
-gen columns: {", ".join(GEN_FIELDS)} (difficulty: easy or hard; requirement optional).
-Rename columns with --edit-field NAME=COLUMN and --gen-field NAME=COLUMN.
-"""
+
+def _columns(split: Split) -> str:
+    """The help's line on a split's columns, e.g. 'gen columns: image, prompt, ... (difficulty: easy or hard; ...)'."""
+    notes = [f"{split.group}: {' or '.join(split.groups)}", "human: the 1-5 human score"]
+    if split.requirement:
+        notes.append(f"{split.requirement} optional")
+    return f"{split.task} columns: {', '.join(split.columns)} ({'; '.join(notes)})."
+
+
+_EPILOG = "\n".join(
+    [
+        f"folder layout: {' and '.join(f'{s.task.upper()}_FILE' for s in SPLITS)} (JSONL, any may be absent) "
+        "with images under --image-root.",
+        *(_columns(split) for split in SPLITS),
+        f"Rename columns with {' and '.join(f'--{s.task}-field NAME=COLUMN' for s in SPLITS)}.",
+    ]
+)
 MAX_LISTED = 20  # failed items printed; results.json has them all
 
 
@@ -50,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("folder", type=Path, help="Benchmark folder.")
-    add("--edit-file", default="edit.jsonl", help="Editing items, relative to the folder (default: edit.jsonl).")
-    add("--gen-file", default="gen.jsonl", help="Generation items, relative to the folder (default: gen.jsonl).")
+    for split in SPLITS:
+        name = f"{split.task}.jsonl"
+        help_text = f"{split.noun.capitalize()} items, relative to the folder (default: {name})."
+        add(f"--{split.task}-file", default=name, help=help_text)
     add("--image-root", type=Path, help="Folder image paths are relative to (default: the benchmark folder).")
-    add("--edit-field", action="append", metavar="NAME=COLUMN", help="Column holding an editing field.")
-    add("--gen-field", action="append", metavar="NAME=COLUMN", help="Column holding a generation field.")
+    for split in SPLITS:
+        help_text = f"Column holding a field of the {split.noun} items."
+        add(f"--{split.task}-field", action="append", metavar="NAME=COLUMN", help=help_text)
     add("--id-field", default="id", help="Column holding the item id (default: id).")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="Base URL of a running firm-serve (comma-separate several).")
@@ -79,13 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 def load_items(args: argparse.Namespace) -> list[BenchItem]:
     root = args.image_root or args.folder
     items: list[BenchItem] = []
-    edit_path, gen_path = args.folder / args.edit_file, args.folder / args.gen_file
-    if edit_path.exists():
-        items += load_edit_items(edit_path, parse_field_map(args.edit_field, EDIT_FIELDS), root, args.id_field)
-    if gen_path.exists():
-        items += load_gen_items(gen_path, parse_field_map(args.gen_field, GEN_FIELDS), root, args.id_field)
+    paths = []
+    for split in SPLITS:
+        path = args.folder / getattr(args, f"{split.task}_file")
+        paths.append(str(path))
+        if path.exists():
+            fields = parse_field_map(getattr(args, f"{split.task}_field"), split.columns)
+            items += load_split(split, path, fields, root, args.id_field)
     if not items:
-        raise ManifestError(f"no benchmark items: neither {edit_path} nor {gen_path} exists or holds any")
+        raise ManifestError(f"no benchmark items: none of {', '.join(paths)} exists or holds any")
     return items
 
 

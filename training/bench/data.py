@@ -1,8 +1,9 @@
-"""A FIRM-Bench style folder: JSONL files of human-scored items next to their images.
+"""A FIRM-Bench style folder: a JSONL file of human-scored items per split, next to their images.
 
-Editing lines name the dimension they rate (execution or consistency) and carry the human
-score; generation lines carry a difficulty (easy or hard) and the human instruction-following
-score. Column names are configurable, image paths are relative to the image root.
+Each line carries the item's images and text, the group it is reported in (for the editing split
+the dimension it rates, for the generation split its difficulty) and the human score. The columns
+are each split's (`training.bench.splits`); their names are configurable, image paths are
+relative to the image root.
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.bench.splits import Split
 from training.manifest import ManifestError, read_manifest
-
-EDIT_FIELDS = ("source", "edited", "instruction", "dimension", "human")
-GEN_FIELDS = ("image", "prompt", "requirement", "difficulty", "human")
-EDIT_GROUPS = ("execution", "consistency")
-GEN_GROUPS = ("easy", "hard")
 
 
 @dataclass(frozen=True)
 class BenchItem:
-    """One human judgement: `group` is execution/consistency (edit) or easy/hard (gen)."""
+    """One human judgement: `group` is one of its split's groups (execution, easy, ...)."""
 
     id: str
     task: str
@@ -48,36 +45,22 @@ def _group(value: object, allowed: tuple[str, ...], where: str) -> str:
     return group
 
 
-def load_edit_items(path: Path, fields: dict[str, str], image_root: Path, id_field: str = "id") -> list[BenchItem]:
+def load_split(
+    split: Split, path: Path, fields: dict[str, str], image_root: Path, id_field: str = "id"
+) -> list[BenchItem]:
+    """The items of one split's file; `fields` maps the split's columns to the file's."""
     items = []
-    for row in read_manifest(path, fields, ("source", "edited", "instruction", "dimension", "human"), id_field):
+    for row in read_manifest(path, fields, split.required, id_field):
         where = f"{path}:{row.line}"
         items.append(
             BenchItem(
                 id=row.id,
-                task="edit",
-                group=_group(row.values["dimension"], EDIT_GROUPS, f"{where}: {fields['dimension']}"),
+                task=split.task,
+                group=_group(row.values[split.group], split.groups, f"{where}: {fields[split.group]}"),
                 human=_human(row.values["human"], where),
-                images=(row.image("source", image_root), row.image("edited", image_root)),
-                text=row.text("instruction") or "",
-            )
-        )
-    return items
-
-
-def load_gen_items(path: Path, fields: dict[str, str], image_root: Path, id_field: str = "id") -> list[BenchItem]:
-    items = []
-    for row in read_manifest(path, fields, ("image", "prompt", "difficulty", "human"), id_field):
-        where = f"{path}:{row.line}"
-        items.append(
-            BenchItem(
-                id=row.id,
-                task="gen",
-                group=_group(row.values["difficulty"], GEN_GROUPS, f"{where}: {fields['difficulty']}"),
-                human=_human(row.values["human"], where),
-                images=(row.image("image", image_root),),
-                text=row.text("prompt") or "",
-                requirement=row.text("requirement"),
+                images=tuple(row.image(column, image_root) for column in split.images),
+                text=row.text(split.text) or "",
+                requirement=row.text(split.requirement) if split.requirement else None,
             )
         )
     return items

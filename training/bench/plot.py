@@ -13,14 +13,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from training.bench.data import BenchItem
 from training.bench.scoring import Prediction
+from training.bench.splits import SPLITS
 
 CELL, MARGIN, TITLE = 44, 48, 28
-PANELS = (
-    ("edit", "execution", "Edit: execution"),
-    ("edit", "consistency", "Edit: consistency"),
-    ("gen", "easy", "Gen: easy"),
-    ("gen", "hard", "Gen: hard"),
-)
+# (task, group, title) of each panel, split by split
+PANELS = tuple((s.task, group, f"{s.label}: {group}") for s in SPLITS for group in s.groups)
 
 
 def confusion(items: Sequence[BenchItem], predictions: Sequence[Prediction], task: str, group: str) -> list[list[int]]:

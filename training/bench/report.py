@@ -15,23 +15,11 @@ from typing import Any
 
 from training.bench.data import BenchItem
 from training.bench.scoring import Prediction
+from training.bench.splits import SPLITS
 
-COLUMNS = (
-    ("edit", "execution", "Execution"),
-    ("edit", "consistency", "Consistency"),
-    ("edit", "overall", "Overall"),
-    ("gen", "easy", "Easy"),
-    ("gen", "hard", "Hard"),
-    ("gen", "overall", "Overall"),
-)
-# FIRM-Bench MAE reported in the paper (arXiv 2603.12247); None where it gives no figure.
-PAPER = {
-    "GPT-5 (paper)": {"edit": {"execution": 0.62, "consistency": 0.73, "overall": 0.67}, "gen": {"overall": 0.52}},
-    "FIRM-8B (paper)": {
-        "edit": {"execution": 0.53, "consistency": 0.73, "overall": 0.62},
-        "gen": {"easy": 0.45, "hard": 0.57, "overall": 0.51},
-    },
-}
+# (task, group, title) of each figure of the table, split by split; "overall" is every item of the split
+COLUMNS = tuple((s.task, group, group.capitalize()) for s in SPLITS for group in (*s.groups, "overall"))
+CELL = 13  # the width of a column of the table
 
 
 def mae(pairs: Iterable[tuple[float, float]]) -> float | None:
@@ -43,15 +31,15 @@ def mae(pairs: Iterable[tuple[float, float]]) -> float | None:
 def metrics(items: Sequence[BenchItem], predictions: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
     """Per task and group (and overall): MAE, items scored, items failed."""
     out: dict[str, dict[str, Any]] = {}
-    for task, groups in (("edit", ("execution", "consistency")), ("gen", ("easy", "hard"))):
-        chosen = [(i, p) for i, p in zip(items, predictions, strict=True) if i.task == task]
+    for split in SPLITS:
+        chosen = [(i, p) for i, p in zip(items, predictions, strict=True) if i.task == split.task]
         if not chosen:
             continue
-        out[task] = {}
-        for group in (*groups, "overall"):
+        out[split.task] = {}
+        for group in (*split.groups, "overall"):
             members = [(i, p) for i, p in chosen if group in ("overall", i.group)]
             scored = [(p.value, i.human) for i, p in members if p.value is not None]
-            out[task][group] = {"mae": mae(scored), "scored": len(scored), "failed": len(members) - len(scored)}
+            out[split.task][group] = {"mae": mae(scored), "scored": len(scored), "failed": len(members) - len(scored)}
     return out
 
 
@@ -60,22 +48,26 @@ def _cell(value: float | None) -> str:
 
 
 def table(figures: dict[str, dict[str, Any]], label: str) -> str:
-    """The paper's layout: editing execution / consistency / overall, generation easy / hard / overall."""
+    """The paper's layout: a block per split (its groups, then overall), the paper's models above this one."""
+    paper = {split.task: split.paper for split in SPLITS}
     rows: list[tuple[str, list[str]]] = []
-    for name, paper in PAPER.items():
-        rows.append((name, [_cell(paper.get(task, {}).get(group)) for task, group, _ in COLUMNS]))
+    for name in dict.fromkeys(name for split in SPLITS for name in split.paper):
+        rows.append((name, [_cell(paper[task].get(name, {}).get(group)) for task, group, _ in COLUMNS]))
     ours = [_cell(figures.get(task, {}).get(group, {}).get("mae")) for task, group, _ in COLUMNS]
     rows.append((label, ours))
     width = max(len(name) for name, _ in rows) + 2
-    header1 = " " * width + f"{'FIRM-Bench-Edit (MAE, lower is better)':<{3 * 13}}" + "FIRM-Bench-Gen (MAE)"
-    header2 = (f"{'Model':<{width}}" + "".join(f"{title:<13}" for _, _, title in COLUMNS)).rstrip()
-    lines = [header1, header2, "-" * len(header2)]
-    lines += [(f"{name:<{width}}" + "".join(f"{cell:<13}" for cell in cells)).rstrip() for name, cells in rows]
+    header1 = " " * width
+    for n, split in enumerate(SPLITS):
+        title = f"{split.title} (MAE, lower is better)" if n == 0 else f"{split.title} (MAE)"
+        header1 += f"{title:<{(len(split.groups) + 1) * CELL}}"
+    header2 = (f"{'Model':<{width}}" + "".join(f"{title:<{CELL}}" for _, _, title in COLUMNS)).rstrip()
+    lines = [header1.rstrip(), header2, "-" * len(header2)]
+    lines += [(f"{name:<{width}}" + "".join(f"{cell:<{CELL}}" for cell in cells)).rstrip() for name, cells in rows]
     counts = []
-    for task in ("edit", "gen"):
-        if task in figures:
-            overall = figures[task]["overall"]
-            counts.append(f"{task}: {overall['scored']} scored, {overall['failed']} failed")
+    for split in SPLITS:
+        if split.task in figures:
+            overall = figures[split.task]["overall"]
+            counts.append(f"{split.task}: {overall['scored']} scored, {overall['failed']} failed")
     lines.append("items: " + "; ".join(counts) + " (failed items are left out of every MAE)")
     return "\n".join(lines)
 

@@ -1,8 +1,9 @@
 """Score bench items through a critic: a running server (the client) or an in-process service.
 
-Both expose `score_edits` and `score_generations` with the client's arguments and return the
-protocol's responses, so the bench has one code path. An editing pair rated on both dimensions is
-scored once. An item the critic failed on keeps its error and no score: it is counted, never 0.
+Both expose the client's scoring methods and return the protocol's responses, so the bench has one
+code path; each split says which method its items take. Items with the same inputs (an editing
+pair rated on both dimensions) are scored once. An item the critic failed on keeps its error and
+no score: it is counted, never 0.
 
 A request that fails fails its chunk's items only, and the run goes on. A task whose critic is
 switched off is skipped as a whole. An error no later request can escape (a refused API key, no
@@ -23,6 +24,7 @@ from clients.protocol import (
     ScoreMode,
 )
 from training.bench.data import BenchItem
+from training.bench.splits import SPLITS, Split
 
 FATAL = (Unauthorized, NoServerAvailable)  # every later request would fail the same way
 
@@ -75,46 +77,30 @@ def _chunk_failed(exc: FirmError) -> Prediction:
 Done = dict[int, Prediction]  # position of the item in the bench -> its prediction
 
 
-async def _score_edit_items(
-    scorer: AsyncRewardClient, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
+async def _score_split(
+    scorer: AsyncRewardClient,
+    split: Split,
+    items: Sequence[tuple[int, BenchItem]],
+    mode: ScoreMode,
+    chunk: int,
+    done: Done,
 ) -> None:
-    pairs: dict[tuple[Path, Path, str], list[tuple[int, BenchItem]]] = {}
+    same: dict[tuple[tuple[Path, ...], str, str | None], list[tuple[int, BenchItem]]] = {}
     for n, item in items:
-        pairs.setdefault((item.images[0], item.images[1], item.text), []).append((n, item))
-    keys = list(pairs)
+        same.setdefault((item.images, item.text, item.requirement), []).append((n, item))
+    keys = list(same)
     for start in range(0, len(keys), chunk):
         part = keys[start : start + chunk]
         try:
-            reply = await scorer.score_edits(
-                [k[0] for k in part], [k[1] for k in part], [k[2] for k in part], score_mode=mode, return_reasoning=True
-            )
+            reply = await split.request(scorer, [same[key][0][1] for key in part], mode)
         except FirmError as exc:
             failed = _chunk_failed(exc)
-            done.update((n, failed) for key in part for n, _ in pairs[key])
+            done.update((n, failed) for key in part for n, _ in same[key])
             continue
         for key, result in zip(part, reply.results, strict=True):
-            done.update((n, _prediction(getattr(result, item.group), result.error, mode)) for n, item in pairs[key])
-
-
-async def _score_gen_items(
-    scorer: AsyncRewardClient, items: Sequence[tuple[int, BenchItem]], mode: ScoreMode, chunk: int, done: Done
-) -> None:
-    for start in range(0, len(items), chunk):
-        part = items[start : start + chunk]
-        try:
-            reply = await scorer.score_generations(
-                [i.images[0] for _, i in part],
-                [i.text for _, i in part],
-                requirements=[i.requirement for _, i in part],
-                score_mode=mode,
-                return_reasoning=True,
+            done.update(
+                (n, _prediction(getattr(result, split.dimension(item)), result.error, mode)) for n, item in same[key]
             )
-        except FirmError as exc:
-            failed = _chunk_failed(exc)
-            done.update((n, failed) for n, _ in part)
-            continue
-        for (n, _), result in zip(part, reply.results, strict=True):
-            done[n] = _prediction(result.instruction_following, result.error, mode)
 
 
 async def score_items(
@@ -127,7 +113,8 @@ async def score_items(
     """Score every item of the tasks in `served` (default: all), at most `chunk` items a request."""
     scores = BenchScores(predictions=[])
     done: Done = {}
-    for task, score in (("edit", _score_edit_items), ("gen", _score_gen_items)):
+    for split in SPLITS:
+        task = split.task
         group = [(n, item) for n, item in enumerate(items) if item.task == task]
         if not group:
             continue
@@ -135,7 +122,7 @@ async def score_items(
             scores.skipped[task] = f"the {task} critic is switched off on this server"
             continue
         try:
-            await score(scorer, group, mode, chunk, done)
+            await _score_split(scorer, split, group, mode, chunk, done)
         except _TaskSkipped as exc:
             scores.skipped[task] = str(exc)
         except BenchAborted as exc:
