@@ -117,11 +117,18 @@ def test_readme_links_land_on_pages_and_headings(site: Path) -> None:
             assert f'id="{anchor}"' in html.read_text(), f"{target}#{anchor}"
 
 
-def test_design_notes_say_where_a_critic_goes() -> None:
+def test_one_page_says_where_a_critic_goes() -> None:
+    """The page names every table a new critic needs an entry in, and every file it names exists."""
+    page = (DOCS / "adding-a-critic.md").read_text()
+    for place in ("clients/protocol.py", "clients/tasks.py", "server/tasks.py", "server/judges/__init__.py"):
+        assert f"`{place}`" in page, place
+    assert "`server/judges/templates/`" in page
+    named = set(re.findall(r"`((?:clients|server|rl_workers|training|tests|docs)/[\w/.]+)`", page))
+    assert named, "the page names no file"
+    for path in named:
+        assert (ROOT / path).exists(), path
     design = (DOCS / "design.md").read_text()
-    section = design.split("## Adding a critic", 1)[1].split("\n## ", 1)[0]
-    for place in ("clients/tasks.py", "server/tasks.py", "server/judges/templates/"):
-        assert place in section, place
+    assert "(adding-a-critic.md)" in design.split("## Adding a critic", 1)[1].split("\n## ", 1)[0]
 
 
 def test_ci_runs_the_readme_test_command_and_the_docs_build() -> None:
