@@ -1,12 +1,14 @@
 """The Ray Serve application on a local Ray cluster: two replicas of the tiny critic.
 
-What a user scaling out relies on: requests spread over the replicas (each answer names its
-replica), every route answers exactly as a plain `firm-serve` does, each replica's metrics are
-visible with its identity, split critics are routed by path, a replica killed under load is
-replaced while the ingress (or the client's retries) loses no request, and overload is refused
-with 429. The failure tests run on the simulated engine of `bench/sim_engine.py`: replicas start
-in a second and every engine call takes half a second, so a kill reliably catches requests in
-flight. The parts that need no cluster are in test_ray_parts.py.
+What a user scaling out relies on: the API's contract holds (test_contract.py's checks, run here
+against the application), requests spread over the replicas (each answer names its replica), the
+scoring routes answer exactly as a plain `firm-serve` does, each replica's metrics are visible
+with its identity, split critics are routed by path, a replica killed under load is replaced
+while the ingress (or the client's retries) loses no request, and overload is refused with 429.
+The failure tests and the contract's limited deployment run on the simulated engine of
+`bench/sim_engine.py`: replicas start in a second and every engine call takes half a second, so
+a kill reliably catches requests in flight. The parts that need no cluster are in
+test_ray_parts.py.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from clients.retry import RetryPolicy  # noqa: E402
 from deploy.ray.app import build_app  # noqa: E402
 from deploy.ray.settings import RaySettings  # noqa: E402
 from tests.support import b64, free_port, metric_value, picture  # noqa: E402
+from tests.test_contract import BODIES, LIMITED, Contract, Target  # noqa: E402
 
 RAY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ray"
 APP, SPLIT_APP = "firm", "firm-split"
@@ -42,6 +45,7 @@ SIM_APPS: dict[str, dict[str, Any]] = {
     "firm-kill": {"min_replicas": 2, "max_replicas": 2, "forward_attempts": 1},  # a dying replica's requests: 503
     "firm-resend": {"min_replicas": 2, "max_replicas": 2},  # the default forward_attempts: sent on
     "firm-busy": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+    "firm-limited": {"server": {**SIM_SERVER, **LIMITED}},  # the contract's limited deployment
 }
 
 
@@ -71,7 +75,7 @@ def sim_urls(ray_cluster: int) -> dict[str, str]:
     while the tiny critic loads. Their replicas reserve no CPU, so they never hold back the others."""
     targets = []
     for name, layout in SIM_APPS.items():
-        settings = RaySettings(server=SIM_SERVER, num_gpus=0, num_cpus=0, ingress_num_cpus=0, **layout)
+        settings = RaySettings(**{"server": SIM_SERVER, **layout}, num_gpus=0, num_cpus=0, ingress_num_cpus=0)
         targets.append(serve.RunTarget(build_app(settings), name=name, route_prefix=f"/{name}"))
     serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     return {name: f"http://127.0.0.1:{ray_cluster}/{name}" for name in SIM_APPS}
@@ -102,6 +106,13 @@ def _sim_url(sim_urls: dict[str, str], app: str) -> str:
     return sim_urls[app]
 
 
+class TestRayContract(Contract):
+    @pytest.fixture(scope="class")
+    def target(self, ray_url: str, sim_urls: dict[str, str]) -> Target:
+        why = "Ray Serve routes only to loaded replicas and serves no admin routes; its 503s: test_ray_parts.py"
+        return Target(url=ray_url, limited_url=_sim_url(sim_urls, "firm-limited"), not_ready_absent=why)
+
+
 def _unique_picture(colour: str, serial: int) -> Image.Image:
     """A square of `colour` with one pixel set from `serial`: no judge call repeats, so no cache answers."""
     image = picture(colour)
@@ -111,32 +122,6 @@ def _unique_picture(colour: str, serial: int) -> Image.Image:
 
 def _unique(colour: str, serial: int) -> str:
     return encode(_unique_picture(colour, serial))
-
-
-BODIES: dict[str, dict[str, Any]] = {
-    "/v1/edit/score": {
-        "items": [
-            {"id": "done", "source": b64("blue"), "edited": b64("red"), "instruction": "Make the square red."},
-            {"id": "unchanged", "source": b64("blue"), "edited": b64("blue"), "instruction": "Make the square red."},
-            {"id": "broken", "source": b64("blue"), "edited": "bm90IGFuIGltYWdl", "instruction": "Paint it red."},
-        ],
-        "return_reasoning": True,
-    },
-    "/v1/edit/score_group": {
-        "source": b64("green"),
-        "instruction": "Make the square orange.",
-        "candidates": [b64("orange"), b64("green"), b64("yellow")],
-        "score_mode": "expected",
-    },
-    "/v1/gen/score": {
-        "items": [
-            {"id": "a", "image": b64("red"), "prompt": "a red square"},
-            {"id": "b", "image": b64("purple"), "prompt": "a yellow square", "requirement": "flat colours"},
-        ],
-        "return_reasoning": True,
-    },
-    "/v1/gen/score_group": {"prompt": "a blue square", "images": [b64("blue"), b64("orange")]},
-}
 
 
 def _rounded(value: Any) -> Any:
@@ -197,27 +182,19 @@ def test_scoring_routes_answer_as_the_plain_server(ray_url: str, server_url: str
     assert scaled.headers[REPLICA_HEADER].startswith("FirmCritic#")
 
 
-def test_status_and_errors_answer_as_the_plain_server(ray_url: str, server_url: str) -> None:
-    for path in ("/readyz", "/healthz", "/v1/models"):
-        plain, scaled = httpx.get(f"{server_url}{path}"), httpx.get(f"{ray_url}{path}")
-        assert (scaled.status_code, scaled.json()) == (plain.status_code, plain.json()), path
-    bad = {"items": [{"image": b64("red")}]}  # no prompt
-    plain, scaled = httpx.post(f"{server_url}/v1/gen/score", json=bad), httpx.post(f"{ray_url}/v1/gen/score", json=bad)
-    assert scaled.status_code == plain.status_code == 422
-    assert scaled.json()["error"]["code"] == plain.json()["error"]["code"]
-
-
 def test_metrics_show_every_replica_with_its_identity(ray_url: str) -> None:
     replicas = set(_critic_actors())
     assert {name.split("#")[1] for name in _both_replicas_answer(ray_url, serial=1000)} == replicas
     deadline = time.monotonic() + WAIT_S
     while True:  # each replica shares its series every second
         page = httpx.get(f"{ray_url}/metrics").text
-        labelled = {r for r in replicas if metric_value(page, "firm_requests_total", replica=r) > 0}
-        if labelled == replicas or time.monotonic() > deadline:
+        labelled = {r for r in replicas if metric_value(page, "firm_items_total", replica=r) > 0}
+        requests = metric_value(page, "firm_requests_total", deployment="FirmIngress", route="/v1/gen/score")
+        if (labelled == replicas and requests >= 8) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert labelled == replicas
+    assert labelled == replicas, "each critic replica's scoring, labelled with the replica"
+    assert requests >= 8, "the HTTP requests, counted where they arrive"
     assert REPLICA_HEADER not in httpx.get(f"{ray_url}/metrics").headers, "the page is every replica's, not one's"
     names = [family.name for family in text_string_to_metric_families(page)]
     assert len(names) == len(set(names)), "each metric family appears once, merged over the replicas"

@@ -1,5 +1,6 @@
 """The Ray Serve application's parts without a cluster: shipped configs, health checks, API-key
-requirement, the metrics board's logging and the ingress's body handling."""
+requirement, the metrics board's logging, and the ingress app over stand-in critic deployments
+(body handling, readiness of split critics, refusals from the critics and from Ray)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,35 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
+import httpx  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
+from ray.exceptions import RayActorError  # noqa: E402
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError  # noqa: E402
 
+from clients.protocol import GenScoreRequest, GenScoreResponse  # noqa: E402
+from clients.tasks import TASKS  # noqa: E402
 from deploy.ray.app import build  # noqa: E402
-from deploy.ray.critic import CriticUnhealthy, FirmCritic, MissingApiKeys, replica_settings  # noqa: E402
-from deploy.ray.forwarding import Answer, Forwarded  # noqa: E402
-from deploy.ray.router import PathRouter  # noqa: E402
-from server.scoring import DISABLED, DRAINING, FAILED, LOADING, READY, SLEEPING, UNHEALTHY  # noqa: E402
+from deploy.ray.calls import Call, Outcome, Refusal  # noqa: E402
+from deploy.ray.critic import CriticUnhealthy, FirmCritic  # noqa: E402
+from deploy.ray.metrics import share_metrics  # noqa: E402
+from deploy.ray.router import CriticPool, ingress_app  # noqa: E402
+from deploy.ray.settings import MissingApiKeys, served_settings  # noqa: E402
+from server.errors import NotReady  # noqa: E402
+from server.images import ImageTooLarge  # noqa: E402
+from server.lifecycle import ModelState  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
 from server.security import is_loopback  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+LOADING, READY, FAILED, DISABLED = ModelState.LOADING, ModelState.READY, ModelState.FAILED, ModelState.DISABLED
+SLEEPING, UNHEALTHY, DRAINING = ModelState.SLEEPING, ModelState.UNHEALTHY, ModelState.DRAINING
 
 RAY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ray"
 
@@ -52,14 +67,14 @@ def test_shipped_serve_configs_deploy_this_application(name: str, config: dict[s
         assert all(a.get("args", {}).get("require_api_keys") for a in config["applications"]), name
 
 
-def test_replicas_refuse_to_start_without_required_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_ingress_refuses_to_start_without_required_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FIRM_API_KEYS", raising=False)
     monkeypatch.delenv("FIRM_API_KEY_FILE", raising=False)
     server = {"tiny": True}
-    assert replica_settings(server, require_api_keys=False).key_ring().enabled is False
+    assert served_settings(server, require_api_keys=False).key_ring().enabled is False
     with pytest.raises(MissingApiKeys):
-        replica_settings(server, require_api_keys=True)
-    keyed = replica_settings({**server, "api_keys": "trainer:0123456789abcdef"}, require_api_keys=True)
+        served_settings(server, require_api_keys=True)
+    keyed = served_settings({**server, "api_keys": "trainer:0123456789abcdef"}, require_api_keys=True)
     assert keyed.key_ring().enabled
 
 
@@ -131,18 +146,15 @@ class _FlakyBoard:
 
 
 def test_board_outage_logs_one_traceback_then_one_line_per_push(caplog: pytest.LogCaptureFixture) -> None:
-    critic = object.__new__(_BareCritic)
-    critic.identity, critic.push_interval_s = "FirmCritic#test", 0.0
-    critic.app = SimpleNamespace(state=SimpleNamespace(metrics=SimpleNamespace(registry=CollectorRegistry())))
-    critic.board = _FlakyBoard([False, False, False, True, False, False])
+    board = _FlakyBoard([False, False, False, True, False, False])
 
     async def run() -> None:
-        pushing = asyncio.create_task(critic._share_metrics())
-        await asyncio.wait_for(critic.board.done.wait(), timeout=10)
+        pushing = asyncio.create_task(share_metrics(board, "FirmCritic#test", CollectorRegistry(), 0.0))  # type: ignore[arg-type]
+        await asyncio.wait_for(board.done.wait(), timeout=10)
         pushing.cancel()
         await asyncio.gather(pushing, return_exceptions=True)
 
-    with caplog.at_level(logging.INFO, logger="deploy.ray.critic"):
+    with caplog.at_level(logging.INFO, logger="deploy.ray.metrics"):
         asyncio.run(run())
     failures = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(failures) == 5
@@ -150,35 +162,120 @@ def test_board_outage_logs_one_traceback_then_one_line_per_push(caplog: pytest.L
     assert sum("again" in r.getMessage() for r in caplog.records) == 1
 
 
-class _FakeHandle:
-    """A deployment handle that records what it is asked to forward."""
+class _Method:
+    """One method of a stand-in deployment handle: `remote` records the call and answers from `answer`."""
 
-    deployment_name = "FirmCritic"
+    def __init__(self, answer: Any) -> None:
+        self.answer, self.calls = answer, []
 
-    def __init__(self) -> None:
-        self.forwarded: list[Forwarded] = []
-        self.forward = self
+    async def remote(self, *args: Any) -> Any:
+        self.calls.append(args)
+        answer = self.answer(*args) if callable(self.answer) else self.answer
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-    async def remote(self, request: Forwarded) -> Answer:
-        self.forwarded.append(request)
-        return Answer(200, [], b"{}")
+
+class _Deployment:
+    """A stand-in critic deployment handle: its replicas' states, cards and scoring outcome."""
+
+    def __init__(self, name: str, states: dict[str, str], score: Any = None) -> None:
+        self.deployment_name = name
+        self.states, self.cards, self.score = _Method(states), _Method([]), _Method(score)
 
 
-def test_ingress_forwards_nothing_when_the_client_leaves_during_the_upload() -> None:
-    critic = _FakeHandle()
-    router = PathRouter({"edit": critic, "gen": critic}, board=_FakeHandle(), max_body_bytes=1 << 20, attempts=2)  # type: ignore[arg-type]
-    scope = {"type": "http", "method": "POST", "path": "/v1/gen/score", "headers": [], "client": ("127.0.0.1", 1)}
+def _ingress(*deployments: _Deployment, settings: Settings | None = None) -> FastAPI:
+    """The ingress app over stand-in critics: each task served by the deployment whose states enable it."""
+    critics = {
+        task: next((d for d in deployments if d.states.answer[task] != DISABLED), deployments[0]) for task in TASKS
+    }
+
+    async def page() -> bytes:
+        return b""
+
+    return ingress_app(CriticPool(critics, attempts=2), settings or Settings(tiny=True), Metrics(), page)  # type: ignore[arg-type]
+
+
+def _get(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress") as http:
+            return await http.request("POST" if "json" in kwargs else "GET", path, **kwargs)
+
+    return asyncio.run(ask())
+
+
+GEN_BODY = {"items": [{"image": "eA==", "prompt": "a red square"}]}
+
+
+def test_the_ingress_scores_nothing_when_the_client_leaves_during_the_upload() -> None:
+    critic = _Deployment("FirmCritic", {"edit": READY, "gen": READY})
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/gen/score",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "query_string": b"",
+    }
     messages = [{"type": "http.request", "body": b'{"items": [', "more_body": True}, {"type": "http.disconnect"}]
-    sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return messages.pop(0)
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+        pass
 
-    asyncio.run(router(scope, receive, send))
-    assert critic.forwarded == [] and sent == []
+    asyncio.run(_ingress(critic)(scope, receive, send))
+    assert critic.score.calls == []
+
+
+def test_readiness_of_split_critics_comes_from_each_tasks_deployment() -> None:
+    edit = _Deployment("FirmEditCritic", {"edit": READY, "gen": DISABLED})
+    gen = _Deployment("FirmGenCritic", {"edit": DISABLED, "gen": LOADING})
+    response = _get(_ingress(edit, gen), "/readyz")
+    assert (response.status_code, response.json()) == (
+        503,
+        {"ready": False, "models": {"edit": "ready", "gen": "loading"}},
+    )
+    gen.states.answer = {"edit": DISABLED, "gen": READY}
+    assert _get(_ingress(edit, gen), "/readyz").json() == {"ready": True, "models": {"edit": "ready", "gen": "ready"}}
+
+
+def test_a_critics_answer_and_refusals_are_answered_as_firm_serve_does() -> None:
+    answer = GenScoreResponse.model_validate(
+        {"model": {"name": "tiny"}, "score_mode": "argmax", "weights": {"w1": 0.4, "w2": 0.6}, "results": []}
+    )
+    critic = _Deployment("FirmCritic", {"edit": READY, "gen": READY}, Outcome("FirmCritic#a", response=answer))
+    scored = _get(_ingress(critic), "/v1/gen/score", json=GEN_BODY, headers={"X-Request-ID": "parts-1"})
+    assert scored.status_code == 200 and scored.headers["x-firm-replica"] == "FirmCritic#a"
+    (call,) = critic.score.calls[0]
+    assert isinstance(call, Call) and isinstance(call.request, GenScoreRequest) and call.request_id == "parts-1"
+
+    for error, status, code in (
+        (NotReady("the gen model is sleeping", retry_after=30), 503, "not_ready"),
+        (ImageTooLarge("items[0].image", "48000000 pixels", 40_000_000), 413, "image_too_large"),
+    ):
+        critic.score.answer = Outcome("FirmCritic#b", refusal=Refusal.of(error))
+        refused = _get(_ingress(critic), "/v1/gen/score", json=GEN_BODY)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (status, code)
+        assert refused.json()["error"]["message"] == str(error) and refused.headers["x-firm-replica"] == "FirmCritic#b"
+    assert refused.json()["error"]["limit"] == 40_000_000
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (RayActorError(), 503, "replica_lost"),  # on every attempt
+        (BackPressureError(num_queued_requests=1, max_queued_requests=1), 429, "overloaded"),
+        (DeploymentUnavailableError("FirmCritic"), 503, "not_ready"),  # type: ignore[arg-type]
+    ],
+)
+def test_ray_failures_are_refused_with_retry_after(failure: Exception, status: int, code: str) -> None:
+    critic = _Deployment("FirmCritic", {"edit": READY, "gen": READY}, failure)
+    refused = _get(_ingress(critic), "/v1/gen/score", json=GEN_BODY)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (status, code)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert len(critic.score.calls) == (2 if code == "replica_lost" else 1), "only a lost replica's call is sent again"
 
 
 def test_settings_reach_the_critic_deployments() -> None:

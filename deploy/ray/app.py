@@ -3,9 +3,10 @@
     serve run deploy/ray/serve_config.yaml                 # a config file (see deploy/ray/README.md)
     serve run deploy.ray.app:build num_gpus=1 max_replicas=4
 
-Both critics in every replica (the default) give one deployment, `FirmCritic`; `split: true`
-gives `FirmEditCritic` and `FirmGenCritic`, each with its own replicas. `FirmIngress` routes by
-path, and `FirmMetricsBoard` gathers every replica's metrics for `/metrics`.
+Every critic in every replica (the default) gives one deployment, `FirmCritic`; `split: true`
+gives each task's critic a deployment of its own (`FirmEditCritic`, `FirmGenCritic`, ...), each
+with its own replicas. `FirmIngress` serves the HTTP API and sends each scoring request to its
+task's deployment, and `FirmMetricsBoard` gathers every replica's metrics for `/metrics`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from typing import Any
 
 from ray.serve.deployment import Application
 
+from clients.tasks import TASKS
 from deploy.ray.critic import FirmCritic
 from deploy.ray.metrics import MetricsBoard
 from deploy.ray.router import FirmIngress
 from deploy.ray.settings import RaySettings
 
-CRITIC_NAMES = {None: "FirmCritic", "edit": "FirmEditCritic", "gen": "FirmGenCritic"}
+
+def critic_name(task: str | None) -> str:
+    """The deployment name of `task`'s critic, or of the one serving every critic (`task` None)."""
+    return f"Firm{(task or '').capitalize()}Critic"
 
 
 def build(args: dict[str, Any]) -> Application:
@@ -31,10 +36,11 @@ def build_app(settings: RaySettings) -> Application:
     board = MetricsBoard.options(name="FirmMetricsBoard").bind(stale_after_s=3 * settings.metrics_push_interval_s)
     if settings.split:
         deployments = {task: _critic(settings, task, board) for task in settings.critic_tasks()}
-        critics = {task: deployments.get(task) or next(iter(deployments.values())) for task in ("edit", "gen")}
+        first = next(iter(deployments.values()))  # answers for a switched-off task: it is switched off there too
+        critics = {task: deployments.get(task, first) for task in TASKS}
     else:
         critic = _critic(settings, None, board)
-        critics = {"edit": critic, "gen": critic}
+        critics = {task: critic for task in TASKS}
     ingress = FirmIngress.options(
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
@@ -43,16 +49,17 @@ def build_app(settings: RaySettings) -> Application:
     return ingress.bind(
         critics,
         board,
-        max_body_bytes=settings.critic_settings().max_body_bytes,
+        settings.critic_overrides(),
         attempts=settings.forward_attempts,
+        require_api_keys=settings.require_api_keys,
+        push_interval_s=settings.metrics_push_interval_s,
     )
 
 
 def _critic(settings: RaySettings, task: str | None, board: Application) -> Application:
-    """One critic deployment: both critics (`task` None) or one, autoscaled on requests in flight."""
-    server = settings.critic_overrides(task)
+    """One critic deployment: every critic (`task` None) or one, autoscaled on requests in flight."""
     deployment = FirmCritic.options(
-        name=CRITIC_NAMES[task],
+        name=critic_name(task),
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         autoscaling_config=settings.autoscaling(),
         max_ongoing_requests=settings.max_ongoing_requests,
@@ -62,8 +69,5 @@ def _critic(settings: RaySettings, task: str | None, board: Application) -> Appl
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
     )
     return deployment.bind(
-        server,
-        board=board,
-        push_interval_s=settings.metrics_push_interval_s,
-        require_api_keys=settings.require_api_keys,
+        settings.critic_overrides(task), board=board, push_interval_s=settings.metrics_push_interval_s
     )

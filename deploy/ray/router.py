@@ -1,49 +1,157 @@
-"""The HTTP ingress of the Ray application: routes each request by path to a critic deployment.
+"""The HTTP ingress of the Ray application: `firm-serve`'s own app over the critic deployments.
 
-`/v1/edit/*` goes to the deployment serving the editing critic and `/v1/gen/*` to the one
-serving generation (the same deployment unless the critics are split). `/readyz` and
-`/v1/models` ask every deployment and merge the answers; `/metrics` answers with the metrics
-board's pages (each replica's as of its last push); every other path (`/healthz`, the API
-docs) goes to the first deployment, whose app answers it as `firm-serve` does, 404 included.
+The ingress serves the server's app (`server.app.serving_app`): the same middleware (request
+ids, metrics, keys, body limit), the same route table and the same error mapping, so every
+route answers as `firm-serve` does. Only the scoring service behind the routes differs: a
+`CriticPool`, which sends each scoring request to the deployment serving its task (the same
+deployment for every task unless the critics are split) and gathers `/readyz` and `/v1/models`
+from every deployment. `/metrics` answers with the metrics board's pages (each replica's as of
+its last push). The admin routes answer 404: replicas scale instead of sleeping.
 
 A critic replica that dies under a request is the one failure the ingress absorbs: scoring is
 idempotent, so the request is sent again (another replica takes it) and, when the attempts run
 out, answered 503 with Retry-After, which clients retry. Ray's own answer would be a 500, which
 means a bug and is never retried. When `max_queued_requests` requests already wait for a free
 critic replica, the next is answered 429 with Retry-After rather than queued without end.
-A client that disconnects before its body has arrived gets nothing forwarded: a truncated body
-must not be scored.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any
 
-from pydantic import ValidationError
+from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clients.protocol import ModelsResponse, ReadinessResponse
-from deploy.ray.forwarding import REPLICA_HEADER, Answer, Forwarded
-from server.errors import error_response
-from server.scoring import DISABLED
+from clients.protocol import ModelCard, ScoringRequest, ScoringResponse
+from deploy.ray.calls import REPLICA_HEADER, Call, Outcome
+from deploy.ray.metrics import labelled_registry, share_metrics
+from deploy.ray.settings import served_settings
+from server.app import serving_app
+from server.errors import NotReady, Overloaded, ServiceError
+from server.metrics import Metrics
+from server.routes import MetricsPage
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ADMIN_PREFIX = "/v1/admin/"
 RETRY_AFTER_S = 1.0
+_NO_ADMIN = "admin routes are not served through Ray Serve: replicas scale instead of sleeping"
+_answered_by: ContextVar[list[str] | None] = ContextVar("answered_by", default=None)
 
 
-class BodyTooLarge(Exception):
-    """The request body passed the limit while it streamed in."""
+class ReplicaLost(ServiceError):
+    status, code = 503, "replica_lost"
 
 
-class ClientGone(Exception):
-    """The client disconnected before its whole body arrived."""
+class NotServed(ServiceError):
+    status, code = 404, "not_found"
+
+
+class CriticPool:
+    """The scoring service as the ingress sees it: the service's API over the critic deployments."""
+
+    def __init__(self, critics: Mapping[str, DeploymentHandle], attempts: int) -> None:
+        self.critics, self.attempts = critics, attempts
+        by_name = {handle.deployment_name: handle for handle in critics.values()}
+        self.deployments = list(by_name.values())  # each distinct deployment once, in task order
+
+    async def score(self, request: ScoringRequest) -> ScoringResponse:
+        """Score on the deployment serving the request's task; the replica that did is named in the answer."""
+        outcome: Outcome = await self._ask(self.critics[request.task], "score", Call.here(request))
+        if (named := _answered_by.get()) is not None:
+            named.append(outcome.replica)
+        return outcome.result()
+
+    async def states(self) -> dict[str, str]:
+        """Each task's state, from the deployment that serves it."""
+        answers = await asyncio.gather(*(self._ask(deployment, "states") for deployment in self.deployments))
+        by_name = {
+            deployment.deployment_name: states for deployment, states in zip(self.deployments, answers, strict=True)
+        }
+        return {task: by_name[handle.deployment_name][task] for task, handle in self.critics.items()}
+
+    async def cards(self) -> list[ModelCard]:
+        """The critics of every deployment."""
+        answers = await asyncio.gather(*(self._ask(deployment, "cards") for deployment in self.deployments))
+        return [card for cards in answers for card in cards]
+
+    def overloaded(self, task: str, calls: int = 1) -> ServiceError | None:
+        """Never before a body is read: each replica admits its own calls, and Ray bounds the wait before them."""
+        return None
+
+    async def sleep(self) -> dict[str, str]:
+        raise NotServed(_NO_ADMIN)
+
+    async def wake(self) -> dict[str, str]:
+        raise NotServed(_NO_ADMIN)
+
+    async def _ask(self, deployment: DeploymentHandle, method: str, *args: Any) -> Any:
+        """`method` of a replica of `deployment`, sent again if the replica dies under it."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await getattr(deployment, method).remote(*args)
+            except RayActorError as exc:
+                log.warning("a critic replica died under %s (attempt %d): %s", method, attempt, exc)
+            except BackPressureError as exc:
+                raise Overloaded(f"every critic replica is busy: {exc}", retry_after=RETRY_AFTER_S) from exc
+            except DeploymentUnavailableError as exc:
+                raise NotReady(exc.message, retry_after=RETRY_AFTER_S) from exc
+        raise ReplicaLost(f"the critic replica died {self.attempts} times; retry", retry_after=RETRY_AFTER_S)
+
+
+class ReplicaHeader:
+    """Name the critic replica that scored a request in the answer's X-FIRM-Replica header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        named: list[str] = []
+        token = _answered_by.set(named)
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start" and named:
+                message.setdefault("headers", []).append((REPLICA_HEADER, named[-1].encode("latin-1")))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_named)
+        finally:
+            _answered_by.reset(token)
+
+
+def ingress_app(pool: CriticPool, settings: Settings, metrics: Metrics, metrics_page: MetricsPage) -> FastAPI:
+    """The server's app over `pool`, naming in each scoring answer the critic replica that scored it."""
+    app = serving_app(settings, pool, metrics, metrics_page=metrics_page)
+    app.add_middleware(ReplicaHeader)  # outside the server's own: it sees the answer's first message
+    app.add_middleware(BelowPrefix)  # outermost: every other one sees the path as firm-serve would
+    return app
+
+
+class BelowPrefix:
+    """Show the app each path below the application's route prefix, as `firm-serve` sees its paths: keys,
+    limits and metrics go by the path (`/readyz` needs no key, whatever prefix the application is under)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        root = scope.get("root_path", "")
+        if scope["type"] == "http" and root and scope["path"].startswith(root):
+            path = scope["path"][len(root) :] or "/"
+            scope = {**scope, "path": path, "raw_path": path.encode("latin-1"), "root_path": ""}
+        await self.app(scope, receive, send)
 
 
 @serve.deployment
@@ -51,158 +159,35 @@ class ClientGone(Exception):
 class FirmIngress:
     """The Ray Serve deployment that receives the application's HTTP traffic."""
 
-    def __init__(
-        self, critics: dict[str, DeploymentHandle], board: DeploymentHandle, max_body_bytes: int, attempts: int
+    async def __init__(
+        self,
+        critics: dict[str, DeploymentHandle],
+        board: DeploymentHandle,
+        server: dict[str, Any],
+        *,
+        attempts: int,
+        require_api_keys: bool = False,
+        push_interval_s: float = 5.0,
     ) -> None:
-        self.router = PathRouter(critics, board, max_body_bytes, attempts)
+        context = serve.get_replica_context()
+        metrics = Metrics()
+        self.board = board
+        pool = CriticPool(critics, attempts)
+        self.served = ingress_app(pool, served_settings(server, require_api_keys), metrics, self._every_replica_page)
+        labels = {"deployment": context.deployment, "replica": context.replica_tag}
+        identity = f"{context.deployment}#{context.replica_tag}"
+        pushing = share_metrics(board, identity, labelled_registry(metrics.registry, labels), push_interval_s)
+        self._pushing = asyncio.create_task(pushing, name="share-metrics")
 
     async def __serve_build_asgi_app__(self) -> ASGIApp:
-        return self.router
+        return self.served
 
+    async def _every_replica_page(self) -> bytes:
+        page: str = await self.board.merged.remote()
+        return page.encode("utf-8")
 
-class PathRouter:
-    """A plain ASGI app that forwards whole requests to the critic deployments."""
-
-    def __init__(
-        self, critics: dict[str, DeploymentHandle], board: DeploymentHandle, max_body_bytes: int, attempts: int
-    ) -> None:
-        self.critics, self.board, self.max_body_bytes, self.attempts = critics, board, max_body_bytes, attempts
-        by_name = {handle.deployment_name: handle for handle in critics.values()}
-        self.deployments = list(by_name.values())  # each distinct deployment once, edit's first
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1003})  # the API has no websockets
-            return
-        path = _app_path(scope)
-        if path.startswith(ADMIN_PREFIX):
-            message = "admin routes are not served through Ray Serve: replicas scale instead of sleeping"
-            await error_response(404, "not_found", message)(scope, receive, send)
-            return
-        try:
-            body = await self._read_body(scope, receive)
-        except BodyTooLarge:
-            message = f"request body is over the limit of {self.max_body_bytes} bytes"
-            await error_response(413, "body_too_large", message, limit=self.max_body_bytes)(scope, receive, send)
-            return
-        except ClientGone:
-            log.info("client left during the upload of %s %s; nothing forwarded", scope["method"], path)
-            return
-        request = Forwarded(
-            method=scope["method"],
-            path=path,
-            query=scope.get("query_string", b""),
-            headers=list(scope["headers"]),
-            body=body,
-            client=tuple(scope["client"]) if scope.get("client") else None,
-        )
-        answer = await self._route(request)
-        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
-        await send({"type": "http.response.body", "body": answer.body})
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise BodyTooLarge
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise BodyTooLarge
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(chunks)
-
-    async def _route(self, request: Forwarded) -> Answer:
-        for task in ("edit", "gen"):
-            if request.path.startswith(f"/v1/{task}/"):
-                return await self._forward(self.critics[task], request)
-        if request.path in ("/readyz", "/v1/models") and len(self.deployments) > 1:
-            answers = [await self._forward(deployment, request) for deployment in self.deployments]
-            return _merge_readiness(answers) if request.path == "/readyz" else _merge_models(answers)
-        answer = await self._forward(self.deployments[0], request)
-        if request.path == "/metrics" and answer.status == 200:  # the replica checked the key, if one is needed
-            page = (await self.board.merged.remote()).encode("utf-8")
-            headers = [(k, v) for k, v in answer.headers if k.lower() != REPLICA_HEADER]  # the page is every replica's
-            return Answer(200, _with_length(headers, len(page)), page)
-        return answer
-
-    async def _forward(self, deployment: DeploymentHandle, request: Forwarded) -> Answer:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return await deployment.forward.remote(request)
-            except RayActorError as exc:
-                log.warning(
-                    "a critic replica died under %s %s (attempt %d): %s", request.method, request.path, attempt, exc
-                )
-            except BackPressureError as exc:
-                return _refusal(429, "overloaded", f"every critic replica is busy: {exc}")
-            except DeploymentUnavailableError as exc:
-                return _refusal(503, "not_ready", exc.message)
-        return _refusal(503, "replica_lost", f"the critic replica died {self.attempts} times; retry")
-
-
-def _app_path(scope: Scope) -> str:
-    """The path below the application's route prefix, as the critic app knows its routes."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root) :] or "/"
-    return path
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-def _refusal(status: int, code: str, message: str) -> Answer:
-    response = error_response(status, code, message, retry_after=RETRY_AFTER_S)
-    return Answer(status, list(response.raw_headers), bytes(response.body))
-
-
-def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
-    kept = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-    return [*kept, (b"content-length", str(length).encode())]
-
-
-def _json(status: int, content: str) -> Answer:
-    body = content.encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return Answer(status, headers, body)
-
-
-def _merge_readiness(answers: list[Answer]) -> Answer:
-    """Ready when every deployment is; each critic's state comes from the deployment that serves it."""
-    states: dict[str, str] = {}
-    for answer in answers:
-        try:
-            readiness = ReadinessResponse.model_validate_json(answer.body)
-        except ValidationError:
-            return answer  # a refusal (no replica yet, overload) says more than a merge could
-        for task, state in readiness.models.items():
-            if state != DISABLED or task not in states:
-                states[task] = state
-    ready = all(answer.status == 200 for answer in answers)
-    merged = ReadinessResponse(ready=ready, models=states)
-    return _json(200 if ready else 503, json.dumps(merged.model_dump(exclude_none=True)))
-
-
-def _merge_models(answers: list[Answer]) -> Answer:
-    """The model cards of every deployment; any refusal (e.g. a missing API key) is passed on as is."""
-    refused = next((answer for answer in answers if answer.status != 200), None)
-    if refused is not None:
-        return refused
-    cards = [card for answer in answers for card in ModelsResponse.model_validate_json(answer.body).models]
-    return _json(200, ModelsResponse(models=cards).model_dump_json())
+    async def __del__(self) -> None:
+        pushing = getattr(self, "_pushing", None)
+        if pushing is not None:
+            pushing.cancel()
+            await asyncio.gather(pushing, return_exceptions=True)

@@ -13,9 +13,27 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from clients.tasks import TASKS
 from server.settings import SWITCHED_OFF, Settings
 
-TASKS = ("edit", "gen")
+
+class MissingApiKeys(RuntimeError):
+    """API keys are required (the proxy is reachable from the network) but the ingress has none."""
+
+
+def served_settings(server: dict[str, Any], require_api_keys: bool) -> Settings:
+    """The `firm-serve` settings the ingress serves HTTP with, its keys checked before it starts.
+
+    Ray's proxy, not the ingress, binds the address, so the server's own "no keys on a public
+    address" check never runs here; `require_api_keys` stands in for it.
+    """
+    settings = Settings(**server)
+    if require_api_keys and not settings.key_ring().enabled:
+        raise MissingApiKeys(
+            "require_api_keys is set but the ingress has no API keys: set FIRM_API_KEYS on every node "
+            "(or in the application's runtime_env), or api_key_file under server"
+        )
+    return settings
 
 
 class RaySettings(BaseSettings):
@@ -23,13 +41,13 @@ class RaySettings(BaseSettings):
 
     server: dict[str, Any] = Field(
         default_factory=dict,
-        description="firm-serve settings for every critic replica, by field name (e.g. engine, edit_model, "
+        description="firm-serve settings for every replica, by field name (e.g. engine, each critic's model, "
         "max_batch_size); FIRM_* environment variables of the replicas apply too.",
     )
     split: bool = Field(
         False,
-        description="Run each critic as its own deployment (its own replicas and GPUs) instead of both critics "
-        "in every replica; the ingress routes /v1/edit/* and /v1/gen/* to their deployment.",
+        description="Run each critic as its own deployment (its own replicas and GPUs) instead of every critic "
+        "in every replica; the ingress routes each task's /v1/<task>/* to its deployment.",
     )
     num_gpus: float = Field(1.0, ge=0.0, description="GPUs each critic replica reserves (0 on CPU-only clusters).")
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs each critic replica reserves.")
@@ -78,13 +96,13 @@ class RaySettings(BaseSettings):
     )
     require_api_keys: bool = Field(
         False,
-        description="A critic replica without API keys (FIRM_API_KEYS, or api_keys / api_key_file under server) "
+        description="An ingress replica without API keys (FIRM_API_KEYS, or api_keys / api_key_file under server) "
         "refuses to start. Set it whenever the Serve proxy listens on more than loopback.",
     )
     metrics_push_interval_s: float = Field(
         5.0,
         gt=0.0,
-        description="How often each critic replica pushes its metrics page to the board that /metrics reads.",
+        description="How often each replica pushes its metrics page to the board that /metrics reads.",
     )
 
     @model_validator(mode="after")
@@ -99,14 +117,13 @@ class RaySettings(BaseSettings):
         return self
 
     def critic_overrides(self, task: str | None = None) -> dict[str, Any]:
-        """The server settings a replica is given: both critics, or only `task`'s when the critics are split.
+        """The server settings a replica is given: every critic, or only `task`'s when the critics are split.
 
         Only what was given travels; each replica reads its own FIRM_* environment for the rest.
         """
         overrides = dict(self.server)
         if task is not None:
-            other = "gen" if task == "edit" else "edit"
-            overrides[f"{other}_model"] = SWITCHED_OFF
+            overrides.update({f"{other}_model": SWITCHED_OFF for other in TASKS if other != task})
         return overrides
 
     def critic_settings(self, task: str | None = None) -> Settings:
@@ -114,8 +131,7 @@ class RaySettings(BaseSettings):
 
     def critic_tasks(self) -> list[str]:
         """The critics that get a deployment of their own when split (the ones switched on)."""
-        settings = self.critic_settings()
-        return [task for task in TASKS if getattr(settings, f"{task}_model") != SWITCHED_OFF]
+        return list(self.critic_settings().enabled_tasks())
 
     def autoscaling(self) -> dict[str, Any]:
         return {
