@@ -2,6 +2,6 @@
 
 This layer knows nothing of FIRM, its tasks or its protocol, and imports nothing of ours, so the
 server, the RL workers and the training side can all share it without depending on one another.
-Its modules import pydantic-settings and tokenizers (the server extra), never the base install's
-client, which does not use them.
+Its modules need the server extra (pydantic-settings; tokenizers to build a tokenizer), so the
+client, which the base install carries alone, never imports them.
 """
