@@ -77,10 +77,12 @@ def test_bad_values_exit_with_a_message_naming_the_flag() -> None:
 
 def test_a_budget_the_vllm_context_cannot_hold_stops_startup(tmp_path: Path) -> None:
     result = _firm_serve(
-        "--engine", "vllm", "--edit-model", str(tmp_path), "--gen-model", "none", "--edit-max-new-tokens", "16384"
+        "--engine", "vllm", "--edit-model", str(tmp_path), "--gen-model", "none", "--edit-max-new-tokens", "16384",
+        "--max-model-len", "16384",
     )  # fmt: skip
     assert result.returncode != 0
-    assert "--edit-max-new-tokens 16384 leaves no room for the prompt in --max-model-len 16384" in result.stderr
+    assert "--max-model-len 16384 cannot hold the largest images and answer of a call of the edit" in result.stderr
+    assert "--edit-max-new-tokens 16384" in result.stderr
     assert "Traceback" not in result.stderr
 
 
