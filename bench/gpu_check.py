@@ -130,16 +130,14 @@ def _score_routes(url: str) -> str:
 
 def _rollout(python: str, url: str, task: str, cache: Path, env: dict[str, str], device: str) -> Callable[[], str]:
     def check() -> str:
+        from bench.prompt_files import Prompt, write_prompt_file
         from tests.support import picture
 
-        prompts = cache / f"prompts-{task}"
-        prompts.mkdir(parents=True, exist_ok=True)
-        picture("blue").save(prompts / "blue.png")
-        (prompts / "t2i.txt").write_text("a red square on a grey background\n")
-        (prompts / "edit.jsonl").write_text('{"source": "blue.png", "instruction": "Make the square red."}\n')
+        prompt = Prompt("a red square on a grey background", picture("blue"), "Make the square red.")
+        prompts = write_prompt_file(cache / f"prompts-{task}", [prompt])
         out = cache / f"rollout-{task}"
         cmd = [python, "-m", "rl_workers.cli", "--tiny", "--task", task, "--cache-dir", str(cache), "--reward-url", url,
-               "--prompts", str(prompts / ("t2i.txt" if task == "t2i" else "edit.jsonl")), "--output-dir", str(out),
+               "--prompts", str(prompts), "--output-dir", str(out),
                "--resolution", "64", "--group-size", "4", "--groups-per-step", "1", "--sample-steps", "2",
                "--steps", "1", "--no-progress", "--no-tensorboard", "--device", device]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -163,6 +161,7 @@ def checks(device: str) -> None:
     """The checks, in the check's environment. `--device cpu` runs them here, as a rehearsal."""
     started = time.monotonic()
     python, env = sys.executable, dict(os.environ)
+    from rl_workers.tasks import ROLLOUT_TASKS
     from tests.support import running_server
 
     checks = Checks()
@@ -175,11 +174,11 @@ def checks(device: str) -> None:
     try:
         with running_server(cache, *flags, python=python, env=env, timeout=300) as url:
             checks.run(f"firm-serve, transformers engine on {device}", lambda: _score_routes(url))
-            for task in ("t2i", "edit"):
+            for task in ROLLOUT_TASKS:
                 name = f"firm-rollout --tiny --task {task} on {device} (bf16 on CUDA)"
                 checks.run(name, _rollout(python, url, task, cache, env, device))
     except RuntimeError as exc:  # the server did not start: every check that needed it fails
-        checks.failed += 3
+        checks.failed += 1 + len(ROLLOUT_TASKS)
         print(f"FAIL firm-serve did not start: {exc}", flush=True)
     print(f"GPU check: {time.monotonic() - started:.0f} s after the install")
     print(f"{checks.passed} passed, {checks.failed} failed")

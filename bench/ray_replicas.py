@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray
 from ray import serve
 
-from bench.throughput import HEADER, run_level
+from bench.throughput import HEADER, ITEMS, run_level
+from clients.tasks import EDIT
 from deploy.ray.app import build_app
 from deploy.ray.settings import RaySettings
 from server.tiny import ensure_tiny_checkpoint
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients, the same for every count")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured duration per replica count")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured load before each measurement")
-    parser.add_argument("--task", choices=("edit", "gen"), default="edit")
+    parser.add_argument("--task", choices=list(ITEMS), default=EDIT.name)
     parser.add_argument("--items", type=int, default=1, help="items per request")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
     parser.add_argument("--max-wait-ms", type=float, default=50.0, help="the replicas' micro-batcher wait")

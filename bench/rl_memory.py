@@ -7,9 +7,9 @@ stand-in critic answers at once with spread rewards, so no reward server is need
 sample trains. On a GPU it prints the peak allocated accelerator memory of each phase; on a CPU
 it prints the process's resident memory after each phase and its peak so far (what Linux reports).
 
-    python bench/rl_memory.py --tiny --task t2i
+    python bench/rl_memory.py --tiny --task gen
     python bench/rl_memory.py --task edit --resolution 512 --group-size 12 --sample-steps 6
-    python bench/rl_memory.py --task t2i --no-gradient-checkpointing --train-batch-size 8
+    python bench/rl_memory.py --task gen --no-gradient-checkpointing --train-batch-size 8
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PIL import Image
+
+from bench.prompt_files import Prompt, write_prompt_file
 from rl_workers.generators import load_generator
 from rl_workers.generators.base import Condition
+from rl_workers.prompts import load_conditions
 from rl_workers.rewards import GroupRewards
 from rl_workers.settings import RolloutSettings
+from rl_workers.tasks import FORMER_TASK_NAMES, ROLLOUT_TASKS
 from rl_workers.worker import RolloutWorker, Timings
 
 GIB = 2**30
@@ -71,18 +76,18 @@ def phase(name: str, device: torch.device, work: Callable[[], Any]) -> Any:
     return result
 
 
-def _condition(task: str, side: int) -> Condition:
-    if task == "t2i":
-        return Condition("a red fox in the snow, photograph", id="bench")
-    from PIL import Image
-
+def _prompts(folder: Path, side: int) -> Path:
+    """The one prompt of the run, in a file every task reads (a source `side` wide, 4:3, for an edit)."""
     source = Image.new("RGB", (side, side * 3 // 4), (40, 70, 220))
-    return Condition("Make the background red.", source=source, id="bench")
+    prompt = Prompt("a red fox in the snow, photograph", source, "Make the background red.", id="bench")
+    return write_prompt_file(folder, [prompt])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("t2i", "edit"), default="t2i")
+    parser.add_argument(
+        "--task", choices=[*ROLLOUT_TASKS, *FORMER_TASK_NAMES], default=RolloutSettings.model_fields["task"].default
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random pipelines built locally")
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
@@ -98,12 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     tiny = args.tiny
+    resolution = args.resolution or (64 if tiny else 512)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "p.txt").write_text("unused\n")
         fields: dict[str, Any] = {
             "task": args.task, "tiny": tiny, "model": args.model, "device": args.device,
-            "prompts": Path(tmp) / "p.txt", "output_dir": Path(tmp) / "out",
-            "resolution": args.resolution or (64 if tiny else 512), "group_size": args.group_size,
+            "prompts": _prompts(Path(tmp) / "prompts", resolution), "output_dir": Path(tmp) / "out",
+            "resolution": resolution, "group_size": args.group_size,
             "groups_per_step": 1, "sample_steps": args.sample_steps or (2 if tiny else 10),
             "train_batch_size": args.train_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
             "offload_text_encoders": args.offload_text_encoders, "cfg_grad": args.cfg_grad, "kl_beta": args.kl_beta,
@@ -132,7 +137,7 @@ def run(settings: RolloutSettings) -> None:
         f"cfg-grad={settings.cfg_grad} kl-beta={settings.kl_beta}"
     )
     generator = phase("load", device, lambda: load_generator(settings, device))
-    condition = _condition(settings.task, settings.resolution)
+    (condition,) = load_conditions(settings.prompts, settings.task)
     worker = RolloutWorker(settings, generator, SpreadRewards(), iter([condition] * 8))  # type: ignore[arg-type]
     timings = Timings()
     rollouts = phase("sampling", device, lambda: worker.sample_groups([condition], timings))

@@ -20,28 +20,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.prompt_files import Prompt, write_prompt_file
 from rl_workers.generators import load_generator
 from rl_workers.prompts import endless, load_conditions
 from rl_workers.rewards import RemoteCritic
 from rl_workers.settings import RolloutSettings
+from rl_workers.tasks import FORMER_TASK_NAMES, ROLLOUT_TASKS
 from rl_workers.worker import RolloutWorker, Timings
 from tests.support import picture, running_server
 
 
-def _prompts(root: Path, task: str) -> Path:
-    if task == "t2i":
-        path = root / "prompts.txt"
-        path.write_text("\n".join(f"a {c} square on a grey background" for c in ("red", "blue", "green")) + "\n")
-        return path
-    for colour in ("blue", "green", "purple"):
-        picture(colour).save(root / f"{colour}.png")
-    path = root / "edits.jsonl"
-    path.write_text(
-        "".join(
-            f'{{"source": "{c}.png", "instruction": "Make the square red."}}\n' for c in ("blue", "green", "purple")
-        )
-    )
-    return path
+def _prompts(folder: Path) -> Path:
+    """Three prompts in a file every task reads: squares to draw, and squares to paint red."""
+    shown, sources = ("red", "blue", "green"), ("blue", "green", "purple")
+    prompts = [
+        Prompt(f"a {colour} square on a grey background", picture(source), "Make the square red.")
+        for colour, source in zip(shown, sources, strict=True)
+    ]
+    return write_prompt_file(folder, prompts)
 
 
 def measure(settings: RolloutSettings, url: str, steps: int) -> Timings:
@@ -65,7 +61,9 @@ def measure(settings: RolloutSettings, url: str, steps: int) -> Timings:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=["t2i", "edit"], default="t2i")
+    parser.add_argument(
+        "--task", choices=[*ROLLOUT_TASKS, *FORMER_TASK_NAMES], default=RolloutSettings.model_fields["task"].default
+    )
     parser.add_argument("--url", help="a running reward server; default: start firm-serve --tiny")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per mode (after one warm-up step)")
     parser.add_argument("--group-size", type=int, default=8)
@@ -80,7 +78,7 @@ def main() -> None:
         cache = args.cache_dir or root / "cache"
         # no answer cache, and a seed per mode: the second mode must not be answered from the first one's calls
         url = args.url or stack.enter_context(running_server(cache, "--max-wait-ms", "20", "--cache-size", "0"))
-        prompts = _prompts(root, args.task)
+        prompts = _prompts(root / "prompts")
         print(f"task={args.task} G={args.group_size} groups/step={args.groups_per_step} steps={args.steps}")
         print(f"{'overlap':>8} {'sampling s':>11} {'waiting s':>10} {'training s':>11} {'waiting share':>14}")
         for overlap in (False, True):

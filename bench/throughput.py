@@ -15,6 +15,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.images import encode
+from clients.tasks import EDIT, GEN, task_spec
 from tests.support import b64, metric_value, picture, running_server
 
 
@@ -48,6 +50,11 @@ HEADER = f"{'conc':>6} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':
 
 
 SOURCE = b64("blue")
+# The item this benchmark sends for each task, around a fresh image.
+ITEMS: dict[str, Callable[[str], dict[str, str]]] = {
+    EDIT.name: lambda image: {"source": SOURCE, "edited": image, "instruction": "Make the square red."},
+    GEN.name: lambda image: {"image": image, "prompt": "a red square"},
+}
 
 
 def _unique_red(serial: int) -> str:
@@ -59,11 +66,7 @@ def _unique_red(serial: int) -> str:
 
 def _body(task: str, items: int, serial: int) -> tuple[str, dict]:
     images = [_unique_red(serial * items + k) for k in range(items)]
-    if task == "edit":
-        return "/v1/edit/score", {
-            "items": [{"source": SOURCE, "edited": img, "instruction": "Make the square red."} for img in images]
-        }
-    return "/v1/gen/score", {"items": [{"image": img, "prompt": "a red square"} for img in images]}
+    return task_spec(task).score_path, {"items": [ITEMS[task](image) for image in images]}
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -110,7 +113,7 @@ async def run_level(url: str, task: str, concurrency: int, seconds: float, items
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="benchmark a running server instead of starting firm-serve --tiny")
-    parser.add_argument("--task", choices=("edit", "gen"), default="edit")
+    parser.add_argument("--task", choices=list(ITEMS), default=EDIT.name)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client counts to run")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each level")
     parser.add_argument("--items", type=int, default=1, help="items per request")
