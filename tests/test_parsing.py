@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from server.judges.parsing import ParseError, parse_alignment_rating, parse_json_score, parse_quality_scores
+from server.judges.parsing import (
+    ParsedAnswer,
+    ParseError,
+    parse_alignment_rating,
+    parse_json_score,
+    parse_quality_scores,
+)
 
 # The edit judges: {"reasoning" : "...", "score" : [N]}, as written, fenced, cut off, or with a bare score.
 JSON_ANSWERS = [
@@ -99,11 +107,49 @@ def test_instruction_following_reasoning_is_the_final_analysis_paragraph() -> No
     assert parse_alignment_rating(_alignment("4", "\\boxed{4}")).reasoning == "The cat is there but the hat is blue."
 
 
-def test_fallback_order_is_box_then_rating_then_json_then_final_score() -> None:
+def test_fallback_order_is_box_then_rating_then_json_then_final_score_then_a_loose_score() -> None:
     text = 'Final Score: 1\n{"score": [2]}\nFinal Alignment Rating: 3\n\\boxed{4}'
     assert parse_alignment_rating(text).scores["score"].value == 4
     assert parse_alignment_rating(text.replace("\\boxed{4}", "")).scores["score"].value == 3
     assert parse_alignment_rating('Final Score: 1\n{"score": [2]}').scores["score"].value == 2
+    # an object cut off before its '}' is no JSON: Final Score comes before its loose "score"
+    assert parse_alignment_rating('{"score": [2]\nFinal Score: 1').scores["score"].value == 1
+    assert parse_alignment_rating('{"score": [2]\nno final score').scores["score"].value == 2
+
+
+def test_a_rating_line_that_writes_another_number_does_not_lend_the_box_its_probabilities() -> None:
+    text = "**Final Alignment Rating: 4.5**\n\\boxed{4}"
+    match = parse_alignment_rating(text).scores["score"]
+    assert match.value == 4 and match.offset == text.index("{4}") + 1
+
+
+def test_a_repeated_score_key_is_read_at_its_last_value_as_json_reads_it() -> None:
+    text = '{"score": [2], "reasoning": "second thoughts", "score": [4]}'
+    match = parse_json_score(text).scores["score"]
+    assert match.value == 4 and match.offset == text.rindex("4")
+
+
+def test_a_score_outside_the_range_passes_to_the_next_form() -> None:
+    # the object's 7 is passed over; the first "score": N in the answer is read, as the release reads it
+    assert parse_json_score('Draft "score": 3\n{"reasoning": "ok", "score": 7}').scores["score"].value == 3
+    with pytest.raises(ParseError, match="7 is not a score from 1 to 5"):
+        parse_json_score('{"reasoning": "ok", "score": 7}')
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "refused"),
+    [
+        (parse_json_score, '{"reasoning": "half", "score": [3.5]}', "3.5 is not a whole score"),
+        (parse_json_score, '{"reasoning": "cut", "score": [10', "10 is not a score from 1 to 5"),
+        (parse_json_score, '{"reasoning": "yes", "score": true}', "true is not a score"),
+        (parse_alignment_rating, "**Final Alignment Rating: 2.5**", "2.5 is not a whole score"),
+        (parse_quality_scores, '{"score": [4, 3.5, 5]}', "technical_quality 3.5 is not a whole score"),
+    ],
+)
+def test_a_refusal_names_what_it_refused(parse: Callable[[str], ParsedAnswer], text: str, refused: str) -> None:
+    with pytest.raises(ParseError) as refusal:
+        parse(text)
+    assert str(refusal.value) == refused
 
 
 @pytest.mark.parametrize(
@@ -141,10 +187,19 @@ def test_quality_answers_in_the_released_list_format(text: str, scores: tuple[in
     assert parsed.reasoning == reasoning
 
 
-def test_quality_offsets_point_at_each_subscore_digit() -> None:
-    text = '{\n  "score" : [4, 3, 5],\n  "reasoning" : "Sharp."\n}'
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{\n  "score" : [4, 3, 5],\n  "reasoning" : "Sharp."\n}',
+        '{"score": ["4", " 3", 5.0], "reasoning": "strings and a float"}',
+        'Draft "score": [1, 1, 1] then {"score": [4, 3, 5]}',  # the object's list, not the draft's
+    ],
+)
+def test_quality_offsets_point_at_each_subscore_digit(text: str) -> None:
     parsed = parse_quality_scores(text)
-    assert [text[m.offset] for m in parsed.scores.values()] == ["4", "3", "5"]
+    offsets = [m.offset for m in parsed.scores.values()]
+    assert None not in offsets and [text[o] for o in offsets] == ["4", "3", "5"]
+    assert offsets[0] > text.find("{")
 
 
 @pytest.mark.parametrize(
