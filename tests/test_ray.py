@@ -34,7 +34,7 @@ from clients.retry import RetryPolicy  # noqa: E402
 from deploy.ray.app import build_app  # noqa: E402
 from deploy.ray.settings import RaySettings  # noqa: E402
 from tests.support import b64, free_port, metric_value, picture  # noqa: E402
-from tests.test_contract import BODIES, LIMITED, Contract, Target  # noqa: E402
+from tests.test_contract import BODIES, KEY, LIMITED, Contract, Target  # noqa: E402
 
 RAY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ray"
 APP, SPLIT_APP = "firm", "firm-split"
@@ -44,8 +44,11 @@ SIM_SERVER = {"engine": "bench.sim_engine:SimulatedEngine", "edit_model": "sim",
 SIM_APPS: dict[str, dict[str, Any]] = {
     "firm-kill": {"min_replicas": 2, "max_replicas": 2, "forward_attempts": 1},  # a dying replica's requests: 503
     "firm-resend": {"min_replicas": 2, "max_replicas": 2},  # the default forward_attempts: sent on
-    "firm-busy": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
-    "firm-limited": {"server": {**SIM_SERVER, **LIMITED}},  # the contract's limited deployment
+    "firm-limited": {  # the contract's limited deployment, with one replica taking one request at a time
+        "server": {**SIM_SERVER, **LIMITED},
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+    },
 }
 
 
@@ -323,12 +326,13 @@ def test_ingress_resends_the_requests_of_a_killed_replica(sim_urls: dict[str, st
 def test_overload_is_refused_with_429_and_retry_after(sim_urls: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="max_queued_requests"):
         RaySettings(max_queued_requests=0)  # Ray takes -1 (no bound) or a positive bound
-    url = _sim_url(sim_urls, "firm-busy")  # one replica taking one request at a time, one more waiting
-    body = {"items": [{"image": b64("red"), "prompt": "a red square"}]}
+    url = _sim_url(sim_urls, "firm-limited")  # one replica taking one request at a time, one more waiting
+    body = {"items": [{"source": b64("red"), "edited": b64("blue"), "instruction": "Make the square blue."}]}
+    key = {"Authorization": f"Bearer {KEY}"}
 
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as http:
-            return await asyncio.gather(*(http.post("/v1/gen/score", json=body) for _ in range(6)))
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S, headers=key) as http:
+            return await asyncio.gather(*(http.post("/v1/edit/score", json=body) for _ in range(6)))
 
     answers = asyncio.run(burst())
     statuses = sorted(a.status_code for a in answers)
