@@ -190,3 +190,17 @@ def test_readiness_reads_each_tasks_state_from_a_503_too() -> None:
         asyncio.run(ask(readyz(401, {"error": {"code": "unauthorized", "message": "no key"}})))
     with pytest.raises(BadResponse):
         asyncio.run(ask(readyz(200, {"unexpected": 1})))
+
+
+def test_models_raises_the_typed_error_of_a_refusal() -> None:
+    """`models()` maps a refusal like the scoring calls do: a wrong key is Unauthorized, not an httpx error."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "missing or wrong API key"}})
+
+    async def ask() -> None:
+        async with AsyncRewardClient("http://critic", http_transport=httpx.MockTransport(refuse)) as client:
+            await client.models()
+
+    with pytest.raises(Unauthorized):
+        asyncio.run(ask())
