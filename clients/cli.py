@@ -18,6 +18,7 @@ from typing import Any
 from clients.client import RewardClient
 from clients.errors import FirmError
 from clients.protocol import EditResult, GenResult
+from clients.tasks import TASKS
 
 BATCH = 64  # manifest items per client call; the client splits them into server-sized requests
 
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--requirement", help="an extra requirement the image must meet")
     manifest = commands.add_parser("manifest", parents=[common], help="score a JSONL manifest of many items")
     manifest.add_argument("path", type=Path, help="JSONL manifest (one item per line)")
-    manifest.add_argument("--task", choices=("edit", "gen"), required=True)
+    manifest.add_argument("--task", choices=tuple(TASKS), required=True)
     manifest.add_argument("--output", "-o", type=Path, help="results as .jsonl or .csv (default: JSONL on stdout)")
     manifest.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 def _row(result: EditResult | GenResult) -> dict[str, Any]:
     """One flat record per item, for JSONL and CSV alike."""
     row: dict[str, Any] = {"id": result.id, "reward": result.reward}
-    for name in ("execution", "consistency", "instruction_following", "quality"):
+    for name in (name for spec in TASKS.values() for name in spec.dimensions):
         if name in type(result).model_fields:
             dim = getattr(result, name)
             row[f"{name}_score"] = dim.score if dim else None
@@ -155,10 +156,9 @@ def _summary(results: Sequence[EditResult | GenResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    settings = {"api_key": args.api_key, "timeout_s": args.timeout}
     options: dict[str, Any] = {"score_mode": args.score_mode, "return_reasoning": args.reasoning}
     try:
-        with RewardClient(args.url, **settings) as client:
+        with RewardClient(args.url, api_key=args.api_key, timeout_s=args.timeout) as client:
             if args.command == "manifest":
                 items = _read_manifest(args.path, args.task)
                 results = _score_manifest(client, args.task, items, options, progress=not args.no_progress)
