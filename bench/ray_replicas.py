@@ -36,7 +36,7 @@ from server.tiny import ensure_tiny_checkpoint
 from tests.support import free_port
 
 APP = "firm-bench"
-_REPLICA = re.compile(r'replica="([^"]+)"')
+_REPLICA = re.compile(r'deployment="Firm\w*Critic",replica="([^"]+)"')  # the critics, not the ingress
 
 
 def _deploy(replicas: int, cpus: float, cache_dir: Path, server_args: dict[str, object]) -> None:
