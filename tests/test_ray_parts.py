@@ -196,9 +196,10 @@ def _ingress(*deployments: _Deployment, settings: Settings | None = None) -> Fas
     return ingress_app(CriticPool(critics, attempts=2), settings or Settings(tiny=True), Metrics(), page)  # type: ignore[arg-type]
 
 
-def _get(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
+def _get(app: FastAPI, path: str, root_path: str = "", **kwargs: Any) -> httpx.Response:
     async def ask() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress") as http:
+        transport = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as http:
             return await http.request("POST" if "json" in kwargs else "GET", path, **kwargs)
 
     return asyncio.run(ask())
@@ -260,6 +261,14 @@ def test_a_critics_answer_and_refusals_are_answered_as_firm_serve_does() -> None
         assert (refused.status_code, refused.json()["error"]["code"]) == (status, code)
         assert refused.json()["error"]["message"] == str(error) and refused.headers["x-firm-replica"] == "FirmCritic#b"
     assert refused.json()["error"]["limit"] == 40_000_000
+
+
+def test_under_a_route_prefix_the_ingress_sees_the_paths_firm_serve_sees() -> None:
+    critic = _Deployment("FirmCritic", {"edit": READY, "gen": READY})
+    keyed = _ingress(critic, settings=Settings(tiny=True, api_keys="contract:0123456789abcdef"))
+    assert _get(keyed, "/firm/readyz", root_path="/firm").status_code == 200, "readiness needs no key"
+    assert _get(keyed, "/firm/v1/models", root_path="/firm").status_code == 401
+    assert _get(keyed, "/firm/v1/gen/score", root_path="/firm", json=GEN_BODY).status_code == 401
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,14 @@ _answered_by: ContextVar[list[str] | None] = ContextVar("answered_by", default=N
 
 
 class ReplicaLost(ServiceError):
+    """Critic replicas died under every attempt at a call; a retry finds their replacements."""
+
     status, code = 503, "replica_lost"
 
 
 class NotServed(ServiceError):
+    """A route of the API the Ray application does not serve."""
+
     status, code = 404, "not_found"
 
 
@@ -131,14 +135,6 @@ class ReplicaHeader:
             _answered_by.reset(token)
 
 
-def ingress_app(pool: CriticPool, settings: Settings, metrics: Metrics, metrics_page: MetricsPage) -> FastAPI:
-    """The server's app over `pool`, naming in each scoring answer the critic replica that scored it."""
-    app = serving_app(settings, pool, metrics, metrics_page=metrics_page)
-    app.add_middleware(ReplicaHeader)  # outside the server's own: it sees the answer's first message
-    app.add_middleware(BelowPrefix)  # outermost: every other one sees the path as firm-serve would
-    return app
-
-
 class BelowPrefix:
     """Show the app each path below the application's route prefix, as `firm-serve` sees its paths: keys,
     limits and metrics go by the path (`/readyz` needs no key, whatever prefix the application is under)."""
@@ -152,6 +148,14 @@ class BelowPrefix:
             path = scope["path"][len(root) :] or "/"
             scope = {**scope, "path": path, "raw_path": path.encode("latin-1"), "root_path": ""}
         await self.app(scope, receive, send)
+
+
+def ingress_app(pool: CriticPool, settings: Settings, metrics: Metrics, metrics_page: MetricsPage) -> FastAPI:
+    """The server's app over `pool`, naming in each scoring answer the critic replica that scored it."""
+    app = serving_app(settings, pool, metrics, metrics_page=metrics_page)
+    app.add_middleware(ReplicaHeader)  # outside the server's own: it sees the answer's first message
+    app.add_middleware(BelowPrefix)  # outermost: every other one sees the path as firm-serve would
+    return app
 
 
 @serve.deployment
