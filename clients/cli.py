@@ -17,7 +17,7 @@ from typing import Any
 
 from clients.client import RewardClient
 from clients.errors import FirmError
-from clients.protocol import EditResult, GenResult
+from clients.protocol import EditResult, EditScoreResponse, GenResult, GenScoreResponse
 from clients.tasks import TASKS
 
 BATCH = 64  # manifest items per client call; the client splits them into server-sized requests
@@ -108,6 +108,7 @@ def _read_manifest(path: Path, task: str) -> list[dict[str, Any]]:
 
 def _score_batch(client: RewardClient, task: str, batch: list[dict[str, Any]], options: dict[str, Any]) -> list[Any]:
     ids = [str(item["id"]) for item in batch]
+    reply: EditScoreResponse | GenScoreResponse
     if task == "edit":
         reply = client.score_edits(
             [i["source"] for i in batch],

@@ -64,7 +64,7 @@ def _broadcast(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
-def _texts(value: str | Sequence[str] | None, n: int, name: str) -> list[str | None]:
+def _texts(value: str | Sequence[str | None] | None, n: int, name: str) -> list[str | None]:
     if value is None or isinstance(value, str):
         return [value] * n
     if len(value) != n:
@@ -306,7 +306,7 @@ class AsyncRewardClient:
         images: ImageLike | Sequence[ImageLike],
         prompts: str | Sequence[str],
         *,
-        requirements: str | Sequence[str] | None = None,
+        requirements: str | Sequence[str | None] | None = None,
         ids: Sequence[str] | None = None,
         weights: RewardWeights | None = None,
         score_mode: ScoreMode | None = None,
