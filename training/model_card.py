@@ -7,6 +7,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from server.settings import SWITCHED_OFF
+from server.tasks import SERVER_TASKS
+
 _CARD = """\
 ---
 base_model: {base_model}
@@ -25,11 +28,10 @@ on {examples} records curated with `firm-curate`. It answers the prompts of the 
 server's judges in their formats and is served with one of:
 
 ```bash
-firm-serve --edit-model {output} --gen-model none    # an editing critic
-firm-serve --gen-model {output} --edit-model none    # a generation critic
+{serve_commands}
 ```
 
-Without `none`, the server also loads its default critic for the other task.
+Without `none`, the server also loads its default critic for each other task.
 
 ## Training
 
@@ -52,12 +54,26 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def serve_commands(output: str) -> str:
+    """One firm-serve command per task, serving the critic for that task and no critic for the others.
+
+    >>> print(serve_commands("critic"))
+    firm-serve --edit-model critic --gen-model none    # a critic of image editing
+    firm-serve --gen-model critic --edit-model none    # a critic of text-to-image generation
+    """
+    lines = []
+    for name, task in SERVER_TASKS.items():
+        others = " ".join(f"--{other}-model {SWITCHED_OFF}" for other in SERVER_TASKS if other != name)
+        lines.append(f"firm-serve --{name}-model {output} {others}    # a critic of {task.spec.title}")
+    return "\n".join(lines)
+
+
 def write_model_card(folder: Path, report: dict[str, Any]) -> None:
     settings, loss = report["settings"], report["loss"]
     text = _CARD.format(
         base_model=report["base_model"],
         examples=report["examples"],
-        output=shlex.quote(str(folder)),
+        serve_commands=serve_commands(shlex.quote(str(folder))),
         method=report["method"],
         records=", ".join(Path(p).name for p in report["records"]),
         measured_on=loss["measured_on"],
