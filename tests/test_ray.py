@@ -113,7 +113,7 @@ class TestRayContract(Contract):
     @pytest.fixture(scope="class")
     def target(self, ray_url: str, sim_urls: dict[str, str]) -> Target:
         why = "Ray Serve routes only to loaded replicas and serves no admin routes; its 503s: test_ray_parts.py"
-        return Target(url=ray_url, limited_url=_sim_url(sim_urls, "firm-limited"), not_ready_absent=why)
+        return Target(url=ray_url, limited_url=_sim_url(sim_urls, "firm-limited"), why_never_not_ready=why)
 
 
 def _unique_picture(colour: str, serial: int) -> Image.Image:
