@@ -74,8 +74,8 @@ def ray_cluster() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def sim_urls(ray_cluster: int) -> dict[str, str]:
-    """Applications of simulated critics for the failure tests, started without waiting: they come up
-    while the tiny critic loads. Their replicas reserve no CPU, so they never hold back the others."""
+    """Applications of simulated critics for the failure tests and the contract's limited deployment,
+    started without waiting: they come up while the tiny critic loads. Their replicas reserve no CPU, so they never hold back the others."""
     targets = []
     for name, layout in SIM_APPS.items():
         settings = RaySettings(**{"server": SIM_SERVER, **layout}, num_gpus=0, num_cpus=0, ingress_num_cpus=0)
@@ -86,7 +86,7 @@ def sim_urls(ray_cluster: int) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_url(ray_cluster: int, sim_urls: dict[str, str], tiny_checkpoint: Path, cache_dir: Path) -> str:
-    """Both critics in each of two replicas, behind the path-routing ingress."""
+    """Both critics in each of two replicas, behind the ingress."""
     settings = RaySettings(
         server=_server_settings(cache_dir),
         num_gpus=0,
