@@ -20,7 +20,7 @@ from server.engines.base import GenerationResult
 from server.judges import load_judges
 from tests.curation_stub import COMPLETION_TOKENS, PROMPT_TOKENS, StubServer, url_digest
 from training.curation.chat import ChatClient, Endpoint, image_data_url
-from training.curation.cli import run
+from training.curation.cli import PIPELINES, run
 from training.curation.runner import run_pipeline
 from training.curation.store import RecordStore
 from training.manifest import Row
@@ -62,12 +62,14 @@ def edit_manifest(folder: Path, instructions: list[str]) -> Path:
     return manifest
 
 
+# the stub's teacher model of each step of either pipeline
+STUB_MODELS = {"describe": "describer", "grade": "grader", "plan": "planner", "check": "checker"}
+
+
 def curate(task: str, stub: StubServer, manifest: Path, output: Path, *extra: str) -> int:
-    steps = ("describe", "grade") if task == "edit" else ("plan", "check")
-    models = ("describer", "grader") if task == "edit" else ("planner", "checker")
     args = [task, str(manifest), "--output", str(output), "--base-url", stub.url, "--no-progress"]
-    for step, model in zip(steps, models, strict=True):
-        args += [f"--{step}-model", model]
+    for step, _ in PIPELINES[task].steps:
+        args += [f"--{step}-model", STUB_MODELS[step]]
     return run([*args, "--backoff-s", "0.01", "--max-retries", "3", *extra])
 
 
@@ -300,3 +302,11 @@ def test_records_rendered_with_the_release_prompts_are_what_firm_train_accepts_f
     check_records(records, judges, "firm")
     with pytest.raises(ValueError, match="not rendered with the 'own' prompts"):
         check_records(records, training_judges("own", list(judges), released), "own")
+
+
+def test_every_pipeline_curates_records_of_its_own_tasks_judges() -> None:
+    from server.tasks import SERVER_TASKS
+
+    for task, kind in PIPELINES.items():
+        assert set(kind.judges) <= set(SERVER_TASKS[task].judges), task  # type: ignore[index]
+        assert set(kind.required) <= set(kind.fields), task

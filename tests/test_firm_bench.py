@@ -179,3 +179,12 @@ def test_no_server_stops_the_run_at_once(tmp_path: Path, capsys: pytest.CaptureF
     errors = capsys.readouterr().err
     assert errors.startswith("firm-bench: ") and url in errors and "Traceback" not in errors
     assert not (output / "results.json").exists()
+
+
+def test_each_split_compares_a_dimension_of_its_tasks_results() -> None:
+    from clients.tasks import TASKS
+    from training.bench.splits import SPLITS
+
+    for split in SPLITS:
+        rated = [split.rated] if split.rated else list(split.groups)
+        assert set(rated) <= set(TASKS[split.task].dimensions), split.task
