@@ -75,7 +75,8 @@ def ray_cluster() -> Iterator[int]:
 @pytest.fixture(scope="module")
 def sim_urls(ray_cluster: int) -> dict[str, str]:
     """Applications of simulated critics for the failure tests and the contract's limited deployment,
-    started without waiting: they come up while the tiny critic loads. Their replicas reserve no CPU, so they never hold back the others."""
+    started without waiting: they come up while the tiny critic loads. Their replicas reserve no CPU, so
+    they never hold back the others."""
     targets = []
     for name, layout in SIM_APPS.items():
         settings = RaySettings(**{"server": SIM_SERVER, **layout}, num_gpus=0, num_cpus=0, ingress_num_cpus=0)
