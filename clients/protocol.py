@@ -308,6 +308,20 @@ class JudgeCard(_Message):
     max_new_tokens: int
 
 
+class ImageInput(_Message):
+    """What the server does with the images it is sent, so a caller knows what the critic sees."""
+
+    formats: list[str] = Field(description="Encodings accepted, as base64 or a data URL.")
+    reencoded: Literal[False] = Field(
+        default=False,
+        description="The server never re-encodes: it decodes each image as sent, so the critic sees the pixels the "
+        "caller's encoding kept (JPEG at quality 75 reproduces the release's scores; PNG keeps every pixel).",
+    )
+    pixel_budget: int = Field(description="Images over this many pixels are downscaled, keeping the aspect ratio.")
+    max_image_bytes: int = Field(description="Largest encoded image accepted.")
+    max_image_pixels: int = Field(description="Most pixels an image may have; larger ones are refused.")
+
+
 class ModelCard(_Message):
     task: Task
     name: str
@@ -317,6 +331,7 @@ class ModelCard(_Message):
     dimensions: list[str]
     reward: str = Field(description="The reward this task's results carry (CME, QMA).")
     judges: list[JudgeCard] = Field(default_factory=list)
+    images: ImageInput | None = Field(default=None, description="How the model's images are taken.")
 
 
 class ModelsResponse(_Message):

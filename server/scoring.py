@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from PIL import Image
 
 from clients.protocol import (
+    ImageInput,
     ItemError,
     JudgeCard,
     ModelCard,
@@ -31,7 +32,7 @@ from server import rewards
 from server.admission import Admission
 from server.audit import AuditLog
 from server.errors import Overloaded, TooLarge
-from server.images import ImageLimits, InvalidImage, decode_image
+from server.images import ALLOWED_FORMATS, ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing
 from server.judging import Judging, Prepared
 from server.lifecycle import Lifecycle, ModelState, TaskModel
@@ -141,6 +142,12 @@ class ScoringService:
                     )
                     for j in m.judges
                 ],
+                images=ImageInput(
+                    formats=sorted(ALLOWED_FORMATS),
+                    pixel_budget=self.limits.pixel_budget,
+                    max_image_bytes=self.limits.max_bytes,
+                    max_image_pixels=self.limits.max_pixels,
+                ),
             )
             for m in self.models.values()
         ]

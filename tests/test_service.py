@@ -107,3 +107,14 @@ def test_an_engine_that_refuses_to_sleep_keeps_its_models_scoring(tiny_checkpoin
 
     states, _ = _serve(cache_dir, work)
     assert set(states.values()) == {"ready"}
+
+
+def test_the_model_cards_say_how_images_are_taken(tiny_checkpoint: Path, cache_dir: Path) -> None:
+    async def cards(service: ScoringService) -> list[Any]:
+        return service.cards()
+
+    found, _ = _serve(cache_dir, cards, image_pixel_budget=512 * 512, max_image_bytes=4096)
+    for card in found:
+        assert card.images is not None
+        assert card.images.formats == ["JPEG", "PNG", "WEBP"] and card.images.reencoded is False
+        assert (card.images.pixel_budget, card.images.max_image_bytes) == (512 * 512, 4096)
