@@ -35,7 +35,7 @@ from server.errors import Overloaded, TooLarge
 from server.images import ALLOWED_FORMATS, ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing
 from server.judging import Judging, Prepared
-from server.lifecycle import Lifecycle, ModelState, TaskModel
+from server.lifecycle import Lifecycle, TaskModel
 from server.logs import request_id
 from server.metrics import Metrics
 from server.results import Judged, task_results, without_reasoning
@@ -204,7 +204,3 @@ class ScoringService:
             return spec.group_response(**common, id=request.id, results=results, group=group)  # type: ignore[call-arg]
         return spec.score_response(**common, results=results)  # type: ignore[call-arg]
 
-
-# The states, for callers that compare them by name.
-LOADING, READY, FAILED, DISABLED = ModelState.LOADING, ModelState.READY, ModelState.FAILED, ModelState.DISABLED
-SLEEPING, UNHEALTHY, DRAINING = ModelState.SLEEPING, ModelState.UNHEALTHY, ModelState.DRAINING
