@@ -21,6 +21,7 @@ MAX_INSTRUCTION_CHARS = 4_000
 MAX_PROMPT_CHARS = 8_000
 # 64 MiB of base64 text is 48 MiB of image bytes; servers cap far lower by default.
 MAX_IMAGE_CHARS = 64 * 1024 * 1024
+MAX_TIMEOUT_S = 86_400.0  # a caller's deadline: a day at most
 
 ScoreMode = Literal["argmax", "expected"]
 Task = Literal["edit", "gen"]  # the critics' tasks; their facts are in `clients.tasks`
@@ -40,6 +41,7 @@ ItemErrorCode = Literal[
     "parse_error",
     "no_score_probabilities",
     "engine_error",
+    "deadline",  # the caller's timeout_s passed before the item's judge calls finished
     "request_failed",  # set by the client when the request carrying the item failed after its retries
 ]
 
@@ -91,6 +93,15 @@ class _ScoringOptions(_Message):
         "mean over the score tokens. The server's default when absent.",
     )
     return_reasoning: bool = Field(default=False, description="Include the judge's written reasoning.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="The caller's deadline in seconds from the request's arrival. Items whose judge calls have not "
+        "finished by then fail with the error 'deadline' (their work is dropped) and the rest are answered; the "
+        "server's own deadline (a 504 for the whole request) applies when it is the smaller.",
+    )
 
     def resolve(self, defaults: ScoringDefaults) -> ResolvedOptions:
         """The options this request scores with: its own where given, else the server's for its task.

@@ -66,6 +66,8 @@ ITEM_ERRORS: dict[str, str] = {
     "no_score_probabilities": "`score_mode: expected` was asked for, but the engine gave no probabilities at the "
     "score.",
     "engine_error": "The engine failed on this item's call.",
+    "deadline": "The request's own `timeout_s` passed before the item's judge calls finished; their work was "
+    "dropped, and the other items of the request are answered.",
     "request_failed": "Set by the client, never the server: the request that carried the item failed after its "
     "retries; the message names the cause (`HTTP 413 too_large: ...`).",
 }

@@ -103,10 +103,15 @@ class CallSharing:
         requests: Sequence[GenerationRequest],
         keys: Sequence[str],
         hit: Callable[[int], None],
+        deadline: float | None = None,
     ) -> list[Outcome]:
-        """Outcomes for `requests`, computing each distinct key once; `hit(n)` counts the calls spared."""
+        """Outcomes for `requests`, computing each distinct key once; `hit(n)` counts the calls spared.
+        A call not finished by `deadline` (the event loop's clock) is left, and its outcome is
+        `DeadlineMissed`; the engine call stops unless another request still waits for it."""
         if not self.enabled:
-            return await runner.submit(requests)
+            if deadline is None:
+                return await runner.submit(requests)
+            return await _until(runner.launch(requests), deadline)
         known: dict[str, Outcome] = {}
         waiting: dict[str, _SharedCall] = {}
         new: dict[str, GenerationRequest] = {}
@@ -126,11 +131,42 @@ class CallSharing:
         for key, future in zip(new, futures, strict=True):
             self._running[key] = waiting[key] = _SharedCall(future)
             future.add_done_callback(functools.partial(self._finished, key, waiting[key]))
+        done: set[asyncio.Future[Outcome]] = set()
         try:
             if waiting:
-                await asyncio.wait([call.future for call in waiting.values()])
+                done, _ = await asyncio.wait([call.future for call in waiting.values()], timeout=_left(deadline))
         finally:
             for key, call in waiting.items():
                 self._leave(key, call)
-        known.update((key, call.future.result()) for key, call in waiting.items())
+        known.update(
+            (key, call.future.result() if call.future in done else DeadlineMissed())
+            for key, call in waiting.items()
+        )
         return [known[key] for key in keys]
+
+
+class DeadlineMissed(Exception):
+    """The caller's deadline passed before this call finished; its work was dropped."""
+
+    def __init__(self) -> None:
+        super().__init__("the caller's deadline (timeout_s) passed before this item's judge calls finished")
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` on the event loop's clock (None: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+async def _until(futures: list[asyncio.Future[Outcome]], deadline: float) -> list[Outcome]:
+    """The futures' outcomes, `DeadlineMissed` for those not done by `deadline` (they are abandoned)."""
+    if not futures:
+        return []
+    try:
+        done, pending = await asyncio.wait(futures, timeout=_left(deadline))
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+    for future in pending:
+        future.cancel()
+    return [future.result() if future in done else DeadlineMissed() for future in futures]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from clients.protocol import ItemError
 from server.engines.base import GenerationRequest, GenerationResult
-from server.judge_cache import CallSharing, call_key
+from server.judge_cache import CallSharing, DeadlineMissed, call_key
 from server.judges import Judge, ParseError
 from server.lifecycle import TaskModel
 from server.metrics import Metrics
@@ -39,8 +39,11 @@ class Judging:
     def __init__(self, metrics: Metrics, sharing: CallSharing, *, structured_outputs: bool = False) -> None:
         self.metrics, self.sharing, self.structured_outputs = metrics, sharing, structured_outputs
 
-    async def judge(self, model: TaskModel, items: Sequence[Prepared | ItemError]) -> list[Judged]:
-        """Each item's verdicts, or its error: the item's own (an undecodable image) or its judges'."""
+    async def judge(
+        self, model: TaskModel, items: Sequence[Prepared | ItemError], deadline: float | None = None
+    ) -> list[Judged]:
+        """Each item's verdicts, or its error: the item's own (an undecodable image), its judges', or the
+        caller's `deadline` (on the event loop's clock) passing first."""
         calls: list[_Call] = []
         requests: list[GenerationRequest] = []
         keys: list[str] = []
@@ -60,6 +63,7 @@ class Judging:
             requests,
             keys,
             hit=lambda n: self.metrics.cache_hits.labels(model=model.task.name).inc(n),
+            deadline=deadline,
         )
         judged = [Judged(error=item if isinstance(item, ItemError) else None) for item in items]
         for call, outcome in zip(calls, outcomes, strict=True):
@@ -67,6 +71,9 @@ class Judging:
         return judged
 
     def _record(self, judged: Judged, judge: Judge, outcome: GenerationResult | BaseException) -> None:
+        if isinstance(outcome, DeadlineMissed):
+            judged.error = judged.error or ItemError(code="deadline", message=str(outcome))
+            return
         if isinstance(outcome, BaseException):
             judged.error = judged.error or ItemError(code="engine_error", message=str(outcome))
             return

@@ -158,6 +158,7 @@ class ScoringService:
         """Score any scoring request: its task and shape come from its class. Run under admission,
         audited; reasoning nobody asked for is left out."""
         started = time.perf_counter()
+        deadline = None if request.timeout_s is None else asyncio.get_running_loop().time() + request.timeout_s
         task = SERVER_TASKS[request.task]
         model = self.lifecycle.ready_model(task)
         is_group = isinstance(request, task.spec.group_request)
@@ -172,7 +173,7 @@ class ScoringService:
         reasoning = options.return_reasoning or self.audit is not None
         async with self.admission.admit(model, len(inputs) * len(model.judges)):
             prepared = await asyncio.to_thread(_prepare, inputs, self.limits)
-            judged = await self.judging.judge(model, prepared)
+            judged = await self.judging.judge(model, prepared, deadline)
             response = self._respond(model, request, [item.id for item in inputs], judged, options, reasoning)
         elapsed = time.perf_counter() - started
         failed = sum(r.reward is None for r in response.results)
@@ -203,4 +204,3 @@ class ScoringService:
             group = rewards.group_stats([r.reward for r in results])
             return spec.group_response(**common, id=request.id, results=results, group=group)  # type: ignore[call-arg]
         return spec.score_response(**common, results=results)  # type: ignore[call-arg]
-
