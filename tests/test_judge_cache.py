@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from server.batching import MicroBatcher, Outcome
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
-from server.judge_cache import CallSharing
+from server.judge_cache import CallSharing, DeadlineMissed
 from server.metrics import Metrics
 
 
@@ -177,3 +177,41 @@ def test_a_finished_call_is_cached() -> None:
     s, (again,) = asyncio.run(work())
     assert isinstance(again, GenerationResult) and again.text == "kept"
     assert len(s.engine.seen) == 1 and s.hits == 1
+
+
+def _past_deadline(capacity: int) -> tuple[list[Outcome], list[Outcome], float]:
+    """Two requests share a held call; the first has a deadline that passes while it is held, the second
+    none. Returns both outcomes and the calls cancelled."""
+
+    async def work() -> tuple[list[Outcome], list[Outcome], float]:
+        s = Sharing()
+        s.sharing = CallSharing(capacity)
+        await s.batcher.start()
+        try:
+            loop = asyncio.get_running_loop()
+            hurried = asyncio.create_task(
+                s.sharing.run(s.batcher, [_request("x")], ["x"], hit=s._hit, deadline=loop.time() + 0.05)
+            )
+            await s.engine.started.wait()
+            patient = s.run("x")
+            short = await hurried  # its deadline passes while the engine is held
+            s.engine.release.set()
+            return short, await patient, s.cancelled()
+        finally:
+            await s.batcher.close()
+
+    return asyncio.run(work())
+
+
+def test_a_deadline_leaves_a_shared_call_to_the_requests_still_waiting() -> None:
+    short, full, cancelled = _past_deadline(capacity=16)
+    assert isinstance(short[0], DeadlineMissed)
+    assert isinstance(full[0], GenerationResult) and full[0].text == "x"
+    assert cancelled == 0  # the patient request still waited for the call
+
+
+def test_a_deadline_without_sharing_drops_the_call() -> None:
+    short, full, cancelled = _past_deadline(capacity=0)
+    assert isinstance(short[0], DeadlineMissed)
+    assert isinstance(full[0], GenerationResult)  # its own call, run after the first was abandoned
+    assert cancelled == 1
