@@ -75,3 +75,14 @@ def test_a_context_that_cannot_hold_the_largest_images_is_refused_at_start(tmp_p
         in str(refused.value)
     )
     assert "--image-pixel-budget 16777216" in str(refused.value)
+
+
+def test_a_context_longer_than_the_model_holds_is_refused_in_words(tiny_checkpoint: Path) -> None:
+    """The vllm engine reads the checkpoint's own context before starting vLLM (the tiny critic: 32,768)."""
+    from server.engines.base import EngineError
+    from server.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(str(tiny_checkpoint), ("1", "2", "3", "4", "5"), max_model_len=Settings().context_length())
+    with pytest.raises(EngineError, match=r"more than .*'s context of 32768 tokens: lower --image-pixel-budget"):
+        engine._check_context()
+    VLLMEngine(str(tiny_checkpoint), ("1",), max_model_len=32768)._check_context()  # what fits passes

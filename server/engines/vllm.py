@@ -150,6 +150,7 @@ class VLLMEngine(Engine):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        await asyncio.to_thread(self._check_context)
         log.info("starting vLLM for %s: %s", self.model, self.engine_args)
         # Construction waits until the engine is ready (weights loaded, maybe downloaded): off the
         # event loop, so /healthz keeps answering meanwhile.
@@ -163,6 +164,19 @@ class VLLMEngine(Engine):
             AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]
         )
         self._watch_ids = single_token_ids(self._llm.get_tokenizer(), self.watch_tokens, self.model)
+
+    def _check_context(self) -> None:
+        """Refuse, in words, a context longer than the model's own, which vLLM would refuse in a traceback."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.model, revision=self.engine_args["revision"])
+        longest = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        wanted = self.engine_args["max_model_len"]
+        if longest is not None and wanted > longest:
+            raise EngineError(
+                f"--max-model-len {wanted} is more than {self.model}'s context of {longest} tokens: lower "
+                "--image-pixel-budget or the answer budgets (the default context follows them), or set --max-model-len"
+            )
 
     async def close(self) -> None:
         if self._llm is not None:

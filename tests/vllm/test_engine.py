@@ -152,7 +152,8 @@ def test_health_answers_while_vllm_loads(
     port = free_port()
     path = str(vllm_checkpoint)
     cmd = [vllm_python, "-m", "server.cli", "--cache-dir", str(cache_dir), "--port", str(port), *CPU_FLAGS]
-    cmd += ["--edit-model", path, "--gen-model", "none"]
+    # a pixel budget whose derived context fits the tiny critic's 32,768 positions
+    cmd += ["--edit-model", path, "--gen-model", "none", "--image-pixel-budget", str(2048 * 2048)]
     process = subprocess.Popen(
         cmd, env={**os.environ, **vllm_vars}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
