@@ -17,6 +17,7 @@ from typing import Any
 
 from clients.client import RewardClient
 from clients.errors import FirmError
+from clients.images import IMAGE_FORMATS
 from clients.protocol import EditResult, EditScoreResponse, GenResult, GenScoreResponse
 from clients.tasks import TASKS
 
@@ -32,7 +33,10 @@ examples:
   firm-score gen --image cat.png --prompt "a cat in a red hat"
   firm-score manifest items.jsonl --task edit --output scores.csv --url http://critic:8000
 
-The server address and key can also come from FIRM_URL / FIRM_URLS and FIRM_API_KEY.
+The server address and key can also come from FIRM_URL / FIRM_URLS and FIRM_API_KEY, the encoding
+from FIRM_IMAGE_FORMAT and FIRM_JPEG_QUALITY. By default each image file is sent as the FIRM release's
+trainers send their images, JPEG at quality 75, so the scores are those the release would give;
+--image-format PNG shows the critic the file's exact pixels.
 """
 
 
@@ -43,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--api-key", help="bearer key (default: FIRM_API_KEY)")
     common.add_argument("--timeout", type=float, help="deadline of one call in seconds, retries included")
+    common.add_argument(
+        "--image-format",
+        type=str.upper,
+        choices=IMAGE_FORMATS,
+        help="how each image is encoded for the server (default: FIRM_IMAGE_FORMAT or JPEG, as the release)",
+    )
+    common.add_argument(
+        "--jpeg-quality", type=int, help="JPEG (and WebP) quality, 1-100 (default: FIRM_JPEG_QUALITY or 75)"
+    )
     common.add_argument("--score-mode", choices=("argmax", "expected"), help="what feeds the reward")
     common.add_argument("--reasoning", action="store_true", help="include the judges' reasoning")
     parser = argparse.ArgumentParser(
@@ -159,7 +172,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     options: dict[str, Any] = {"score_mode": args.score_mode, "return_reasoning": args.reasoning}
     try:
-        with RewardClient(args.url, api_key=args.api_key, timeout_s=args.timeout) as client:
+        with RewardClient(
+            args.url,
+            api_key=args.api_key,
+            timeout_s=args.timeout,
+            image_format=args.image_format,
+            jpeg_quality=args.jpeg_quality,
+        ) as client:
             if args.command == "manifest":
                 items = _read_manifest(args.path, args.task)
                 results = _score_manifest(client, args.task, items, options, progress=not args.no_progress)

@@ -219,7 +219,7 @@ class AsyncRewardClient:
         return answer
 
     async def _encode(self, build: Callable[[Encoder], T]) -> T:
-        """Encode images off the event loop (PNG of 64 large images takes a while)."""
+        """Encode images off the event loop (64 large images take a while, PNG ones most) as the config says."""
         encoder = Encoder(self.config.image_format, self.config.jpeg_quality)
         return await asyncio.to_thread(build, encoder)
 

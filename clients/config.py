@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from clients.images import IMAGE_FORMATS, RELEASE_FORMAT, RELEASE_QUALITY
 from clients.retry import RetryPolicy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -19,9 +20,14 @@ class ClientConfig:
     api_key: bearer key (FIRM_API_KEY). timeout_s: the deadline of one call, retries included
     (FIRM_TIMEOUT_S). chunk_size: items per request (FIRM_CHUNK_SIZE); max_in_flight: requests
     one call keeps open at once (FIRM_MAX_IN_FLIGHT). strict: raise when an item fails instead of
-    returning a NaN reward (FIRM_STRICT). image_format / jpeg_quality: how images are encoded.
-    cooldown_s: how long a failing server rests before its readiness is checked again. retry: the
-    retry policy of a scoring call (attempts, backoff; Retry-After is honoured).
+    returning a NaN reward (FIRM_STRICT). cooldown_s: how long a failing server rests before its
+    readiness is checked again. retry: the retry policy of a scoring call (attempts, backoff;
+    Retry-After is honoured).
+
+    image_format (FIRM_IMAGE_FORMAT: JPEG, PNG or WEBP) and jpeg_quality (FIRM_JPEG_QUALITY, 1-100,
+    WebP's too): how the client encodes pixels. The default, JPEG at 75, is how the FIRM release's
+    trainers send every image, so the critics score what they scored there; PNG shows the critic
+    the exact pixels, at several times the bytes and the encode time.
     """
 
     base_urls: tuple[str, ...] = (DEFAULT_URL,)
@@ -30,8 +36,8 @@ class ClientConfig:
     chunk_size: int = 32
     max_in_flight: int = 4
     strict: bool = False
-    image_format: str = "PNG"
-    jpeg_quality: int = 90
+    image_format: str = RELEASE_FORMAT
+    jpeg_quality: int = RELEASE_QUALITY
     cooldown_s: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -42,8 +48,13 @@ class ClientConfig:
             raise ValueError("chunk_size and max_in_flight must be at least 1")
         if not self.timeout_s > 0 or self.cooldown_s < 0:
             raise ValueError("timeout_s must be positive and cooldown_s not negative")
-        if self.image_format.upper() not in ("PNG", "JPEG", "WEBP"):
-            raise ValueError("image_format must be PNG, JPEG or WEBP")
+        object.__setattr__(self, "image_format", str(self.image_format).upper())
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int):
+            raise ValueError(f"jpeg_quality must be a whole number, got {self.jpeg_quality!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be between 1 and 100, got {self.jpeg_quality}")
 
     @classmethod
     def of(
@@ -73,9 +84,15 @@ class ClientConfig:
             values["base_urls"] = _split(urls)
         if env.get("FIRM_API_KEY"):
             values["api_key"] = env["FIRM_API_KEY"]
-        for name, cast in (("timeout_s", float), ("chunk_size", int), ("max_in_flight", int)):
-            if env.get(f"FIRM_{name.upper()}"):
-                values[name] = cast(env[f"FIRM_{name.upper()}"])
+        numbers = (("timeout_s", float), ("chunk_size", int), ("max_in_flight", int), ("jpeg_quality", int))
+        for name, cast in numbers:
+            if text := env.get(f"FIRM_{name.upper()}"):
+                try:
+                    values[name] = cast(text)
+                except ValueError:
+                    raise ValueError(f"FIRM_{name.upper()} must be a number, got {text!r}") from None
+        if env.get("FIRM_IMAGE_FORMAT"):
+            values["image_format"] = env["FIRM_IMAGE_FORMAT"]
         if env.get("FIRM_STRICT"):
             values["strict"] = env["FIRM_STRICT"].lower() in ("1", "true", "yes")
         values.update({k: v for k, v in overrides.items() if v is not None})
