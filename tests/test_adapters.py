@@ -48,7 +48,7 @@ def test_flow_grpo_generation_reward_returns_tensorable_columns(client: RewardCl
     rewards, extra = reward_fn(
         _nchw("red", "blue"), ["a red square"] * 2, [{}, {"requirement": "none"}], only_strict=True
     )
-    assert extra == {}
+    assert extra == {"errors": []}
     assert set(rewards) == {"avg", "firm_gen", "instruction_following", "quality", "failed"}
     for value in rewards.values():
         assert value.shape == (2,) and value.dtype == np.float64
@@ -76,10 +76,12 @@ def test_flow_grpo_edit_sources_from_ref_images_or_metadata(client: RewardClient
 def test_flow_grpo_failed_item_follows_on_failure(client: RewardClient, on_failure: object, expected: list) -> None:
     edited = [picture("red"), picture("red"), picture("blue"), _broken_png()]
     reward_fn = edit_reward_fn(client, on_failure=on_failure)
-    rewards, _ = reward_fn(edited, [INSTRUCTION] * 4, None, [picture("blue")] * 4)
+    rewards, extra = reward_fn(edited, [INSTRUCTION] * 4, None, [picture("blue")] * 4)
     assert rewards["avg"].tolist() == pytest.approx(expected)
     assert rewards["failed"].tolist() == [0.0, 0.0, 0.0, 1.0]
-    assert reward_fn.last_errors[0][0] == 3 and reward_fn.last_errors[0][1].startswith("invalid_image")
+    ((index, reason),) = extra["errors"]  # the call's own failures, in the release's metadata slot
+    assert index == 3 and reason.startswith("invalid_image")
+    assert not hasattr(reward_fn, "last_errors")  # nothing of a call is kept on the shared function
 
 
 def test_flow_grpo_nan_setting_and_an_all_failed_call(client: RewardClient) -> None:
@@ -167,7 +169,9 @@ def test_trl_reward_from_a_generated_images_column(client: RewardClient) -> None
         firm_reward(client, "gen", images_column="images")
 
 
-def test_verl_batch_form_keys_and_values(client: RewardClient, tmp_path: Path) -> None:
+def test_verl_batch_form_keys_and_values(
+    client: RewardClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "red.png"
     picture("red").save(path)
     compute_score = make_compute_score(client, "gen", on_failure="nan")
@@ -186,7 +190,7 @@ def test_verl_batch_form_keys_and_values(client: RewardClient, tmp_path: Path) -
     )
     assert batch[0] == single and set(batch[1]) == set(single)
     assert math.isnan(batch[1]["score"]) and batch[1]["failed"] == 1.0
-    assert "invalid_image" in compute_score.last_errors[0][1]
+    assert any("1 of 2 items were not scored (invalid_image" in r.getMessage() for r in caplog.records)
 
 
 def _manifest(tmp_path: Path, broken: bool) -> Path:

@@ -1,19 +1,24 @@
 """Reward functions that drop into Flow-GRPO and the FIRM release's DiffusionNFT trainers.
 
 Those trainers call `reward_fn(images, prompts, metadata, ref_images, only_strict=...)` (the
-editing trainer passes the source images as `ref_images`; the text-to-image ones leave it out)
-and turn every value of the returned dict into a tensor with `torch.as_tensor(v).float()`. So a
-`FirmRewardFn` returns `({"avg": ..., "<reward>": ..., "<dimension>": ..., "failed": ...}, {})`,
-every value a float64 array with one entry per image:
+editing trainer passes the source images as `ref_images`; the text-to-image ones leave it out),
+from a pool of 8 threads at once, and turn every value of the returned dict into a tensor with
+`torch.as_tensor(v).float()`. So a `FirmRewardFn` returns
+`({"avg": ..., "<reward>": ..., "<dimension>": ..., "failed": ...}, {"errors": [...]})`, every
+value of the first a float64 array with one entry per image:
 
 - `avg`: the weighted sum the trainer turns into advantages;
 - `firm_edit` / `firm_gen`: the CME / QMA reward; `execution`, `consistency`,
   `instruction_following`, `quality`: the normalised dimensions;
 - `failed`: 1.0 where the server could not score the item, else 0.0.
 
-These trainers have no mask, so a failed item gets the value `on_failure` gives (see
-`clients.adapters.failures`); the default, `group_mean`, leaves its advantage at about 0. The
-reasons go to the `clients.adapters` logger and to `reward_fn.last_errors`.
+The second holds the call's own failures, `(index in the call, reason)`, which also go to the
+`clients.adapters` logger; the reward function keeps nothing of a call, so concurrent calls never
+see each other's. These trainers have no mask, so a failed item gets the value `on_failure` gives
+(see `clients.adapters.failures`); the default, `group_mean`, leaves its advantage at about 0 when
+its group is scored in one call. On several ranks a group is spread over several calls: use
+`on_failure="nan"` with this module's `PerPromptStatTracker` (or `BanningPerPromptStatTracker` for
+the editing trainers), which leave NaN rewards out of every group's statistics.
 
     >>> from clients.adapters.flow_grpo import multi_score
     >>> multi_score("cuda", {"firm_edit": 1.0}, client=object()).task
@@ -35,11 +40,24 @@ import numpy as np
 
 from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
 from clients.adapters.inputs import INPUTS, Batch, TaskInputs, task_inputs
+from clients.adapters.stat_tracking import BanningPerPromptStatTracker, PerPromptStatTracker
 from clients.client import RewardClient
 from clients.protocol import ScoringResponse, Task
 from clients.tasks import EDIT, GEN
 
 logger = logging.getLogger("clients.adapters")
+
+__all__ = [
+    "BanningPerPromptStatTracker",
+    "FirmRewardFn",
+    "PerPromptStatTracker",
+    "edit_reward_fn",
+    "gen_reward_fn",
+    "multi_score",
+    "reward_columns",
+]
+
+Failures = list[tuple[int, str]]  # (index in the call, reason)
 
 
 def _per_item(metadata: Any, n: int) -> list[Mapping[str, Any]]:
@@ -67,14 +85,14 @@ def reward_columns(reply: ScoringResponse, inputs: TaskInputs) -> dict[str, np.n
 
 
 class FirmRewardFn:
-    """`(images, prompts, metadata, ref_images=None, **host_options) -> (rewards, {})`.
+    """`(images, prompts, metadata, ref_images=None, **host_options) -> (rewards, {"errors": failures})`.
 
     task: a name of `clients.tasks.TASKS`: "edit" (CME) or "gen" (QMA). A task that compares
     against a source image takes it from `ref_images`, else from `metadata[i][source_key]` (a path
     relative to `source_root` when that is given); one that takes a requirement sends
     `metadata[i][requirement_key]` when present. weights: how `avg` sums the terms, by default
     the combined reward alone. Extra keyword arguments of the trainer (`only_strict`, ...) are
-    accepted and ignored.
+    accepted and ignored. Safe to call from several threads at once.
     """
 
     def __init__(
@@ -97,7 +115,6 @@ class FirmRewardFn:
         self.client, self.task, self.on_failure = client, task, check_on_failure(on_failure)
         self.source_key, self.requirement_key = source_key, requirement_key
         self.source_root = None if source_root is None else Path(source_root)
-        self.last_errors: list[tuple[int, str]] = []
 
     def __call__(
         self, images: Any, prompts: Sequence[str], metadata: Any = None, ref_images: Any = None, **host_options: Any
@@ -111,7 +128,8 @@ class FirmRewardFn:
         if self.inputs.requirement is not None:
             requirements = [m.get(self.requirement_key) for m in per_item]
         reply = self.inputs.score(self.client, Batch(images, texts, sources, requirements))
-        return self._rewards(reply, texts), {}
+        rewards, errors = self._rewards(reply, texts)
+        return rewards, {"errors": errors}
 
     def _source(self, item: Mapping[str, Any]) -> Any:
         if self.source_key not in item:
@@ -124,24 +142,25 @@ class FirmRewardFn:
             return self.source_root / source
         return source
 
-    def _rewards(self, reply: ScoringResponse, groups: list[str]) -> dict[str, np.ndarray]:
+    def _rewards(self, reply: ScoringResponse, groups: list[str]) -> tuple[dict[str, np.ndarray], Failures]:
+        """The columns the trainer reads, and this call's failures."""
         values = reward_columns(reply, self.inputs)
         avg = sum(weight * values[name] for name, weight in self.weights.items())
         failed = np.isnan(np.asarray(avg, dtype=np.float64))
-        self.last_errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
-        if self.last_errors:
+        errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
+        if errors:
             logger.warning(
                 "%d of %d items were not scored (%s); on_failure=%r",
-                len(self.last_errors),
+                len(errors),
                 len(groups),
-                self.last_errors[0][1],
+                errors[0][1],
                 self.on_failure,
             )
-        reason = self.last_errors[0][1] if self.last_errors else ""
+        reason = errors[0][1] if errors else ""
         out = {"avg": fill_failures(avg, groups, self.on_failure, reason)}
         out.update({name: fill_failures(v, groups, self.on_failure, reason) for name, v in values.items()})
         out["failed"] = failed.astype(np.float64)
-        return out
+        return out, errors
 
 
 def gen_reward_fn(client: RewardClient, **options: Any) -> FirmRewardFn:
@@ -162,13 +181,17 @@ def multi_score(
     on_failure: OnFailure = "group_mean",
     source_key: str = "source",
     source_root: str | Path | None = None,
+    image_format: str | None = None,
+    jpeg_quality: int | None = None,
     **host_options: Any,
 ) -> FirmRewardFn:
     """Shaped like the trainers' `flow_grpo.rewards.multi_score(device, score_dict)` factory.
 
     `score_dict` maps terms (`firm_edit`, `execution`, `consistency`, or `firm_gen`,
     `instruction_following`, `quality`) to their weights in `avg`. The client defaults to
-    `RewardClient()`, configured from FIRM_URL / FIRM_API_KEY. `device` and the release's own
+    `RewardClient(image_format=..., jpeg_quality=...)`, configured from FIRM_URL / FIRM_API_KEY and
+    the other FIRM_* variables (the encoding: FIRM_IMAGE_FORMAT, FIRM_JPEG_QUALITY; by default the
+    release's JPEG at 75); a client of your own brings its own encoding. `device` and the release's own
     options (score normalisation, total-score settings) are accepted and have no effect: the
     server computes CME and QMA.
     """
@@ -179,10 +202,12 @@ def multi_score(
     if not tasks:
         known = [term for entry in INPUTS.values() for term in entry.terms]
         raise ValueError(f"score_dict names no FIRM term: {sorted(weights)}; known: {known}")
+    if client is not None and (image_format, jpeg_quality) != (None, None):
+        raise ValueError("a client of your own encodes with its own settings: give it image_format / jpeg_quality")
     if host_options:
         logger.info("ignoring the trainer's reward options %s: the server computes the rewards", sorted(host_options))
     return FirmRewardFn(
-        client if client is not None else RewardClient(),
+        client if client is not None else RewardClient(image_format=image_format, jpeg_quality=jpeg_quality),
         tasks[0],
         weights=weights,
         on_failure=on_failure,

@@ -14,10 +14,10 @@ from `render(solution_strs, extra_infos)`. The response text itself is never rea
 a path.
 
 Each result is `{"score", "failed", <reward>, <dimensions>}`, all floats and the same keys for
-every item (verl collects each key into a column). verl's GRPO advantages have no mask, so a
-failed item's values follow `on_failure` (see `clients.adapters.failures`). The default,
-`group_mean`, needs the whole batch and so the batch manager; per-item calls need `on_failure`
-set to a number or `"nan"`.
+every item (verl collects each key into a column); why an item failed goes to the
+`clients.adapters` logger. verl's GRPO advantages have no mask, so a failed item's values follow
+`on_failure` (see `clients.adapters.failures`). The default, `group_mean`, needs the whole batch
+and so the batch manager; per-item calls need `on_failure` set to a number or `"nan"`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class VerlComputeScore:
         self.inputs = task_inputs(task)
         self.client, self.task, self.render = client, task, render
         self.on_failure = check_on_failure(on_failure)
-        self.last_errors: list[tuple[int, str]] = []
 
     def __call__(
         self,
@@ -93,10 +92,10 @@ class VerlComputeScore:
         values = reward_columns(reply, inputs)
         reward = inputs.spec.reward_term
         failed = np.isnan(values[reward])
-        self.last_errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
-        reason = self.last_errors[0][1] if self.last_errors else ""
-        if self.last_errors:
-            logger.warning("%d of %d items were not scored (%s)", len(self.last_errors), len(infos), reason)
+        errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
+        reason = errors[0][1] if errors else ""
+        if errors:  # to the log only: the results are floats, and the function keeps nothing of a call
+            logger.warning("%d of %d items were not scored (%s)", len(errors), len(infos), reason)
         filled = {name: fill_failures(v, texts, self.on_failure, reason) for name, v in values.items()}
         filled["score"] = filled[reward]
         filled["failed"] = failed.astype(np.float64)
