@@ -136,6 +136,96 @@ def test_release_editing_script_gets_finite_advantages_with_a_failed_item(firm_e
         closing(reward_fn)
 
 
+def two_rank_step(reward_fn: Any, ranks: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One sampling step of the release's NFT scripts on two ranks: each rank's reward call submitted to the
+    8-thread pool (train_nft_sd3.py lines 565 and 733; train_nft_qwen_image_edit.py lines 573 and 810-817),
+    every value through torch (line 762 / 845-847), `avg` repeated over the timesteps (801-802 / 896-900)
+    and gathered in rank order (806-808 / 903-907). Returns the gathered prompts, `avg` and `failed`."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        futures = [
+            executor.submit(reward_fn, r["images"], r["prompts"], r["metadata"], *r.get("ref", ()), only_strict=True)
+            for r in ranks
+        ]
+        calls = [future.result() for future in futures]
+    tensors = [as_trainer_tensors(rewards) for rewards, _ in calls]
+    avg = np.concatenate([t["avg"].unsqueeze(1).repeat(1, TIMESTEPS).numpy() for t in tensors])
+    failed = np.concatenate([t["failed"].numpy() for t in tensors]).astype(bool)
+    return [p for r in ranks for p in r["prompts"]], avg, failed
+
+
+def split_groups(colours: list[str], text: dict[str, str]) -> list[dict[str, Any]]:
+    """2 prompts x 4 samples dealt over 2 ranks as the release's DistributedKRepeatSampler deals them
+    (train_nft_sd3.py lines 154-186: each group's samples shuffled over all ranks): rank 0 holds three
+    of prompt A and one of B, rank 1 the rest. `text` maps A and B to the prompts."""
+    keys = [["A", "A", "A", "B"], ["B", "B", "B", "A"]]
+    return [
+        {"prompts": [text[k] for k in rank], "images": nchw(*colours[4 * i : 4 * i + 4]), "metadata": [{}] * 4}
+        for i, rank in enumerate(keys)
+    ]
+
+
+def assert_left_out(advantages: np.ndarray, prompts: list[str], avg: np.ndarray, failed: np.ndarray) -> None:
+    """The failed item's advantage is 0; every other one is the release's formula on the scored items alone."""
+    assert (advantages[failed] == 0).all()
+    scored = ~failed
+    expected = per_prompt_advantages([p for p, keep in zip(prompts, scored, strict=True) if keep], avg[scored])
+    np.testing.assert_array_equal(advantages[scored], expected)
+
+
+def test_release_multi_gpu_block_keeps_a_failed_item_out_of_its_split_group(firm_env: None) -> None:
+    ranks = split_groups(
+        ["red", "blue", "blue", "yellow", "yellow", "yellow", "blue", "red"],
+        {"A": "a red square", "B": "a yellow square"},
+    )
+    ranks[0]["metadata"] = [{}, {}, {}, {"requirement": TOO_LONG}]  # rank 0's only yellow-square item fails
+    scope: dict[str, Any] = {"flow_grpo": swapped_factory(trainer_block("release"))}
+    default_fn = scope["flow_grpo"].rewards.multi_score("cpu", {"firm_gen": 1.0})
+    exec(trainer_block("release-multi-gpu"), scope)
+    reward_fn = scope["flow_grpo"].rewards.multi_score("cpu", {"firm_gen": 1.0})  # train_nft_sd3.py line 589
+    try:
+        prompts, avg, failed = two_rank_step(reward_fn, ranks)
+        assert failed.tolist() == [False] * 3 + [True] + [False] * 4 and np.isnan(avg[failed]).all()
+        tracker = scope["PerPromptStatTracker"](False)  # line 556: PerPromptStatTracker(config.sample.global_std)
+        advantages = tracker.update(prompts, avg)  # line 835
+        assert_left_out(advantages, prompts, avg, failed)
+        assert tracker.get_stats() == (3.5, 2)  # group sizes count scored items
+        # The single-GPU default on the same step: the stand-in comes from the other prompt's items in its call,
+        # and the release's tracker counts it as a reward.
+        _, filled, _ = two_rank_step(default_fn, ranks)
+        released = per_prompt_advantages(prompts, filled)
+        assert abs(released[3, 0]) > 0.1  # the failed item teaches
+        assert not np.allclose(released[4:7], advantages[4:7])  # and its groupmates on rank 1 moved
+    finally:
+        closing(reward_fn)
+        closing(default_fn)
+
+
+def test_release_multi_gpu_edit_block_with_the_banning_tracker(firm_env: None) -> None:
+    ranks = split_groups(
+        ["red", "blue", "red", "orange", "orange", "blue", "orange", "red"],
+        {"A": INSTRUCTION, "B": "Make the square orange."},
+    )
+    for i, rank in enumerate(ranks):
+        sources: list[Any] = [picture("blue")] * 4
+        if i == 1:
+            sources[0] = broken_png()  # rank 1's first orange item cannot be scored
+        rank["ref"] = (sources,)
+    scope: dict[str, Any] = {"flow_grpo": swapped_factory(trainer_block("release"))}
+    exec(trainer_block("release-multi-gpu-edit"), scope)
+    reward_fn = scope["flow_grpo"].rewards.multi_score("cpu", {"firm_edit": 1.0}, use_total_score=False)
+    try:
+        prompts, avg, failed = two_rank_step(reward_fn, ranks)
+        assert failed.tolist() == [False] * 4 + [True] + [False] * 3
+        # train_nft_qwen_image_edit.py lines 565-569 build it; lines 930-932 unpack three arrays.
+        tracker = scope["PerPromptStatTracker"](False, 0.05, 0.9)
+        advantages, stds, means = tracker.update(prompts, avg)
+        assert_left_out(advantages, prompts, avg, failed)
+        assert stds.shape == means.shape == avg.shape and np.isfinite(stds).all() and np.isfinite(means).all()
+        assert not tracker.banned_prompts  # both groups have spread
+    finally:
+        closing(reward_fn)
+
+
 def nft_weights(advantages: np.ndarray, clip_max: float = 5.0) -> np.ndarray:
     """The NFT loss's use of advantages: clipped to [-clip_max, clip_max], mapped to r in [0, 1]
     (train_nft_sd3.py lines 995-1014, adv_mode 'all')."""
