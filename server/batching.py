@@ -1,8 +1,8 @@
 """Hand judge calls to an engine: gathered into micro-batches, or directly.
 
-`MicroBatcher` collects concurrent calls into one `Engine.generate` (up to `max_batch_size`;
-it waits, at most `max_wait`, for the callers of the previous batch to send their next calls),
-runs one batch at a time, and lets the event loop keep accepting requests meanwhile.
+`MicroBatcher` collects concurrent calls into one `Engine.generate` (up to `max_batch_size`, or the
+engine's own `batch_limit`; it waits, at most `max_wait`, for the callers of the previous batch to
+send their next calls), runs one batch at a time, and lets the event loop keep accepting requests meanwhile.
 `DirectRunner` is for engines that schedule by themselves. Both answer, per call, a result or
 the exception that failed it: a batch the engine fails whole is split in halves until the
 calls that break it fail alone, so one bad input costs about 2·log₂ n engine calls and no one
@@ -218,7 +218,8 @@ class MicroBatcher(Runner):
         super().__init__(engine, metrics, label, unhealthy_after=unhealthy_after)
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        self.max_batch_size = max_batch_size
+        # an engine that runs calls one at a time gains nothing from a gathered batch: they stay queued instead
+        self.max_batch_size = min(max_batch_size, engine.batch_limit() or max_batch_size)
         self.max_wait_s = max_wait_s
         self._queue: collections.deque[QueuedCall] = collections.deque()  # live calls only: abandoned ones leave
         self._arrived = asyncio.Event()

@@ -75,6 +75,43 @@ def test_same_input_same_answer_alone_or_in_a_mixed_batch(engine: TransformersEn
             assert sb.probs == pytest.approx(sa.probs, abs=1e-3)
 
 
+@pytest.fixture(scope="module")
+def invariant_engine(tiny_checkpoint: Path) -> Iterator[TransformersEngine]:
+    engine = TransformersEngine(str(tiny_checkpoint), SCORE_TOKENS, device="cpu", batch_invariant=True)
+    asyncio.run(engine.start())
+    yield engine
+
+
+def test_batch_invariant_answers_are_bit_identical_in_any_company_and_order(
+    invariant_engine: TransformersEngine,
+) -> None:
+    """Without it, a decoding step's matrix products change kernel with the number of rows: the low bits move."""
+    others = list(_requests().values())
+    target = others.pop(0)
+    judge = JUDGES["edit_execution"]
+    others += [  # longer prompts: the shorter rows of a batch are padded
+        GenerationRequest(judge.prompt((picture(a), picture(b)), instruction=f"Make the square {b}, as asked."), 128)
+        for a, b in (("red", "blue"), ("green", "green"), ("blue", "orange"))
+    ]
+    alone = _generate(invariant_engine, [target])[0]
+    assert alone.watched, alone.text
+    for company in (others[:1], others[:4], others[::-1]):
+        for position in (0, len(company) // 2, len(company)):
+            batch = [*company[:position], target, *company[position:]]
+            assert _generate(invariant_engine, batch)[position] == alone  # text, finished, every probability
+
+
+def test_batch_invariant_engine_takes_calls_one_at_a_time_and_skips_abandoned_ones(
+    invariant_engine: TransformersEngine,
+) -> None:
+    assert invariant_engine.batch_invariant and invariant_engine.batch_limit() == 1
+    first, abandoned = list(_requests().values())[:2]
+    abandoned.cancelled.set()
+    done, skipped = _generate(invariant_engine, [first, abandoned])
+    assert isinstance(done, GenerationResult) and done.finished
+    assert isinstance(skipped, EngineError) and "abandoned" in str(skipped)
+
+
 def test_max_new_tokens_cuts_the_answer_and_says_so(engine: TransformersEngine) -> None:
     request = _requests(max_new_tokens=3)["edit_execution"]
     (result,) = _generate(engine, [request])

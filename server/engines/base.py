@@ -72,15 +72,35 @@ class Engine(abc.ABC):
 
     batches_itself: ClassVar[bool] = False
     supports_constraints: ClassVar[bool] = False
+    # Can make a call's answer bit-identical whatever else shares its batch (--batch-invariant)?
+    supports_batch_invariance: ClassVar[bool] = False
+    batch_invariant: bool = False  # is it on: set per instance from the settings
     supports_sleep: bool = False  # an engine may decide per instance (vllm: only with --sleep-mode)
     name: ClassVar[str] = "engine"
 
-    def __init__(self, model: str, watch_tokens: Sequence[str], *, revision: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        watch_tokens: Sequence[str],
+        *,
+        revision: str | None = None,
+        batch_invariant: bool = False,
+        **options: Any,
+    ) -> None:
         """`options` holds the server's engine settings (device, dtype, ...); take what you need."""
         self.model = model
         self.watch_tokens = tuple(watch_tokens)
         self._revision = revision
+        # On only where asked for and honoured: the server refuses the setting for an engine that cannot.
+        self.batch_invariant = batch_invariant and self.supports_batch_invariance
         self.options = options
+
+    def batch_limit(self) -> int | None:
+        """The most calls worth gathering into one `generate`, None when the settings decide.
+
+        An engine that runs its calls one at a time says 1, so a micro-batcher neither waits to gather
+        calls it gains nothing from nor holds them out of its queue, where a deadline drops them."""
+        return None
 
     @property
     def revision(self) -> str | None:

@@ -87,6 +87,8 @@ def _data_url(image: Image.Image) -> str:
 class OpenAIEngine(Engine):
     batches_itself: ClassVar[bool] = True
     supports_constraints: ClassVar[bool] = True
+    # The remote server batches as it likes; `vllm serve` started with VLLM_BATCH_INVARIANT=1 is, on its own.
+    supports_batch_invariance: ClassVar[bool] = False
     name: ClassVar[str] = "openai"
 
     def __init__(

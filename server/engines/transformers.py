@@ -1,4 +1,5 @@
-"""In-process engine on Hugging Face transformers: batched greedy `generate`, CPU or GPU.
+"""In-process engine on Hugging Face transformers: batched greedy `generate`, CPU or GPU; one call at a
+time where the same input must get the same answer whatever shares its batch.
 
 Loads any Qwen3-VL style checkpoint (hub id or local folder) through AutoProcessor and
 AutoModelForImageTextToText. Score-token probabilities are recorded by a logits processor
@@ -66,7 +67,12 @@ class _StopCancelled:
 
 
 class TransformersEngine(Engine):
+    """Batch invariance (`batch_invariant=True`) runs each call alone. Grouping calls of equal length, so that
+    no row is padded, is not enough: the CPU's and the GPU's matrix-product kernels pick their reduction order
+    by the number of rows, so a decoding step of 1, 2 or 8 rows gives the same row different low bits."""
+
     batches_itself: ClassVar[bool] = False
+    supports_batch_invariance: ClassVar[bool] = True
     supports_sleep = True
     name: ClassVar[str] = "transformers"
 
@@ -130,11 +136,26 @@ class TransformersEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def batch_limit(self) -> int | None:
+        return 1 if self.batch_invariant else None
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
         if self._model is None:
             raise EngineError("engine is not started")
+        run = self._generate_each if self.batch_invariant else self._generate
         async with self._lock:  # one batch at a time on the model
-            return await asyncio.to_thread(self._generate, list(requests))
+            return await asyncio.to_thread(run, list(requests))
+
+    def _generate_each(self, requests: list[GenerationRequest]) -> list[GenerationResult | EngineError]:
+        """Each call alone, so its tensors have the same shapes whatever came with it; one abandoned before
+        its turn is not run."""
+        results: list[GenerationResult | EngineError] = []
+        for request in requests:
+            if request.cancelled.is_set():
+                results.append(EngineError("the call was abandoned before it ran"))
+            else:
+                results += self._generate([request])
+        return results
 
     def _inputs(self, requests: list[GenerationRequest]) -> Any:
         texts, images = [], []
