@@ -343,6 +343,11 @@ class ModelCard(_Message):
     reward: str = Field(description="The reward this task's results carry (CME, QMA).")
     judges: list[JudgeCard] = Field(default_factory=list)
     images: ImageInput | None = Field(default=None, description="How the model's images are taken.")
+    batch_invariant: bool = Field(
+        default=False,
+        description="True when an item's answer, scores and expected values are bit-identical whatever else "
+        "shares its batch and whatever the arrival order (firm-serve --batch-invariant).",
+    )
 
 
 class ModelsResponse(_Message):

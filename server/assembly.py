@@ -63,6 +63,7 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
         "prefix_caching": settings.prefix_caching,
         "sleep_mode": settings.sleep_mode,
         "enforce_eager": settings.enforce_eager,
+        "batch_invariant": settings.batch_invariant,
         "base_urls": settings.base_urls(),
         "api_key": settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
         "served_model": settings.openai_model(tasks[0]),
@@ -105,6 +106,12 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             )
             if settings.structured_outputs and not engine.supports_constraints:
                 raise ValueError(f"--structured-outputs needs an engine that supports it, not {engine.name}")
+            if settings.batch_invariant and not engine.supports_batch_invariance:
+                raise ValueError(
+                    f"--batch-invariant needs an engine that can give an item the same score whatever shares its "
+                    f"batch (transformers, or vllm where vLLM has the mode), not {engine.name}; a remote server "
+                    "decides for itself (start `vllm serve` with VLLM_BATCH_INVARIANT=1) and this setting stays off"
+                )
             shared[source] = (engine, _runner(engine, settings, metrics, "+".join(tasks)))
         engine, runner = shared[source]
         models[task] = TaskModel(

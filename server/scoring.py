@@ -148,6 +148,7 @@ class ScoringService:
                     max_image_bytes=self.limits.max_bytes,
                     max_image_pixels=self.limits.max_pixels,
                 ),
+                batch_invariant=m.engine.batch_invariant,
             )
             for m in self.models.values()
         ]

@@ -175,6 +175,14 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
         description="Constrain answers to each judge's format (JSON schema or regex) so they always parse; "
         "vllm and openai engines only.",
     )
+    batch_invariant: bool = Field(
+        False,
+        description="Give an item the same answer, scores and expected values, to the bit, whatever else shares "
+        "its batch and whatever the arrival order (same machine and software). transformers: each judge call runs "
+        "alone, which gives up batching (several times lower throughput); vllm: vLLM's own batch-invariant mode, "
+        "on NVIDIA GPUs of compute capability 8.0 or newer, AMD Instinct or Intel XPU (slower kernels), refused "
+        "elsewhere, as on vLLM's CPU build; refused with the openai engine, whose server decides.",
+    )
 
     # vllm engine
     max_model_len: int | None = Field(

@@ -4,7 +4,12 @@ Each judge call is submitted on its own and vLLM schedules them together, so no 
 sits in front. Decoding is greedy with an explicit seed; the probabilities of the watched
 tokens come from `logprob_token_ids` at every step. Prefix caching is on by default: the
 images and the rubric open every prompt, so a GRPO group reuses its shared source image.
-vllm is imported in `start`, never at module import.
+vllm is imported in `start` (or when the engine is built with batch invariance, to refuse it
+early where this vLLM cannot), never at module import.
+
+Batch invariance is vLLM's own mode, switched on by its VLLM_BATCH_INVARIANT environment variable
+before the engine starts; vLLM 0.32 runs it on NVIDIA GPUs of compute capability 8.0 or newer, AMD
+Instinct GPUs and Intel XPUs, and not on its CPU build.
 
 A request vLLM refuses (too long, too many images) or fails alone becomes that call's error; a dead
 engine raises, so the whole batch fails and readiness counts it. vLLM's scheduler reports, per
@@ -15,8 +20,10 @@ both go to the server's /metrics.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import math
+import os
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -94,9 +101,36 @@ def _stat_logger(series: _Series, label: str) -> Callable[..., Any]:
     return SchedulerSeries
 
 
+def batch_invariance_problem() -> str | None:
+    """Why the installed vLLM cannot run batch-invariant here, or None when it can."""
+    try:
+        import vllm
+        import vllm.envs
+        from vllm.platforms import current_platform
+    except ImportError as exc:
+        return f"vllm cannot be imported ({exc})"
+    offered = "VLLM_BATCH_INVARIANT" in getattr(vllm.envs, "environment_variables", {}) or (
+        importlib.util.find_spec("vllm.model_executor.layers.batch_invariant") is not None  # older vLLM
+    )
+    if not offered:
+        return f"vLLM {vllm.__version__} has no batch-invariant mode (VLLM_BATCH_INVARIANT)"
+    if current_platform.is_cuda():
+        if current_platform.has_device_capability((8, 0)):
+            return None
+        capability = current_platform.get_device_capability()
+        return f"vLLM's batch-invariant mode needs an NVIDIA GPU of compute capability 8.0 or newer, not {capability}"
+    if current_platform.is_rocm() or current_platform.is_xpu():
+        return None
+    return (
+        f"vLLM {vllm.__version__} offers its batch-invariant mode on NVIDIA GPUs (compute capability 8.0 or newer), "
+        f"AMD Instinct GPUs and Intel XPUs, not on this {current_platform.device_type} build"
+    )
+
+
 class VLLMEngine(Engine):
     batches_itself: ClassVar[bool] = True
     supports_constraints: ClassVar[bool] = True
+    supports_batch_invariance: ClassVar[bool] = True  # where the installed vLLM has the mode: checked when built
     name: ClassVar[str] = "vllm"
 
     def __init__(
@@ -118,6 +152,11 @@ class VLLMEngine(Engine):
         **options: Any,
     ) -> None:
         super().__init__(model, watch_tokens, revision=revision, **options)
+        if self.batch_invariant and (problem := batch_invariance_problem()) is not None:
+            raise ValueError(
+                f"--batch-invariant: {problem}; leave it off here, or serve with --engine transformers, "
+                "which runs each call alone"
+            )
         self._series = _series(registry if registry is not None else CollectorRegistry())
         self.engine_args: dict[str, Any] = {
             "model": model,
@@ -151,7 +190,10 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         await asyncio.to_thread(self._check_context)
-        log.info("starting vLLM for %s: %s", self.model, self.engine_args)
+        if self.batch_invariant:
+            # read when vLLM builds its engine (and frozen after): set before the first engine of the process starts
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        log.info("starting vLLM for %s: %s (batch-invariant: %s)", self.model, self.engine_args, self.batch_invariant)
         # Construction waits until the engine is ready (weights loaded, maybe downloaded): off the
         # event loop, so /healthz keeps answering meanwhile.
         self._llm = await asyncio.to_thread(
