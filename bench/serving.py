@@ -11,6 +11,7 @@ the request bytes per candidate of the group route and of the plain batch route.
     python bench/serving.py                               # simulated engine, server defaults
     python bench/serving.py --mode tiny --workers 1 4     # the transformers engine on the tiny critic
     python bench/serving.py -- --max-batch-size 64        # extra firm-serve flags after --
+    python bench/serving.py --mode tiny --batch-invariant both   # throughput without and with --batch-invariant
 """
 
 from __future__ import annotations
@@ -100,6 +101,34 @@ def request_bytes(images: list[str], group: int) -> tuple[float, float]:
     return len(json.dumps(grouped)) / group, len(json.dumps({"items": items})) / group
 
 
+def serve_levels(args: argparse.Namespace, images: list[str], invariant: bool) -> dict[int, dict[str, float]]:
+    """Start firm-serve (with --batch-invariant when `invariant`), run every level, print a line per level."""
+    cache = Path(tempfile.gettempdir()) / "firm-bench-cache"
+    server_args = [*args.server_args, *(["--batch-invariant"] if invariant else [])]
+    if args.mode == "sim":
+        os.environ["FIRM_SIM_A"], os.environ["FIRM_SIM_B"] = str(args.a), str(args.b)
+        flags = ["--engine", "bench.sim_engine:SimulatedEngine", "--edit-model", "sim", "--gen-model", "none"]
+        server = running_server(cache, *flags, *server_args, tiny=False)
+    else:
+        server = running_server(cache, "--gen-model", "none", *server_args)
+    print(f"batch-invariant: {'on' if invariant else 'off'}")
+    header = f"{'W':>4} {'cand/s':>8} {'p50 s':>7} {'p95 s':>7} {'batch':>7}"
+    if args.mode == "sim":
+        header += f" {'ideal':>7} {'/ideal':>7} {'/limit':>7}"
+    print(header)
+    levels = {}
+    with server as url:
+        for w in args.workers:
+            levels[w] = r = asyncio.run(run_level(url, w, args.group, args.seconds, images, args.warmup))
+            line = f"{w:>4} {r['candidates_per_s']:>8.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['mean_batch']:>7.1f}"
+            if args.mode == "sim":
+                ideal = w * args.group / (args.a + args.b * 2 * w * args.group)
+                limit = 1 / (2 * args.b)
+                line += f" {ideal:>7.1f} {r['candidates_per_s'] / ideal:>7.2f} {r['candidates_per_s'] / limit:>7.2f}"
+            print(line, flush=True)
+    return levels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("sim", "tiny"), default="sim", help="simulated engine or the tiny critic")
@@ -110,35 +139,31 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=512, help="image side, pixels")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured length of each level")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring, per level")
+    parser.add_argument(
+        "--batch-invariant",
+        choices=("off", "on", "both"),
+        default="off",
+        help="serve without firm-serve --batch-invariant, with it, or each in turn and compare (an engine that "
+        "has the mode: --mode tiny)",
+    )
     parser.add_argument("server_args", nargs="*", help="extra firm-serve flags after --")
     args = parser.parse_args()
+    if args.mode == "sim" and args.batch_invariant != "off":
+        parser.error("the simulated engine has no batch-invariant mode: use --mode tiny")
     images = _images(args.group + 9, args.side)
-    cache = Path(tempfile.gettempdir()) / "firm-bench-cache"
-    if args.mode == "sim":
-        os.environ["FIRM_SIM_A"], os.environ["FIRM_SIM_B"] = str(args.a), str(args.b)
-        flags = ["--engine", "bench.sim_engine:SimulatedEngine", "--edit-model", "sim", "--gen-model", "none"]
-        server = running_server(cache, *flags, *args.server_args, tiny=False)
-    else:
-        server = running_server(cache, "--gen-model", "none", *args.server_args)
     per_group, per_item = request_bytes(images, args.group)
     print(
         f"mode={args.mode} group={args.group} side={args.side}px seconds/level={args.seconds}",
         " ".join(args.server_args),
     )
     print(f"request bytes per candidate: group route {per_group / 1024:.1f} KiB, batch route {per_item / 1024:.1f} KiB")
-    header = f"{'W':>4} {'cand/s':>8} {'p50 s':>7} {'p95 s':>7} {'batch':>7}"
-    if args.mode == "sim":
-        header += f" {'ideal':>7} {'/ideal':>7} {'/limit':>7}"
-    print(header)
-    with server as url:
+    settings = {"off": [False], "on": [True], "both": [False, True]}[args.batch_invariant]
+    runs = {invariant: serve_levels(args, images, invariant) for invariant in settings}
+    if len(runs) == 2:
+        print("batch-invariant on / off, candidates/s:")
         for w in args.workers:
-            r = asyncio.run(run_level(url, w, args.group, args.seconds, images, args.warmup))
-            line = f"{w:>4} {r['candidates_per_s']:>8.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['mean_batch']:>7.1f}"
-            if args.mode == "sim":
-                ideal = w * args.group / (args.a + args.b * 2 * w * args.group)
-                limit = 1 / (2 * args.b)
-                line += f" {ideal:>7.1f} {r['candidates_per_s'] / ideal:>7.2f} {r['candidates_per_s'] / limit:>7.2f}"
-            print(line, flush=True)
+            on, off = runs[True][w]["candidates_per_s"], runs[False][w]["candidates_per_s"]
+            print(f"{w:>4} {on:>8.2f} / {off:.2f} = {on / off:.2f}")
 
 
 if __name__ == "__main__":
