@@ -35,8 +35,8 @@ examples:
 
 The server address and key can also come from FIRM_URL / FIRM_URLS and FIRM_API_KEY, the encoding
 from FIRM_IMAGE_FORMAT and FIRM_JPEG_QUALITY. By default each image file is sent as the FIRM release's
-trainers send their images, JPEG at quality 75, so the scores are those the release would give;
---image-format PNG shows the critic the file's exact pixels.
+trainers send their images, JPEG at quality 75, so the critic sees what it saw there; --image-format
+PNG shows it the file's exact pixels.
 """
 
 

@@ -2,7 +2,7 @@
 
 The release's trainers gather every rank's rewards and hand them, with the prompts, to their
 `PerPromptStatTracker`: per prompt, `(reward - mean) / (std + 1e-4)` over that prompt's rewards
-since the last `clear()` (with `global_std`, the std of all the rewards of the call instead). Its
+since the last `clear()` (with `global_std`, the std of all the update's rewards instead). Its
 sampler deals each prompt's group over all ranks, so one reward call holds only part of a group,
 and no value the reward function puts in a failed item's place can keep it out of the statistics
 the tracker takes over the whole group. These trackers take the same arguments and return the same
