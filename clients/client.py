@@ -100,8 +100,20 @@ def _stand_in(request: ScoringRequest, answer: R | FirmError) -> R:
     return answer
 
 
-def _options(weights: RewardWeights | None, score_mode: ScoreMode | None, return_reasoning: bool) -> dict[str, Any]:
-    return {"weights": weights, "score_mode": score_mode, "return_reasoning": return_reasoning}
+def _options(
+    weights: RewardWeights | None, score_mode: ScoreMode | None, return_reasoning: bool, timeout_s: float | None
+) -> dict[str, Any]:
+    return {"weights": weights, "score_mode": score_mode, "return_reasoning": return_reasoning, "timeout_s": timeout_s}
+
+
+def call_deadline(timeout_s: float) -> float:
+    """How long the client waits for a call that carries the server deadline `timeout_s`: a little longer,
+    so the server's answer (its late items failed as `deadline`) arrives before the client gives up.
+
+    >>> call_deadline(10.0), call_deadline(100.0)
+    (12.0, 110.0)
+    """
+    return timeout_s + max(2.0, 0.1 * timeout_s)
 
 
 class AsyncRewardClient:
@@ -201,13 +213,14 @@ class AsyncRewardClient:
         except httpx.RequestError as exc:
             raise NoServerAvailable(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The JSON object of the 200 answer to a scoring POST, after the retries the policy allows."""
+    async def _post(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """The JSON object of the 200 answer to a scoring POST, after the retries the policy allows within
+        `timeout_s`."""
         response = await send_with_retries(
             self._http,
             self._http.build_request("POST", path, json=body),
             self.config.retry,
-            timeout_s=self.config.timeout_s,
+            timeout_s=timeout_s,
             can_fail_over=lambda: bool(self._replicas.awake()),
         )
         try:
@@ -232,7 +245,11 @@ class AsyncRewardClient:
         """The server's reply to one request, or the error that stopped it (raised when strict): an error
         status after the retries, no connection, a body that is not the protocol's reply to the request."""
         try:
-            body = await self._post(_route(request), request.model_dump(mode="json", exclude_none=True))
+            body = await self._post(
+                _route(request),
+                request.model_dump(mode="json", exclude_none=True),
+                self.config.timeout_s if request.timeout_s is None else call_deadline(request.timeout_s),
+            )
             try:
                 reply = model.model_validate(body)
             except ValidationError as exc:
@@ -281,6 +298,7 @@ class AsyncRewardClient:
         weights: RewardWeights | None = None,
         score_mode: ScoreMode | None = None,
         return_reasoning: bool = False,
+        timeout_s: float | None = None,
     ) -> EditScoreResponse:
         """Score edits on execution and consistency (CME reward). A single source or instruction
         is shared by every edited image; images may be PIL, numpy, torch (or a batch), paths or bytes."""
@@ -297,7 +315,9 @@ class AsyncRewardClient:
                 )
                 for i in range(n)
             ]
-            return EditScoreRequest.model_construct(items=items, **_options(weights, score_mode, return_reasoning))
+            return EditScoreRequest.model_construct(
+                items=items, **_options(weights, score_mode, return_reasoning, timeout_s)
+            )
 
         return await self._score_items(await self._encode(build), EditScoreResponse)
 
@@ -311,6 +331,7 @@ class AsyncRewardClient:
         weights: RewardWeights | None = None,
         score_mode: ScoreMode | None = None,
         return_reasoning: bool = False,
+        timeout_s: float | None = None,
     ) -> GenScoreResponse:
         """Score generated images on instruction following and quality (QMA reward)."""
         image_list = split_batch(images)
@@ -326,7 +347,9 @@ class AsyncRewardClient:
                 )
                 for i in range(n)
             ]
-            return GenScoreRequest.model_construct(items=items, **_options(weights, score_mode, return_reasoning))
+            return GenScoreRequest.model_construct(
+                items=items, **_options(weights, score_mode, return_reasoning, timeout_s)
+            )
 
         return await self._score_items(await self._encode(build), GenScoreResponse)
 
@@ -340,6 +363,7 @@ class AsyncRewardClient:
         weights: RewardWeights | None = None,
         score_mode: ScoreMode | None = None,
         return_reasoning: bool = False,
+        timeout_s: float | None = None,
     ) -> EditGroupResponse:
         """Score a GRPO group of edits of one source; the reply carries group mean, std and advantages."""
         candidate_list = split_batch(candidates)
@@ -350,7 +374,7 @@ class AsyncRewardClient:
                 source=encode(source),
                 instruction=instruction,
                 candidates=[encode(c) for c in candidate_list],
-                **_options(weights, score_mode, return_reasoning),
+                **_options(weights, score_mode, return_reasoning, timeout_s),
             )
 
         return await self._score_group(await self._encode(build), EditGroupResponse)
@@ -365,6 +389,7 @@ class AsyncRewardClient:
         weights: RewardWeights | None = None,
         score_mode: ScoreMode | None = None,
         return_reasoning: bool = False,
+        timeout_s: float | None = None,
     ) -> GenGroupResponse:
         """Score a GRPO group of images generated for one prompt."""
         image_list = split_batch(images)
@@ -375,7 +400,7 @@ class AsyncRewardClient:
                 prompt=prompt,
                 requirement=requirement,
                 images=[encode(i) for i in image_list],
-                **_options(weights, score_mode, return_reasoning),
+                **_options(weights, score_mode, return_reasoning, timeout_s),
             )
 
         return await self._score_group(await self._encode(build), GenGroupResponse)

@@ -5,13 +5,15 @@ takes seconds per batch."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import math
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.support import b64, metric_value, running_server
+from tests.support import b64, metric_value, picture, running_server
 
 ENGINE_SECONDS = 5.0  # each engine batch of the simulated engine
 
@@ -73,3 +75,39 @@ def test_a_generous_deadline_changes_nothing(slow_url: str) -> None:
     response = httpx.post(f"{slow_url}/v1/edit/score_group", json=_group(timeout_s=60), timeout=60)
     assert response.status_code == 200
     assert [r["error"] for r in response.json()["results"]] == [None, None]
+
+
+def test_the_client_carries_the_deadline_and_waits_a_little_longer() -> None:
+    """The body carries timeout_s; the client's own wait for that call follows it (with a margin for the
+    answer to travel), so the server answers the late items before the client gives up on the call."""
+    from clients.client import RewardClient, call_deadline
+
+    seen: list[tuple[dict[str, object], dict[str, float]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((json.loads(request.content), request.extensions["timeout"]))
+        return httpx.Response(422, json={"error": {"code": "invalid_request", "message": "refused"}})  # no retry
+
+    with RewardClient("http://firm", http_transport=httpx.MockTransport(handler), timeout_s=600) as client:
+        client.score_edit_group(picture("blue"), "Make it red.", [picture("red")], timeout_s=3.0)
+        client.score_edit_group(picture("blue"), "Make it red.", [picture("red")])
+    (with_deadline, waited), (without, waited_plain) = seen[0], seen[-1]
+    assert with_deadline["timeout_s"] == 3.0 and "timeout_s" not in without
+    assert 3.0 < waited["read"] <= call_deadline(3.0) < 600  # the call's own wait, not the client's 600 s
+    assert waited_plain["read"] > call_deadline(3.0)
+
+
+def test_the_adapters_pass_the_deadline_on(slow_url: str) -> None:
+    from clients.adapters.flow_grpo import edit_reward_fn
+    from clients.client import RewardClient
+
+    with RewardClient(slow_url) as client:
+        reward_fn = edit_reward_fn(client, on_failure="nan", timeout_s=1.0)
+        started = time.monotonic()
+        rewards, info = reward_fn(
+            [picture("red"), picture("green")], ["Make it red."] * 2, ref_images=[picture("blue")] * 2
+        )
+        elapsed = time.monotonic() - started
+    assert all(math.isnan(r) for r in rewards["avg"])
+    assert [i for i, _ in info["errors"]] == [0, 1] and "deadline" in info["errors"][0][1]
+    assert elapsed < ENGINE_SECONDS - 1.0

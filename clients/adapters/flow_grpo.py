@@ -92,7 +92,9 @@ class FirmRewardFn:
     relative to `source_root` when that is given); one that takes a requirement sends
     `metadata[i][requirement_key]` when present. weights: how `avg` sums the terms, by default
     the combined reward alone. Extra keyword arguments of the trainer (`only_strict`, ...) are
-    accepted and ignored. Safe to call from several threads at once.
+    accepted and ignored. timeout_s: each call's own deadline on the server (items past it fail and are
+    handled as `on_failure` says); the client waits a little longer. Safe to call from several threads
+    at once.
     """
 
     def __init__(
@@ -105,8 +107,10 @@ class FirmRewardFn:
         source_key: str = "source",
         source_root: str | Path | None = None,
         requirement_key: str = "requirement",
+        timeout_s: float | None = None,
     ) -> None:
         self.inputs = task_inputs(task)
+        self.timeout_s = timeout_s
         terms = self.inputs.terms
         self.weights = dict(weights or {terms[0]: 1.0})
         unknown = sorted(set(self.weights) - set(terms))
@@ -127,7 +131,7 @@ class FirmRewardFn:
             sources = list(ref_images) if ref_images is not None else [self._source(m) for m in per_item]
         if self.inputs.requirement is not None:
             requirements = [m.get(self.requirement_key) for m in per_item]
-        reply = self.inputs.score(self.client, Batch(images, texts, sources, requirements))
+        reply = self.inputs.score(self.client, Batch(images, texts, sources, requirements, self.timeout_s))
         rewards, errors = self._rewards(reply, texts)
         return rewards, {"errors": errors}
 
@@ -183,6 +187,7 @@ def multi_score(
     source_root: str | Path | None = None,
     image_format: str | None = None,
     jpeg_quality: int | None = None,
+    timeout_s: float | None = None,
     **host_options: Any,
 ) -> FirmRewardFn:
     """Shaped like the trainers' `flow_grpo.rewards.multi_score(device, score_dict)` factory.
@@ -193,7 +198,7 @@ def multi_score(
     the other FIRM_* variables (the encoding: FIRM_IMAGE_FORMAT, FIRM_JPEG_QUALITY; by default the
     release's JPEG at 75); a client of your own brings its own encoding. `device` and the release's own
     options (score normalisation, total-score settings) are accepted and have no effect: the
-    server computes CME and QMA.
+    server computes CME and QMA. `timeout_s` is each call's own deadline on the server.
     """
     weights = dict(score_dict or {EDIT.reward_term: 1.0})
     tasks = sorted({task for task, entry in INPUTS.items() for name in weights if name in entry.terms})
@@ -213,4 +218,5 @@ def multi_score(
         on_failure=on_failure,
         source_key=source_key,
         source_root=source_root,
+        timeout_s=timeout_s,
     )

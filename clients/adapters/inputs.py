@@ -68,6 +68,7 @@ class Batch:
     texts: list[str]
     sources: list[Any] | None = None  # the images the judged ones were made from
     requirements: list[str | None] | None = None
+    timeout_s: float | None = None  # the call's own server deadline (see the client's scoring methods)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,13 @@ def item_fields(spec: TaskSpec) -> set[str]:
 
 
 def _score_edits(client: RewardClient, batch: Batch) -> ScoringResponse:
-    return client.score_edits(batch.sources, batch.images, batch.texts)
+    return client.score_edits(batch.sources, batch.images, batch.texts, timeout_s=batch.timeout_s)
 
 
 def _score_generations(client: RewardClient, batch: Batch) -> ScoringResponse:
-    return client.score_generations(batch.images, batch.texts, requirements=batch.requirements)
+    return client.score_generations(
+        batch.images, batch.texts, requirements=batch.requirements, timeout_s=batch.timeout_s
+    )
 
 
 INPUTS: dict[Task, TaskInputs] = {

@@ -58,13 +58,14 @@ def firm_reward(
     prompt_column: str | None = None,
     requirement_column: str = "requirement",
     on_failure: OnFailure = "nan",
+    timeout_s: float | None = None,
 ) -> TrlRewardFunc:
     """A `reward_funcs` entry scoring each completion's image with FIRM-Gen (QMA) or FIRM-Edit (CME).
 
     prompt_column: a column holding the text the critic should judge against (by default the
     last user text of each prompt). source_column: the source images, for a task that compares
     against one (editing). requirement_column: optional requirements, for a task that takes them
-    (FIRM-Gen).
+    (FIRM-Gen). timeout_s: each call's own deadline on the server; items past it fail (see on_failure).
     """
     inputs = task_inputs(task)
     if images_column in ("image", "images"):
@@ -91,7 +92,7 @@ def firm_reward(
                 raise ValueError(f"{name} needs the source images in the {source_column!r} column")
             sources = one_image_each(columns[source_column], len(images), source_column, allow_paths=True)
         requirements = columns.get(requirement_column) if inputs.requirement is not None else None
-        reply = inputs.score(client, Batch(images, texts, sources, requirements))
+        reply = inputs.score(client, Batch(images, texts, sources, requirements, timeout_s))
         rewards = np.asarray(reply.rewards(), dtype=np.float64)
         failures = reply.errors()
         if failures:

@@ -49,8 +49,10 @@ class VerlComputeScore:
         *,
         render: Render | None = None,
         on_failure: OnFailure = "group_mean",
+        timeout_s: float | None = None,
     ) -> None:
         self.inputs = task_inputs(task)
+        self.timeout_s = timeout_s  # each call's own deadline on the server
         self.client, self.task, self.render = client, task, render
         self.on_failure = check_on_failure(on_failure)
 
@@ -88,7 +90,7 @@ class VerlComputeScore:
         texts = [str(i[inputs.text]) for i in infos]
         sources = None if inputs.source is None else self._images(infos, inputs.source)
         requirements = None if inputs.requirement is None else [i.get(inputs.requirement) for i in infos]
-        reply = inputs.score(self.client, Batch(images, texts, sources, requirements))
+        reply = inputs.score(self.client, Batch(images, texts, sources, requirements, self.timeout_s))
         values = reward_columns(reply, inputs)
         reward = inputs.spec.reward_term
         failed = np.isnan(values[reward])
@@ -113,6 +115,7 @@ def make_compute_score(
     *,
     render: Render | None = None,
     on_failure: OnFailure = "group_mean",
+    timeout_s: float | None = None,
 ) -> VerlComputeScore:
     """The function to name in `custom_reward_function.name`; see the module docstring."""
-    return VerlComputeScore(client, task, render=render, on_failure=on_failure)
+    return VerlComputeScore(client, task, render=render, on_failure=on_failure, timeout_s=timeout_s)
