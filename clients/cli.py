@@ -15,10 +15,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from clients.adapters.inputs import INPUTS, Batch, TaskInputs, task_inputs
 from clients.client import RewardClient
 from clients.errors import FirmError
 from clients.images import IMAGE_FORMATS
-from clients.protocol import EditResult, EditScoreResponse, GenResult, GenScoreResponse
+from clients.protocol import EditResult, GenResult
 from clients.tasks import TASKS
 
 BATCH = 64  # manifest items per client call; the client splits them into server-sized requests
@@ -65,14 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    edit = commands.add_parser("edit", parents=[common], help="score one edit")
-    edit.add_argument("--source", type=Path, required=True, help="the original image")
-    edit.add_argument("--edited", type=Path, required=True, help="the edited image")
-    edit.add_argument("--instruction", required=True, help="the editing instruction")
-    gen = commands.add_parser("gen", parents=[common], help="score one generated image")
-    gen.add_argument("--image", type=Path, required=True, help="the generated image")
-    gen.add_argument("--prompt", required=True, help="the prompt it was generated from")
-    gen.add_argument("--requirement", help="an extra requirement the image must meet")
+    for entry in INPUTS.values():  # one subcommand per task: its item's fields as flags
+        one = commands.add_parser(entry.spec.name, parents=[common], help=f"score one item of {entry.spec.title}")
+        for name in _image_fields(entry):
+            one.add_argument(f"--{name}", type=Path, required=True, help=f"path of the item's {name} image")
+        one.add_argument(f"--{entry.text}", required=True, help=f"the {entry.text} the image is judged against")
+        if entry.requirement is not None:
+            one.add_argument(f"--{entry.requirement}", help="an extra requirement the image must meet")
     manifest = commands.add_parser("manifest", parents=[common], help="score a JSONL manifest of many items")
     manifest.add_argument("path", type=Path, help="JSONL manifest (one item per line)")
     manifest.add_argument("--task", choices=tuple(TASKS), required=True)
@@ -96,8 +96,14 @@ def _row(result: EditResult | GenResult) -> dict[str, Any]:
     return row
 
 
+def _image_fields(entry: TaskInputs) -> list[str]:
+    """The item fields of a task that hold images, the source (if any) first."""
+    return [name for name in (entry.source, entry.image) if name is not None]
+
+
 def _read_manifest(path: Path, task: str) -> list[dict[str, Any]]:
-    keys = ("source", "edited", "instruction") if task == "edit" else ("image", "prompt")
+    entry = task_inputs(task)
+    keys = [*_image_fields(entry), entry.text]
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -110,7 +116,7 @@ def _read_manifest(path: Path, task: str) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
         item.setdefault("id", str(number))
-        for key in ("source", "edited", "image"):
+        for key in _image_fields(entry):
             if key in item:
                 item[key] = path.parent / item[key]
                 if not item[key].is_file():
@@ -120,21 +126,18 @@ def _read_manifest(path: Path, task: str) -> list[dict[str, Any]]:
 
 
 def _score_batch(client: RewardClient, task: str, batch: list[dict[str, Any]], options: dict[str, Any]) -> list[Any]:
-    ids = [str(item["id"]) for item in batch]
-    reply: EditScoreResponse | GenScoreResponse
-    if task == "edit":
-        reply = client.score_edits(
-            [i["source"] for i in batch],
-            [i["edited"] for i in batch],
-            [i["instruction"] for i in batch],
-            ids=ids,
-            **options,
-        )
-    else:
-        requirements = [i.get("requirement") for i in batch]
-        reply = client.score_generations(
-            [i["image"] for i in batch], [i["prompt"] for i in batch], requirements=requirements, ids=ids, **options
-        )
+    entry = task_inputs(task)
+    reply = entry.score(
+        client,
+        Batch(
+            images=[item[entry.image] for item in batch],
+            texts=[item[entry.text] for item in batch],
+            sources=None if entry.source is None else [item[entry.source] for item in batch],
+            requirements=None if entry.requirement is None else [item.get(entry.requirement) for item in batch],
+            ids=[str(item["id"]) for item in batch],
+            options=options,
+        ),
+    )
     return list(reply.results)
 
 
@@ -184,11 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 results = _score_manifest(client, args.task, items, options, progress=not args.no_progress)
                 _write([_row(r) for r in results], args.output)
             else:
-                batch = (
-                    [{"id": "0", "source": args.source, "edited": args.edited, "instruction": args.instruction}]
-                    if args.command == "edit"
-                    else [{"id": "0", "image": args.image, "prompt": args.prompt, "requirement": args.requirement}]
-                )
+                fields = task_inputs(args.command).keys
+                batch = [{"id": "0", **{name: getattr(args, name) for name in fields}}]
                 results = _score_batch(client, args.command, batch, options)
                 print(json.dumps(results[0].model_dump(exclude_none=True), indent=2))
     except (FirmError, OSError, ValueError) as exc:  # refused requests, unreadable files, bad arguments

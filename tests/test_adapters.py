@@ -247,3 +247,22 @@ def test_cli_single_items_and_usage_errors(server_url: str, tmp_path: Path) -> N
     bad.write_text('{"image": "red.png"}\n')
     refused = _firm_score("manifest", str(bad), "--task", "gen", "--url", server_url)
     assert refused.returncode == 2 and "missing prompt" in refused.stderr
+
+
+def test_cli_scores_one_item_of_each_task(server_url: str, tmp_path: Path) -> None:
+    """`firm-score edit` and `firm-score gen`: one subcommand per task, its item's fields as flags."""
+    picture("blue").save(tmp_path / "blue.png")
+    picture("red").save(tmp_path / "red.png")
+    edit = _firm_score(
+        "edit", "--source", str(tmp_path / "blue.png"), "--edited", str(tmp_path / "red.png"),
+        "--instruction", INSTRUCTION, "--url", server_url,
+    )  # fmt: skip
+    gen = _firm_score(
+        "gen", "--image", str(tmp_path / "red.png"), "--prompt", "a red square", "--requirement", "no text",
+        "--url", server_url,
+    )  # fmt: skip
+    assert edit.returncode == 0, edit.stderr
+    assert set(json.loads(edit.stdout)) >= {"id", "execution", "consistency", "reward"}
+    assert gen.returncode == 0, gen.stderr
+    assert set(json.loads(gen.stdout)) >= {"id", "instruction_following", "quality", "reward"}
+    assert "1 items: 1 scored" in gen.stderr

@@ -131,7 +131,9 @@ class FirmRewardFn:
             sources = list(ref_images) if ref_images is not None else [self._source(m) for m in per_item]
         if self.inputs.requirement is not None:
             requirements = [m.get(self.requirement_key) for m in per_item]
-        reply = self.inputs.score(self.client, Batch(images, texts, sources, requirements, self.timeout_s))
+        reply = self.inputs.score(
+            self.client, Batch(images, texts, sources, requirements, options={"timeout_s": self.timeout_s})
+        )
         rewards, errors = self._rewards(reply, texts)
         return rewards, {"errors": errors}
 

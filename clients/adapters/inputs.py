@@ -14,7 +14,7 @@ the task, so a new critic's task is one entry here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -68,7 +68,8 @@ class Batch:
     texts: list[str]
     sources: list[Any] | None = None  # the images the judged ones were made from
     requirements: list[str | None] | None = None
-    timeout_s: float | None = None  # the call's own server deadline (see the client's scoring methods)
+    ids: list[str] | None = None  # echoed with each result
+    options: dict[str, Any] = field(default_factory=dict)  # the client's scoring options (score_mode, timeout_s, ...)
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,12 @@ def item_fields(spec: TaskSpec) -> set[str]:
 
 
 def _score_edits(client: RewardClient, batch: Batch) -> ScoringResponse:
-    return client.score_edits(batch.sources, batch.images, batch.texts, timeout_s=batch.timeout_s)
+    return client.score_edits(batch.sources, batch.images, batch.texts, ids=batch.ids, **batch.options)
 
 
 def _score_generations(client: RewardClient, batch: Batch) -> ScoringResponse:
     return client.score_generations(
-        batch.images, batch.texts, requirements=batch.requirements, timeout_s=batch.timeout_s
+        batch.images, batch.texts, requirements=batch.requirements, ids=batch.ids, **batch.options
     )
 
 

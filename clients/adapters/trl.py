@@ -92,7 +92,7 @@ def firm_reward(
                 raise ValueError(f"{name} needs the source images in the {source_column!r} column")
             sources = one_image_each(columns[source_column], len(images), source_column, allow_paths=True)
         requirements = columns.get(requirement_column) if inputs.requirement is not None else None
-        reply = inputs.score(client, Batch(images, texts, sources, requirements, timeout_s))
+        reply = inputs.score(client, Batch(images, texts, sources, requirements, options={"timeout_s": timeout_s}))
         rewards = np.asarray(reply.rewards(), dtype=np.float64)
         failures = reply.errors()
         if failures:

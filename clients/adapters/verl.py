@@ -90,7 +90,9 @@ class VerlComputeScore:
         texts = [str(i[inputs.text]) for i in infos]
         sources = None if inputs.source is None else self._images(infos, inputs.source)
         requirements = None if inputs.requirement is None else [i.get(inputs.requirement) for i in infos]
-        reply = inputs.score(self.client, Batch(images, texts, sources, requirements, self.timeout_s))
+        reply = inputs.score(
+            self.client, Batch(images, texts, sources, requirements, options={"timeout_s": self.timeout_s})
+        )
         values = reward_columns(reply, inputs)
         reward = inputs.spec.reward_term
         failed = np.isnan(values[reward])
