@@ -139,8 +139,7 @@ class CallSharing:
             for key, call in waiting.items():
                 self._leave(key, call)
         known.update(
-            (key, call.future.result() if call.future in done else DeadlineMissed())
-            for key, call in waiting.items()
+            (key, call.future.result() if call.future in done else DeadlineMissed()) for key, call in waiting.items()
         )
         return [known[key] for key in keys]
 
