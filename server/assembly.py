@@ -73,6 +73,19 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
     }
 
 
+def _check_context(settings: Settings, tasks: list[Task]) -> None:
+    """Refuse a vLLM context that cannot hold a task's largest images, its template and its answer."""
+    context = settings.context_length()
+    for task in tasks:
+        if (needed := settings.context_needed(task, text=False)) > context:
+            raise ValueError(
+                f"--max-model-len {context} cannot hold the largest images and answer of a call of the "
+                f"{task} critic: {needed} tokens (images at --image-pixel-budget {settings.image_pixel_budget}, "
+                f"the judge's template and {flag(f'{task}_max_new_tokens')} {settings.max_new_tokens(task)}); "
+                "raise --max-model-len or leave it unset, or lower the pixel budget or the answer budget"
+            )
+
+
 def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     """Engines are created here but load their weights in `ScoringService.start`. The judges' prompts
     are obtained first, so a server that cannot have them refuses to start before loading any weights.
@@ -85,15 +98,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     engine_name, reason = resolve_engine_name(settings.engine)
     log.info("engine %s (%s)", engine_name, reason)
     if engine_name == "vllm":
-        context = settings.context_length()
-        for task in sources:
-            if (needed := settings.context_needed(task, text=False)) > context:
-                raise ValueError(
-                    f"--max-model-len {context} cannot hold the largest images and answer of a call of the "
-                    f"{task} critic: {needed} tokens (images at --image-pixel-budget {settings.image_pixel_budget}, "
-                    f"the judge's template and {flag(f'{task}_max_new_tokens')} {settings.max_new_tokens(task)}); "
-                    "raise --max-model-len or leave it unset, or lower the pixel budget or the answer budget"
-                )
+        _check_context(settings, list(sources))
     shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
     models: dict[Task, TaskModel] = {}
     for task, source in sources.items():
