@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,7 +39,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+# Libraries that log: each goes through the root's one handler, none through a handler of its own.
+LIBRARY_LOGGERS = ("huggingface_hub", "transformers", "vllm", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx")
+
+
 def configure_logging(level: str, style: str) -> None:
+    """One handler on the root, in the chosen format, for the server's lines and every library's."""
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # read when vLLM is imported: it adds no handler then
     handler = logging.StreamHandler()
     if style == "json":
         handler.setFormatter(JsonFormatter())
@@ -46,6 +54,34 @@ def configure_logging(level: str, style: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings.warn goes through the handler too, not straight to stderr
+    _route_libraries(quiet_bars=style == "json")
+
+
+def _route_libraries(*, quiet_bars: bool) -> None:
+    """Hugging Face's libraries add a stream handler of their own when imported (huggingface_hub's also
+    propagates, so each of its lines came out twice); they are imported first so that theirs can be removed."""
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401  (adds its handler on import)
+        import transformers.utils.logging as transformers_logging
+    except ImportError:  # an install without the server's model libraries
+        transformers_logging = None
+    if transformers_logging is not None:
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+        if quiet_bars:  # a bar redrawn on stderr would break the one-object-per-line stream
+            if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers' own bars only
+                transformers_logging.set_tqdm_hook(_no_bar)
+            else:  # older releases: every bar, huggingface_hub's too
+                transformers_logging.disable_progress_bar()
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def _no_bar(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return factory(*args, **{**kwargs, "disable": True})
 
 
 def incoming_id(scope: Scope) -> str | None:
