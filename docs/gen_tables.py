@@ -37,7 +37,9 @@ END = "<!-- end generated -->"
 # What each error code tells the caller. The statuses and the codes themselves are read from the code; only
 # the explanation lives here, and a code without one (or one the code no longer sends) stops the script.
 REQUEST_ERRORS: dict[str, str] = {
-    "invalid_request": "The body is not JSON or does not match the schema; the message names the fields.",
+    "invalid_json": "The body is not JSON (or not UTF-8 text); the message says why, at which line and column.",
+    "invalid_request": "The body does not match the schema (or is nested too deeply to parse); the message names "
+    "the fields.",
     "body_too_large": "The body is over `--max-body-bytes`, checked from `Content-Length` and while it streams in.",
     "image_too_large": "An image is over `--max-image-bytes` or `--max-image-pixels` (a decompression bomb is "
     "refused from its header); the message names the field.",

@@ -80,15 +80,38 @@ async def _on_image_too_large(_: Request, exc: Exception) -> JSONResponse:
     return error_response(413, "image_too_large", str(exc), limit=exc.limit)
 
 
+def _not_json(exc: RequestValidationError) -> str | None:
+    """Where and why a body that is not JSON fails to parse, in words, or None when it parsed: FastAPI reports
+    the decoder's failure as a validation error whose location is the character offset."""
+    for error in exc.errors():
+        if error.get("type") != "json_invalid":
+            continue
+        reason = str((error.get("ctx") or {}).get("error", "it cannot be parsed"))
+        loc, doc = tuple(error.get("loc", ())), exc.body
+        if len(loc) == 2 and isinstance(loc[1], int) and isinstance(doc, str | bytes):
+            text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else doc
+            offset = loc[1]
+            line = text.count("\n", 0, offset) + 1
+            column = offset - text.rfind("\n", 0, offset)
+            return f"the body is not valid JSON: {reason} at line {line}, column {column}"
+        return f"the body is not valid JSON: {reason}"
+    return None
+
+
 async def _on_validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if (not_json := _not_json(exc)) is not None:
+        return error_response(400, "invalid_json", not_json)
     problems = [f"{_location(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:20]]
     return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
 
 
 async def _on_http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400:  # a body that is not even JSON is as malformed as one that breaks the schema
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # JSON is UTF-8 text
+        where = exc.__cause__.start
+        return error_response(400, "invalid_json", f"the body is not valid JSON: it is not UTF-8 text (byte {where})")
+    if exc.status_code == 400:  # parsed no further (nested too deeply): as malformed as a body that breaks the schema
         return error_response(422, "invalid_request", f"malformed request body: {exc.detail}")
     code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail))

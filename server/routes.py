@@ -38,6 +38,7 @@ R = TypeVar("R")
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        400: "The body is not valid JSON.",
         404: "The model for this route is switched off.",
         413: "The body, an image or the item count is over a limit.",
         422: "The request does not match the schema.",

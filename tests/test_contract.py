@@ -136,11 +136,12 @@ class Contract:
         assert error.code == "invalid_request"
         assert mentions in error.message
 
-    def test_a_body_that_is_not_json_gets_422(self, target: Target) -> None:
+    def test_a_body_that_is_not_json_gets_400_saying_so(self, target: Target) -> None:
         headers = {"content-type": "application/json"}
         response = httpx.post(f"{target.url}/v1/gen/score", content=b"\x80not json", headers=headers)
-        assert response.status_code == 422
-        assert _error(response).error.code == "invalid_request"
+        assert response.status_code == 400
+        error = _error(response).error
+        assert error.code == "invalid_json" and "not valid JSON" in error.message
 
     def test_more_items_than_the_server_allows_get_413_with_the_limit(self, target: Target) -> None:
         items = [{"image": "eA==", "prompt": "p"}] * (MAX_ITEMS + 1)
