@@ -4,16 +4,19 @@ the libraries it runs (transformers, huggingface_hub, uvicorn) log through the s
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import b64, running_server
+from tests.support import b64, free_port, running_server
 
 FIELDS = {"time", "level", "logger", "message"}
 # Made talkative, so that their lines are there to check: transformers logs each file it loads at info.
@@ -63,11 +66,15 @@ def test_every_line_is_one_json_object_and_none_comes_twice(tiny_checkpoint: Pat
         item = {"source": b64("blue"), "edited": b64("red"), "instruction": "Make the square red."}
         assert httpx.post(f"{url}/v1/edit/score", json={"items": [item]}, timeout=120).status_code == 200
         log_path = cache_dir / f"server-{url.rsplit(':', 1)[1]}.log"
-    text = log_path.read_text()
+    assert_one_json_object_a_line(log_path.read_text())
+
+
+def assert_one_json_object_a_line(text: str) -> None:
+    """Every line a JSON object in the server's format, the libraries' among them, and none of the
+    server's or huggingface_hub's lines twice."""
     assert "\r" not in text, "a progress bar was drawn around the handler"
-    lines = [line for line in text.splitlines() if line.strip()]
     records = []
-    for line in lines:
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -79,3 +86,25 @@ def test_every_line_is_one_json_object_and_none_comes_twice(tiny_checkpoint: Pat
     # transformers logs some of its own lines more than once (a config read twice): the server's must be once
     ours = Counter(r["message"] for r in records if not r["logger"].startswith("transformers"))
     assert not [m for m, n in ours.items() if n > 1], ours
+
+
+def test_a_critic_that_cannot_be_had_is_told_once_in_the_log_format(tmp_path: Path) -> None:
+    """Offline, with a checkpoint folder that is not there: transformers and huggingface_hub fail, and the
+    server says so, each line once and in JSON."""
+    cmd = [sys.executable, "-m", "server.cli", "--cache-dir", str(tmp_path), "--port", str(free_port())]
+    cmd += ["--edit-model", str(tmp_path / "missing"), "--gen-model", "none", "--prompts", "own"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*cmd, "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CHATTY}
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while '"level": "error"' not in log_path.read_text():
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, f"no error logged:\n{log_path.read_text()[-4000:]}"
+                time.sleep(0.2)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    assert_one_json_object_a_line(log_path.read_text())
