@@ -28,9 +28,16 @@ RELEASE_REPO = "VisionXLab/FIRM-Reward"
 RELEASE_COMMIT = "ba4149389e8902b91817fbccce90a4e3cf9f7605"
 DEFAULT_SOURCE = f"https://raw.githubusercontent.com/{RELEASE_REPO}/{RELEASE_COMMIT}"
 RELEASED_CHECKPOINTS = ("VisionXLab/FIRM-Edit-8B", "VisionXLab/FIRM-Gen-8B")
+# What to do when the source can't be had, as each command says it: a server starting can be helped by a pull,
+# a pull itself cannot.
+START_HINT = (
+    "run `firm-serve prompts pull` where the source can be reached (it fills the cache), point "
+    "--prompt-source at a local copy of the release, or try the service without the release with --tiny"
+)
 PULL_HINT = (
-    "run `firm-serve prompts pull` where the source can be reached (it fills the cache), or point "
-    "--prompt-source at a local copy of the release"
+    "point --prompt-source at a local checkout or copy of the release; or run `firm-serve prompts pull --to "
+    "<folder>` on a machine with network, carry the folder here and pass it as --prompt-source; or try the "
+    "service without the release with --tiny"
 )
 
 
@@ -131,30 +138,34 @@ class PromptSource:
         key = hashlib.sha256(self.source.encode()).hexdigest()[:16]
         self.cache = Path(cache_dir) / "prompts" / key  # one folder per source: a mirror never shadows another
 
-    def _download(self, path: str) -> tuple[bytes, str]:
+    def _download(self, path: str, hint: str) -> tuple[bytes, str]:
         if not _is_url(self.source):
             local = Path(self.source) / path
             try:
                 return local.read_bytes(), str(local)
             except OSError as exc:
-                raise PromptSourceError(f"cannot read {local}: {exc.strerror or exc}; {PULL_HINT}") from exc
+                raise PromptSourceError(f"cannot read {local}: {exc.strerror or exc}; {hint}") from exc
         url = f"{self.source}/{path}"
         try:
             response = httpx.get(url, timeout=self.timeout_s, follow_redirects=True)
             response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise PromptSourceError(f"cannot fetch {url}: it answered {exc.response.status_code}; {hint}") from exc
         except httpx.HTTPError as exc:
-            raise PromptSourceError(f"cannot fetch {url}: {exc}; {PULL_HINT}") from exc
+            cause = str(exc) or type(exc).__name__
+            raise PromptSourceError(f"could not reach {url} ({cause}); {hint}") from exc
         return response.content, url
 
-    def file(self, path: str, *, refresh: bool = False) -> FetchedFile:
+    def file(self, path: str, *, refresh: bool = False, hint: str = START_HINT) -> FetchedFile:
         """The file at `path`, from the cache when the source is a URL and it is there, checked
-        against its pinned digest: a file that differs is refused unless drift is allowed."""
+        against its pinned digest: a file that differs is refused unless drift is allowed. `hint` is what
+        to do instead when the source can't be had, in the words of the command that asked."""
         cached = self.cache / path
         if _is_url(self.source) and cached.exists() and not refresh:
             data, location = cached.read_bytes(), str(cached)
             fresh = False
         else:
-            data, location = self._download(path)
+            data, location = self._download(path, hint)
             fresh = _is_url(self.source)
         digest = hashlib.sha256(data).hexdigest()
         pinned = self.pins.get(path)
@@ -205,4 +216,4 @@ class PromptSource:
     def pull(self) -> list[FetchedFile]:
         """Fetch every released file again and keep it in the cache (for offline starts)."""
         paths = sorted({f.path for f, _ in RELEASED_TEMPLATES.values()})
-        return [self.file(path, refresh=True) for path in paths]
+        return [self.file(path, refresh=True, hint=PULL_HINT) for path in paths]
