@@ -36,7 +36,7 @@ class ServerError(FirmError):
 
 
 class BadRequest(ServerError):
-    """422: the request does not match the protocol (a bug in the caller, never retried)."""
+    """400 or 422: the body is not JSON, or does not match the protocol (a bug in the caller, never retried)."""
 
 
 class Unauthorized(ServerError):
@@ -78,6 +78,7 @@ _BY_STATUS: dict[int, type[ServerError]] = {
     403: Unauthorized,
     404: NotFound,
     413: PayloadTooLarge,
+    400: BadRequest,
     422: BadRequest,
     429: Overloaded,
     500: ServerFault,
