@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:  # run as `python docs/gen_tables.py`, the project
 from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 from clients.protocol import ItemErrorCode  # noqa: E402
+from foundation.flags import flag  # noqa: E402
 from server.engines import vllm as vllm_engine  # noqa: E402
-from server.flags import flag  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
 from server.settings import Settings  # noqa: E402
 

@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from clients.protocol import Task
+from foundation.flags import flag
 from server.audit import AuditLog
 from server.batching import DirectRunner, MicroBatcher, Runner
 from server.engines import Engine, create_engine, resolve_engine_name
-from server.flags import flag
 from server.judges import SCORE_TOKENS
 from server.lifecycle import TaskModel
 from server.metrics import Metrics

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from server.flags import describe_errors, parse_settings, settings_parser
+from foundation.flags import describe_errors, parse_settings, settings_parser
 from server.logs import configure_logging
 from server.settings import Settings
 

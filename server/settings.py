@@ -22,7 +22,7 @@ from clients.protocol import (
     Task,
 )
 from foundation.cache import default_cache_dir
-from server.flags import flag
+from foundation.flags import flag
 from server.images import QWEN3_VL_MAX_PIXELS, ImageLimits, max_vision_tokens
 from server.judges import JUDGES
 from server.prompts.release import DEFAULT_SOURCE

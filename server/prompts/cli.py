@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.flags import add_setting_flag, describe_errors
+from foundation.flags import add_setting_flag, describe_errors
 from server.judges import JUDGES
 from server.prompts.release import PromptSource
 from server.prompts.serving import released_prompts, task_judges
