@@ -8,7 +8,7 @@ critic means one entry here, one in `clients.tasks`, and its judges in `server.j
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from clients.protocol import (
@@ -131,7 +131,3 @@ SERVER_TASKS: dict[Task, ServerTask] = {
     )
 }
 
-
-def tasks_of_judges(names: Sequence[str]) -> list[ServerTask]:
-    """The tasks any of `names` belongs to, in table order."""
-    return [task for task in SERVER_TASKS.values() if set(task.judges) & set(names)]
