@@ -72,8 +72,8 @@ class Context:
 
     image_root: Path
     records_dir: Path
+    max_answer_chars: int  # the longest answer a record may hold: what the served critic can write (pipeline's own)
     pixel_budget: int | None = SERVED_PIXEL_BUDGET
-    max_answer_chars: int | None = None  # None: no limit beyond the judge's answer format
     templates: Mapping[str, Path | None] = field(default_factory=dict)
     prompts: str = "own"  # the prompt set records are rendered with: own, firm or a directory
     released: Callable[[Sequence[str]], Mapping[str, ReleasedPrompt]] | None = None  # for prompts="firm"
@@ -102,7 +102,7 @@ class Context:
     def answer(self, judge_name: str, answer: str, score: int) -> str:
         """The critic's answer, once the server's parser reads `score` from it and it fits the format."""
         limit = self.max_answer_chars
-        if limit is not None and len(answer) > limit:
+        if len(answer) > limit:
             raise AnswerMismatch(
                 f"{judge_name}: the answer has {len(answer)} characters, over --max-answer-chars {limit}"
             )
