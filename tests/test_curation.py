@@ -307,6 +307,8 @@ def test_records_rendered_with_the_release_prompts_are_what_firm_train_accepts_f
 def test_every_pipeline_curates_records_of_its_own_tasks_judges() -> None:
     from server.tasks import SERVER_TASKS
 
+    curated = {task: kind.judges for task, kind in PIPELINES.items()}
+    assert curated == {"edit": ("edit_execution", "edit_consistency"), "gen": ("gen_instruction_following",)}
     for task, kind in PIPELINES.items():
         assert set(kind.judges) <= set(SERVER_TASKS[task].judges), task  # type: ignore[index]
         assert set(kind.required) <= set(kind.fields), task

@@ -185,6 +185,8 @@ def test_each_split_compares_a_dimension_of_its_tasks_results() -> None:
     from clients.tasks import TASKS
     from training.bench.splits import SPLITS
 
+    compared = {split.task: split.rated or tuple(split.groups) for split in SPLITS}
+    assert compared == {"edit": ("execution", "consistency"), "gen": "instruction_following"}
     for split in SPLITS:
         rated = [split.rated] if split.rated else list(split.groups)
         assert set(rated) <= set(TASKS[split.task].dimensions), split.task

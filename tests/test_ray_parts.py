@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,9 @@ def test_the_ingress_scores_nothing_when_the_client_leaves_during_the_upload() -
         "client": ("127.0.0.1", 1),
         "query_string": b"",
     }
-    messages = [{"type": "http.request", "body": b'{"items": [', "more_body": True}, {"type": "http.disconnect"}]
+    # a whole, scorable body whose upload the client leaves before saying it is done: scoring it would be wrong
+    body = json.dumps(GEN_BODY).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": True}, {"type": "http.disconnect"}]
 
     async def receive() -> dict[str, Any]:
         return messages.pop(0) if messages else {"type": "http.disconnect"}
