@@ -5,7 +5,7 @@ the fewest requests in flight). A replica that drops a connection, gives no answ
 it is not ready (503) or sits behind a proxy that lost it (502) rests for a cool-down, and its
 /readyz is checked before it gets a request again. The transport never retries: it answers what
 the chosen replica answered, or raises the httpx error of the failure, and the retry loop above it
-(`clients.retry.send_with_retries`) decides what to do next.
+(`send_with_retries`, below) decides what to do next.
 
 Requests name only a path on `ORIGIN`; the transport puts the chosen replica's URL in front:
 
