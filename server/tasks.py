@@ -130,4 +130,3 @@ SERVER_TASKS: dict[Task, ServerTask] = {
         ),
     )
 }
-
