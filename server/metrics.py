@@ -50,7 +50,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.engine_failures = Counter("firm_engine_failures", "Engine batches that failed.", ["model"], registry=r)
+        self.engine_failures = Counter(
+            "firm_engine_failures",
+            "Engine calls that failed: a batch, or a part of one split to find the call that broke it.",
+            ["model"],
+            registry=r,
+        )
         self.batch_loop_restarts = Counter(
             "firm_batch_loop_restarts",
             "Times a model's batch loop died, failed its pending calls and was started again.",
