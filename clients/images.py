@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,15 +121,16 @@ def encode(image: ImageLike, image_format: str = "PNG", quality: int = RELEASE_Q
 
 
 class Encoder:
-    """Encodes each distinct image object once per call (a group's shared source, repeated items), as the
-    client's setting says; by default as the release does."""
+    """Encodes each distinct image once per call (a group's shared source, repeated items, a file named
+    by several items), as the client's setting says; by default as the release does."""
 
     def __init__(self, image_format: str = RELEASE_FORMAT, quality: int = RELEASE_QUALITY) -> None:
         self.image_format, self.quality = image_format, quality
-        self._done: dict[int, tuple[object, str]] = {}
+        self._done: dict[object, tuple[object, str]] = {}
 
     def __call__(self, image: ImageLike) -> str:
-        key = id(image)
+        # a file is the same image whichever Path object names it; anything else is known by identity
+        key: object = ("path", os.fspath(image)) if isinstance(image, Path) else id(image)
         if key not in self._done:
             self._done[key] = (image, encode(image, self.image_format, self.quality))  # keep it alive
         return self._done[key][1]

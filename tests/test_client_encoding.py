@@ -178,3 +178,16 @@ def test_the_trainer_adapters_follow_the_environment(monkeypatch: pytest.MonkeyP
         reward_fn.client.close()
     with pytest.raises(ValueError, match="its own settings"):
         multi_score("cuda", {"firm_gen": 1.0}, client=object(), image_format="PNG")  # type: ignore[arg-type]
+
+
+def test_a_file_named_by_several_items_is_encoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.images as images
+    from tests.support import picture
+
+    picture("blue").save(tmp_path / "source.png")
+    calls: list[object] = []
+    real = images.encode
+    monkeypatch.setattr(images, "encode", lambda image, *a: calls.append(image) or real(image, *a))
+    encoder = images.Encoder()
+    first, second = encoder(tmp_path / "source.png"), encoder(Path(str(tmp_path / "source.png")))
+    assert first == second and len(calls) == 1
