@@ -1,6 +1,7 @@
 """Answer a retried request (same X-Request-ID on the same route) with its first answer.
 
-A retry that arrives while the first attempt still runs waits for it instead of scoring again.
+A retry that arrives while the first attempt still runs waits for it instead of scoring again; if
+the first attempt is abandoned (its caller disconnected), the retry scores the request itself.
 Answers are kept for `window_s` seconds, at most `max_entries` of them.
 """
 
@@ -38,17 +39,24 @@ class RecentAnswers:
         if key in self._answers:
             return self._answers[key][1], True
         if key in self._running:
-            return await asyncio.shield(self._running[key]), True
+            running = self._running[key]
+            try:
+                return await asyncio.shield(running), True
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # this request itself was cancelled
+            return await self.once(key, compute)  # the first attempt was abandoned (its caller left): score here
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._running[key] = future
         try:
             answer = await compute()
-        except BaseException as exc:
+        except Exception as exc:
             if not future.done():
-                future.set_exception(
-                    exc if isinstance(exc, Exception) else RuntimeError("the first attempt was cancelled")
-                )
+                future.set_exception(exc)
                 future.exception()  # a retry that never comes must not leave an unretrieved exception
+            raise
+        except BaseException:
+            future.cancel()  # abandoned, not failed: a retry waiting for it scores the request itself
             raise
         finally:
             self._running.pop(key, None)
