@@ -339,6 +339,8 @@ class ModelCard(_Message):
     revision: str | None = None
     engine: str
     engine_reason: str | None = Field(default=None, description="Why this engine serves the model.")
+    state: str | None = Field(default=None, description="loading, ready, sleeping, failed, ... as in /readyz.")
+    failure: str | None = Field(default=None, description="Why the model failed to load, and what to do about it.")
     dimensions: list[str]
     reward: str = Field(description="The reward this task's results carry (CME, QMA).")
     judges: list[JudgeCard] = Field(default_factory=list)
@@ -362,6 +364,9 @@ class ReadinessResponse(_Message):
     ready: bool
     models: dict[str, str] = Field(
         description="State of each task's model: loading, ready, sleeping, failed or disabled."
+    )
+    failures: dict[str, str] | None = Field(
+        default=None, description="Why each failed model failed, and what to do about it."
     )
     detail: str | None = None
 

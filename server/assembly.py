@@ -9,6 +9,8 @@ from clients.protocol import Task
 from foundation.flags import flag
 from server.audit import AuditLog
 from server.batching import DirectRunner, MicroBatcher, Runner
+from server.checkpoints.hub import HubAccess
+from server.checkpoints.provision import Provisioner
 from server.engines import Engine, create_engine, resolve_engine_name
 from server.judges import SCORE_TOKENS
 from server.lifecycle import TaskModel
@@ -64,6 +66,7 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
         "sleep_mode": settings.sleep_mode,
         "enforce_eager": settings.enforce_eager,
         "batch_invariant": settings.batch_invariant,
+        "max_batch_size": settings.max_batch_size,
         "base_urls": settings.base_urls(),
         "api_key": settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
         "served_model": settings.openai_model(tasks[0]),
@@ -138,4 +141,14 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         max_queue=settings.max_queue,
         cache_size=settings.cache_size,
         audit=AuditLog(settings.audit_log, settings.audit_log_max_bytes) if settings.audit_log else None,
+        provisioner=provisioner(settings),
+    )
+
+
+def provisioner(settings: Settings) -> Provisioner:
+    """How the critics' checkpoints are fetched and checked before their engines load them."""
+    return Provisioner(
+        access=HubAccess.from_environment(settings.hub_retries, settings.hub_timeout_s),
+        force=settings.force,
+        tokens={t: (settings.context_needed(t), settings.typical_call(t)) for t in settings.enabled_tasks()},
     )

@@ -25,6 +25,7 @@ examples:
   firm-serve --tiny                           # tiny random critic built locally, for smoke tests
   firm-serve prompts pull                     # cache the release's prompt files for offline starts
   firm-serve prompts show --instruction "Make the car red."   # the exact text each judge is sent
+  firm-serve check --gen-model none           # what firm-serve would do with these settings; loads nothing
 
 Every flag can also be set as an environment variable: --max-batch-size 32 is FIRM_MAX_BATCH_SIZE=32.
 """
@@ -50,10 +51,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         from server.prompts.cli import main as prompts_main
 
         sys.exit(prompts_main(argv[1:]))
+    checking = argv[:1] == ["check"]
     try:
-        settings = load_settings(argv)
+        settings = load_settings(argv[1:] if checking else argv)
     except ValidationError as exc:
         sys.exit(f"firm-serve: invalid settings:\n{describe_errors(exc)}")
+    if checking:
+        from server.check import main as check_main
+
+        configure_logging("warning", "text")  # library warnings on stderr, once; the findings on stdout
+        sys.exit(check_main(settings))
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("firm-serve")
     from server.app import create_app
@@ -64,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         app = create_app(settings)
     except (TemplateError, ValueError, OSError) as exc:
-        sys.exit(f"firm-serve: {exc}")
+        log.error("cannot start: %s", exc)  # one line, in the log's own format
+        sys.exit(2)
     if "FIRM_MAX_NEW_TOKENS" in os.environ:
         budgets = ", ".join(f"FIRM_{t.upper()}_MAX_NEW_TOKENS (now {settings.max_new_tokens(t)})" for t in SERVER_TASKS)
         log.warning("FIRM_MAX_NEW_TOKENS is no longer read: the budgets are %s", budgets)

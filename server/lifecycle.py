@@ -7,12 +7,19 @@ once, and its tasks change state together.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from clients.protocol import ModelRef, Task
+from foundation.daemon import run_in_daemon
+from foundation.flags import flag
 from server.batching import Runner
+from server.checkpoints.hub import CheckpointUnavailable
+from server.checkpoints.memory import MemoryRefusal
+from server.checkpoints.provision import Checkpoint, Provisioner
 from server.engines.base import Engine
 from server.errors import ModelDisabled, NotReady, Unsupported
 from server.judges import Judge
@@ -49,6 +56,7 @@ class TaskModel:
     judges: tuple[Judge, ...]
     engine_reason: str | None = None
     state: ModelState = ModelState.LOADING
+    failure: str | None = None  # why it is FAILED, in words that say what to do
 
     def ref(self) -> ModelRef:
         return ModelRef(name=self.name, revision=self.engine.revision)
@@ -57,8 +65,9 @@ class TaskModel:
 class Lifecycle:
     """Loads the engines, tracks each task's state, and refuses work a model cannot take."""
 
-    def __init__(self, models: Mapping[Task, TaskModel]) -> None:
+    def __init__(self, models: Mapping[Task, TaskModel], provisioner: Provisioner | None = None) -> None:
         self.models = dict(models)
+        self.provisioner = provisioner  # fetches and checks checkpoints first; None: engines load on their own
         self.draining = False
 
     def _engine_groups(self) -> list[list[TaskModel]]:
@@ -74,18 +83,84 @@ class Lifecycle:
             model.state = state
 
     async def start(self) -> None:
-        for sharing in self._engine_groups():
-            first = sharing[0]
+        """Bring every critic up in the order that fails soonest: each checkpoint's file list and config
+        (a failure here is said within seconds), the memory check over all of them, then per engine the
+        download, the load to its device, and ready; each phase is logged with its duration."""
+        groups = self._engine_groups()
+        checkpoints: dict[int, Checkpoint] = {}
+        if self.provisioner is not None:
+            for sharing in groups:
+                if (checkpoint := await self._prepare(sharing)) is not None:
+                    checkpoints[id(sharing[0].engine)] = checkpoint
             try:
-                await first.engine.start()
-                await first.runner.start()
-            except Exception:
-                log.exception("failed to load %s", first.name)
-                self._set(sharing, ModelState.FAILED)
-                continue
-            self._set(sharing, ModelState.READY)
-            for model in sharing:
-                log.info("%s model %s is ready (engine %s)", model.task.name, model.name, model.engine.name)
+                self.provisioner.check(list(checkpoints.values()))
+            except MemoryRefusal as exc:
+                for sharing in groups:
+                    if id(sharing[0].engine) in checkpoints:
+                        self._fail(sharing, f"refused by the memory check: {exc}")
+        for sharing in groups:
+            if sharing[0].state == ModelState.LOADING:
+                await self._bring_up(sharing, checkpoints.get(id(sharing[0].engine)))
+
+    def _label(self, sharing: list[TaskModel]) -> str:
+        return "+".join(m.task.name for m in sharing)
+
+    async def _prepare(self, sharing: list[TaskModel]) -> Checkpoint | None:
+        first = sharing[0]
+        if self.provisioner is None or not first.engine.loads_checkpoint:
+            return None
+        tasks = [m.task.name for m in sharing]
+        try:
+            return await run_in_daemon(
+                functools.partial(self.provisioner.prepare, tasks, first.engine), name=f"prepare {first.engine.model}"
+            )
+        except CheckpointUnavailable as exc:
+            self._fail(sharing, exc.describe(flag(f"{first.task.name}_model")))
+        return None
+
+    async def _bring_up(self, sharing: list[TaskModel], checkpoint: Checkpoint | None) -> None:
+        first, label = sharing[0], self._label(sharing)
+        began = phase = time.monotonic()
+        if checkpoint is not None and checkpoint.listing is not None and self.provisioner is not None:
+            try:
+                await run_in_daemon(
+                    functools.partial(self.provisioner.download, checkpoint), name=f"download {checkpoint.model}"
+                )
+            except CheckpointUnavailable as exc:
+                self._fail(sharing, exc.describe(flag(f"{first.task.name}_model")))
+                return
+            except BaseException:
+                log.warning("download of %s abandoned (the next start resumes it)", checkpoint.model)
+                raise
+            log.info("%s critic %s: download took %.1f s", label, first.name, time.monotonic() - phase)
+            phase = time.monotonic()
+        try:
+            await first.engine.start()
+            await first.runner.start()
+        except Exception as exc:  # any engine's failure to load: shown by /readyz, the process keeps serving
+            log.exception("failed to load %s", first.name)
+            self._fail(sharing, f"{first.name} failed to load: {type(exc).__name__}: {exc}".splitlines()[0][:500])
+            return
+        except BaseException:
+            log.warning("loading %s abandoned", first.name)
+            raise
+        loaded = time.monotonic()
+        self._set(sharing, ModelState.READY)
+        for model in sharing:
+            log.info(
+                "%s model %s is ready (engine %s): load to %s took %.1f s, %.1f s in all",
+                model.task.name,
+                model.name,
+                model.engine.name,
+                plan.device if (plan := model.engine.memory_plan()) else "its server",
+                loaded - phase,
+                loaded - began,
+            )
+
+    def _fail(self, sharing: list[TaskModel], reason: str) -> None:
+        for model in sharing:
+            model.state, model.failure = ModelState.FAILED, reason
+        log.error("the %s critic cannot be served: %s", self._label(sharing), reason)
 
     async def sleep(self) -> dict[str, str]:
         """Offload every engine's weights; scoring answers 503 until `wake`."""
@@ -135,6 +210,10 @@ class Lifecycle:
         """Every task's state, switched-off ones included, in table order."""
         return {task: self.state(task) for task in SERVER_TASKS}
 
+    def failures(self) -> dict[str, str]:
+        """Why each failed task's model failed."""
+        return {task: model.failure for task, model in self.models.items() if model.failure is not None}
+
     def begin_drain(self) -> None:
         """Shutdown has begun: readiness turns false and new scoring requests are refused."""
         self.draining = True
@@ -147,5 +226,6 @@ class Lifecycle:
                 f"the {task.name} model is switched off on this server, so /v1/{task.name}/* is unavailable"
             )
         if model.state != ModelState.READY:
-            raise NotReady(f"the {task.name} model is {model.state}", retry_after=model.state.retry_after)
+            why = f": {model.failure}" if model.failure else ""
+            raise NotReady(f"the {task.name} model is {model.state}{why}", retry_after=model.state.retry_after)
         return model

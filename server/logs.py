@@ -34,9 +34,26 @@ class JsonFormatter(logging.Formatter):
             line["request_id"] = rid
         if (name := caller.get()) is not None:
             line["key"] = name
+        if (progress := getattr(record, "progress", None)) is not None:
+            line["progress"] = progress
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for a terminal; a line that reports progress draws it as a bar."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        progress = getattr(record, "progress", None)
+        if isinstance(progress, dict) and progress.get("total_bytes"):
+            fraction = min(1.0, progress["done_bytes"] / progress["total_bytes"])
+            filled = round(fraction * 24)
+            record.message = f"[{'#' * filled}{'.' * (24 - filled)}] {record.message}"
+        return super().formatMessage(record)
 
 
 # Libraries that log: each goes through the root's one handler, none through a handler of its own.
@@ -50,7 +67,7 @@ def configure_logging(level: str, style: str) -> None:
     if style == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

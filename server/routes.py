@@ -61,6 +61,8 @@ class Service(Protocol):
 
     def states(self) -> Mapping[str, str] | Awaitable[Mapping[str, str]]: ...
 
+    def failures(self) -> Mapping[str, str] | Awaitable[Mapping[str, str]]: ...
+
     def cards(self) -> list[ModelCard] | Awaitable[list[ModelCard]]: ...
 
     async def sleep(self) -> dict[str, str]: ...
@@ -73,11 +75,11 @@ class Service(Protocol):
 MetricsPage = Callable[[], Awaitable[bytes]]  # the Prometheus page `/metrics` answers with
 
 
-def readiness(states: Mapping[str, str]) -> ReadinessResponse:
+def readiness(states: Mapping[str, str], failures: Mapping[str, str] | None = None) -> ReadinessResponse:
     """Ready when every model is ready or switched off: the one rule `/readyz` answers by, whichever
-    process the states come from."""
+    process the states come from. A failed model's reason comes with it."""
     ready = all(state in (ModelState.READY, ModelState.DISABLED) for state in states.values())
-    return ReadinessResponse(ready=ready, models=dict(states))
+    return ReadinessResponse(ready=ready, models=dict(states), failures=dict(failures) if failures else None)
 
 
 async def _answer(value: T | Awaitable[T]) -> T:
@@ -188,7 +190,8 @@ def _status_routes(router: APIRouter) -> None:
     )
     async def readyz(request: Request) -> JSONResponse:
         """Every enabled model is loaded and its engine healthy."""
-        body = readiness(await _answer(_service(request).states()))
+        service = _service(request)
+        body = readiness(await _answer(service.states()), await _answer(service.failures()))
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if body.ready else 503)
 
     @router.get("/metrics", tags=["status"], response_class=Response)

@@ -31,6 +31,7 @@ from clients.protocol import (
 from server import rewards
 from server.admission import Admission
 from server.audit import AuditLog
+from server.checkpoints.provision import Provisioner
 from server.errors import Overloaded, TooLarge
 from server.images import ALLOWED_FORMATS, ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing
@@ -83,9 +84,10 @@ class ScoringService:
         max_queue: int = 1024,
         cache_size: int = 0,
         audit: AuditLog | None = None,
+        provisioner: Provisioner | None = None,
     ) -> None:
         self.metrics, self.limits, self.max_items, self.defaults = metrics, limits, max_items, defaults
-        self.lifecycle = Lifecycle(models)
+        self.lifecycle = Lifecycle(models, provisioner)
         self.admission = Admission(self.lifecycle, metrics, max_queue=max_queue, request_timeout_s=request_timeout_s)
         self.judging = Judging(metrics, CallSharing(cache_size), structured_outputs=structured_outputs)
         self.audit = audit
@@ -115,6 +117,9 @@ class ScoringService:
     def states(self) -> dict[str, str]:
         return self.lifecycle.states()
 
+    def failures(self) -> dict[str, str]:
+        return self.lifecycle.failures()
+
     def begin_drain(self) -> None:
         self.lifecycle.begin_drain()
         log.info("draining: %d requests in flight", self.in_flight)
@@ -130,6 +135,8 @@ class ScoringService:
                 revision=m.engine.revision,
                 engine=m.engine.name,
                 engine_reason=m.engine_reason,
+                state=self.lifecycle.state(m.task.name),
+                failure=m.failure,
                 dimensions=[j.name for j in m.judges],
                 reward=m.task.spec.reward,
                 judges=[

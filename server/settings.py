@@ -40,6 +40,9 @@ TEMPLATE_TOKENS = 2048
 TEXT_TOKENS = (MAX_PROMPT_CHARS + MAX_INSTRUCTION_CHARS) // 2
 
 
+TYPICAL_PIXELS = 1024 * 1024  # a typical image of an RL rollout, for the memory estimate of a full batch
+
+
 def _context_needed(task: Task, pixel_budget: int, max_new_tokens: int, *, text: bool = True) -> int:
     images = SERVER_TASKS[task].images_per_prompt * max_vision_tokens(pixel_budget)
     return images + TEMPLATE_TOKENS + (TEXT_TOKENS if text else 0) + max_new_tokens
@@ -124,6 +127,20 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
         description="Where the --tiny checkpoint is built and the release's prompt files are kept.",
+    )
+
+    hub_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Tries after the first when the hub cannot be reached or fails (1, 2, 4 s apart); a model "
+        "that is not found or gated fails at once. Past them the model is 'failed' in /readyz, with the reason.",
+    )
+    hub_timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one call to the hub, in seconds.")
+    force: bool = Field(
+        False,
+        description="Load the critics even when the memory check says they will not fit this machine's memory "
+        "(the check compares parameters x dtype size + cache + runtime with what the device has).",
     )
 
     # prompts
@@ -356,6 +373,12 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
         """Tokens the largest item `task` accepts can take: its images at the pixel budget, the longest
         judge prompt (without the request's own text when `text` is false), and the answer budget."""
         return _context_needed(task, self.image_pixel_budget, self.max_new_tokens(task), text=text)
+
+    def typical_call(self, task: Task) -> int:
+        """Tokens of a typical call of `task` (its images at about a megapixel, the template, the answer):
+        what a full batch is estimated with before loading."""
+        pixels = min(self.image_pixel_budget, TYPICAL_PIXELS)
+        return _context_needed(task, pixels, self.max_new_tokens(task), text=False)
 
     def context_length(self) -> int:
         """--max-model-len as set, else the least that holds every enabled task's largest item."""

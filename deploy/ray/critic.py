@@ -77,6 +77,10 @@ class FirmCritic:
         """The state of every task's model here, switched-off ones included."""
         return {task: str(state) for task, state in self.service.states().items()}
 
+    async def failures(self) -> dict[str, str]:
+        """Why each failed model here failed."""
+        return self.service.failures()
+
     async def cards(self) -> list[ModelCard]:
         """The critics this replica serves."""
         return self.service.cards()

@@ -82,6 +82,11 @@ class CriticPool:
         }
         return {task: by_name[handle.deployment_name][task] for task, handle in self.critics.items()}
 
+    async def failures(self) -> dict[str, str]:
+        """Why each failed task's model failed, from the deployment that serves it."""
+        answers = await asyncio.gather(*(self._ask(deployment, "failures") for deployment in self.deployments))
+        return {task: why for failures in answers for task, why in failures.items() if task in self.critics}
+
     async def cards(self) -> list[ModelCard]:
         """The critics of every deployment."""
         answers = await asyncio.gather(*(self._ask(deployment, "cards") for deployment in self.deployments))

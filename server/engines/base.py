@@ -58,6 +58,16 @@ class GenerationResult:
         return None
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where and how an engine holds its critic: what the memory check before loading weighs."""
+
+    device: str  # "cpu", "cuda", "cuda:1"
+    dtype: str  # of the weights: float32, bfloat16, float16
+    batch: int  # calls that may share one forward pass
+    share: float | None = None  # of the device's total memory the engine keeps for itself; None: what it needs
+
+
 class EngineError(RuntimeError):
     """The engine failed to produce an answer."""
 
@@ -76,6 +86,8 @@ class Engine(abc.ABC):
     supports_batch_invariance: ClassVar[bool] = False
     batch_invariant: bool = False  # is it on: set per instance from the settings
     supports_sleep: bool = False  # an engine may decide per instance (vllm: only with --sleep-mode)
+    # Reads a checkpoint (a hub id or a folder) onto this machine: the server fetches it and checks memory first.
+    loads_checkpoint: ClassVar[bool] = False
     name: ClassVar[str] = "engine"
 
     def __init__(
@@ -106,6 +118,11 @@ class Engine(abc.ABC):
     def revision(self) -> str | None:
         """The model revision that scored, echoed in every response."""
         return self._revision
+
+    def memory_plan(self) -> MemoryPlan | None:
+        """How the critic will be held, for the memory check before loading; None for an engine that
+        holds no weights here (a remote server) or cannot say."""
+        return None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open connections. Called once before the first `generate`."""

@@ -14,7 +14,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+from foundation.daemon import run_in_daemon
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class TransformersEngine(Engine):
     batches_itself: ClassVar[bool] = False
     supports_batch_invariance: ClassVar[bool] = True
     supports_sleep = True
+    loads_checkpoint: ClassVar[bool] = True
     name: ClassVar[str] = "transformers"
 
     def __init__(
@@ -100,8 +102,14 @@ class TransformersEngine(Engine):
             return self._revision
         return getattr(getattr(self._model, "config", None), "_commit_hash", None)
 
+    def memory_plan(self) -> MemoryPlan:
+        dtype = str(resolve_dtype(self.dtype_name, self.device)).removeprefix("torch.")
+        batch = 1 if self.batch_invariant else int(self.options.get("max_batch_size") or 1)
+        return MemoryPlan(device=self.device, dtype=dtype, batch=batch)
+
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        # a daemon thread: a process told to stop mid-load exits without waiting for the load
+        await run_in_daemon(self._load, name=f"load {self.model}")
 
     def _load(self) -> None:
         import torch

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,17 @@ def batch_invariance_problem() -> str | None:
     )
 
 
+def _on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 class VLLMEngine(Engine):
     batches_itself: ClassVar[bool] = True
     supports_constraints: ClassVar[bool] = True
     supports_batch_invariance: ClassVar[bool] = True  # where the installed vLLM has the mode: checked when built
+    loads_checkpoint: ClassVar[bool] = True
     name: ClassVar[str] = "vllm"
 
     def __init__(
@@ -180,9 +187,18 @@ class VLLMEngine(Engine):
             # silently changes scores; with sleep on it is switched off.
             self.engine_args["mm_processor_cache_gb"] = 0
         self.seed = seed
+        self._memory = MemoryPlan(
+            device="cuda" if _on_gpu() else "cpu",
+            dtype="bfloat16" if dtype == "auto" else dtype,  # auto: the checkpoint's own, bfloat16 for Qwen3-VL
+            batch=int(options.get("max_batch_size") or 1),
+            share=gpu_memory_utilization if _on_gpu() else None,
+        )
         self._llm: Any = None
         self._processor: Any = None
         self._watch_ids: list[int] = []
+
+    def memory_plan(self) -> MemoryPlan:
+        return self._memory
 
     async def start(self) -> None:
         from transformers import AutoProcessor

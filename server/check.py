@@ -1,0 +1,161 @@
+"""`firm-serve check`: what `firm-serve` would do with the same settings, said before it does it.
+
+It loads no weights: it picks the engine, reads the prompt set, lists each critic's files (fetching only
+its config, a few KB), estimates memory against the device, and reads the keys and bind address. Every
+finding is one line; the exit status is 1 when `firm-serve` would fail to serve a critic, 2 when the
+settings themselves are invalid.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from foundation.flags import flag
+from server.assembly import engine_options, model_sources, provisioner
+from server.checkpoints.hub import CheckpointUnavailable, cached_snapshot, is_local
+from server.checkpoints.memory import available, gb
+from server.checkpoints.progress import size
+from server.checkpoints.provision import Checkpoint, Provisioner
+from server.engines import create_engine, resolve_engine_name
+from server.judges import SCORE_TOKENS, TemplateError
+from server.prompts.release import PromptSourceError
+from server.prompts.serving import released_prompts, task_judges
+from server.security import is_loopback
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Finding:
+    topic: str
+    text: str
+    ok: bool = True
+
+
+def findings(settings: Settings) -> list[Finding]:
+    """Everything `firm-serve` would decide before serving, in the order it decides it."""
+    engine_name, reason = resolve_engine_name(settings.engine)
+    found = [Finding("engine", f"{engine_name} ({reason})")]
+    found += _prompts(settings)
+    found += _models(settings, engine_name)
+    found += _access(settings)
+    return found
+
+
+def _prompts(settings: Settings) -> list[Finding]:
+    released = released_prompts(settings)
+    found = []
+    for task, (model, _) in settings_sources(settings).items():
+        try:
+            judges = task_judges(settings, task, model, released)
+        except (PromptSourceError, TemplateError, OSError) as exc:
+            return [Finding("prompts", f"cannot be had: {exc}", ok=False)]
+        for judge in judges:
+            checked = {
+                True: "verified against its pinned digest",
+                False: "differs from its pinned digest (allowed)",
+            }.get(judge.verified, "not the release's")
+            found.append(Finding("prompts", f"{task} {judge.name}: {judge.origin} ({checked})"))
+    return found
+
+
+def settings_sources(settings: Settings) -> dict[str, tuple[str, str | None]]:
+    """Each enabled task's configured checkpoint, before --tiny stands in for it."""
+    return {task: settings.model_source(task) for task in settings.enabled_tasks()}
+
+
+def _models(settings: Settings, engine_name: str) -> list[Finding]:
+    sources = model_sources(settings)
+    provisioning = provisioner(settings)
+    found: list[Finding] = []
+    checkpoints: list[Checkpoint] = []
+    for source in dict.fromkeys(sources.values()):
+        tasks = [t for t, s in sources.items() if s == source]
+        label = "+".join(tasks)
+        try:
+            engine = create_engine(
+                engine_name,
+                source[0],
+                SCORE_TOKENS,
+                revision=source[1],
+                registry=CollectorRegistry(),
+                **engine_options(settings, tasks),
+            )
+        except (ValueError, ImportError) as exc:
+            found.append(Finding(f"{label} model", f"{source[0]}: the {engine_name} engine refuses it: {exc}", False))
+            continue
+        if not engine.loads_checkpoint:
+            found.append(Finding(f"{label} model", f"{source[0]}, served by the {engine.name} engine elsewhere"))
+            continue
+        where = _where(source[0], source[1])
+        try:
+            checkpoint = provisioning.prepare(tasks, engine)
+        except CheckpointUnavailable as exc:
+            found.append(Finding(f"{label} model", exc.describe(flag(f"{tasks[0]}_model")), ok=False))
+            continue
+        checkpoints.append(checkpoint)
+        found.append(Finding(f"{label} model", f"{source[0]}: {where}{_to_fetch(provisioning, checkpoint)}"))
+        if (plan := engine.memory_plan()) is not None:
+            has = available(plan.device)
+            found.append(Finding(f"{label} device", f"{plan.device}, {gb(has.free)} free of {gb(has.total)}"))
+    found += _memory(settings, provisioning, checkpoints)
+    return found
+
+
+def _where(model: str, revision: str | None) -> str:
+    if is_local(model):
+        return "a local folder"
+    snapshot = cached_snapshot(model, revision)
+    return f"cached at {snapshot}" if snapshot is not None else "not cached"
+
+
+def _to_fetch(provisioning: Provisioner, checkpoint: Checkpoint) -> str:
+    if checkpoint.listing is None:
+        return ""
+    missing = provisioning.missing(checkpoint.listing)
+    if not missing:
+        return f" ({len(checkpoint.listing.files)} files, all in the cache)"
+    return f" ({size(sum(missing.values()))} in {len(missing)} files to download from the hub)"
+
+
+def _memory(settings: Settings, provisioning: Provisioner, checkpoints: list[Checkpoint]) -> list[Finding]:
+    verdict = provisioning.verdict(checkpoints)
+    if verdict is None:
+        return [Finding("memory", "no estimate (no critic whose weights are held here could be read)")]
+    found = [Finding("memory", line) for line in verdict.lines]
+    if verdict.refuse is not None:
+        if settings.force:
+            found.append(Finding("memory", f"{verdict.refuse} (--force: it would load anyway)"))
+        else:
+            found.append(Finding("memory", f"would refuse to load: {verdict.refuse}", ok=False))
+    return found
+
+
+def _access(settings: Settings) -> list[Finding]:
+    ring = settings.key_ring()
+    keys = f"{len(ring.scoring)} API key(s) required on scoring routes" if ring.enabled else "no API keys"
+    admin = "admin routes on (admin key set)" if ring.admin else "admin routes off (no admin key)"
+    exposure = "loopback only" if is_loopback(settings.host) else "reachable from other machines"
+    return [
+        Finding("keys", f"{keys}; {admin}; /metrics {'needs a key' if ring.protect_metrics else 'open'}"),
+        Finding("bind", f"http://{settings.host}:{settings.port} ({exposure})"),
+    ]
+
+
+def report(found: Sequence[Finding]) -> str:
+    width = max(len(f.topic) for f in found)
+    return "\n".join(f"{'ok  ' if f.ok else 'FAIL'}  {f.topic:<{width}}  {f.text}" for f in found)
+
+
+def main(settings: Settings) -> int:
+    found = findings(settings)
+    print(report(found))
+    failed = [f for f in found if not f.ok]
+    if failed:
+        print(f"\nfirm-serve would not serve everything: {len(failed)} problem(s) above.", file=sys.stderr)
+        return 1
+    print("\nfirm-serve would start with these settings.")
+    return 0
