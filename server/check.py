@@ -48,7 +48,7 @@ def findings(settings: Settings) -> list[Finding]:
 def _prompts(settings: Settings) -> list[Finding]:
     released = released_prompts(settings)
     found = []
-    for task, (model, _) in settings_sources(settings).items():
+    for task, (model, _) in model_sources(settings).items():
         try:
             judges = task_judges(settings, task, model, released)
         except (PromptSourceError, TemplateError, OSError) as exc:
@@ -60,11 +60,6 @@ def _prompts(settings: Settings) -> list[Finding]:
             }.get(judge.verified, "not the release's")
             found.append(Finding("prompts", f"{task} {judge.name}: {judge.origin} ({checked})"))
     return found
-
-
-def settings_sources(settings: Settings) -> dict[str, tuple[str, str | None]]:
-    """Each enabled task's configured checkpoint, before --tiny stands in for it."""
-    return {task: settings.model_source(task) for task in settings.enabled_tasks()}
 
 
 def _models(settings: Settings, engine_name: str) -> list[Finding]:

@@ -123,7 +123,7 @@ class Lifecycle:
         began = phase = time.monotonic()
         if checkpoint is not None and checkpoint.listing is not None and self.provisioner is not None:
             try:
-                await run_in_daemon(
+                folder = await run_in_daemon(
                     functools.partial(self.provisioner.download, checkpoint), name=f"download {checkpoint.model}"
                 )
             except CheckpointUnavailable as exc:
@@ -132,6 +132,8 @@ class Lifecycle:
             except BaseException:
                 log.warning("download of %s abandoned (the next start resumes it)", checkpoint.model)
                 raise
+            if folder is not None:  # the engine loads what was fetched, without asking the hub again
+                first.engine.use_files(folder, checkpoint.listing.commit)
             log.info("%s critic %s: download took %.1f s", label, first.name, time.monotonic() - phase)
             phase = time.monotonic()
         try:

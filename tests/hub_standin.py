@@ -25,7 +25,7 @@ from typing import Any
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 _INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
-_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)")
+_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)/?(?P<under>.*)$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -61,10 +61,11 @@ class HubStandIn:
         ]
         return {"id": self.repo, "modelId": self.repo, "sha": COMMIT, "private": False, "siblings": siblings}
 
-    def tree(self) -> list[dict[str, Any]]:
+    def tree(self, under: str = "") -> list[dict[str, Any]]:
         return [
             {"type": "file", "path": str(p.relative_to(self.folder)), "size": p.stat().st_size, "oid": _etag(p)}
             for p in self.files()
+            if str(p.relative_to(self.folder)).startswith(under)
         ]
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
@@ -104,8 +105,12 @@ class HubStandIn:
                     return
                 path_only = self.path.split("?")[0]
                 info, tree = _INFO.match(path_only), _TREE.match(path_only)
-                if (info and info["repo"] == hub.repo) or (tree and tree["repo"] == hub.repo):
-                    body = json.dumps(hub.info() if info else hub.tree()).encode()
+                listed = hub.tree(tree["under"]) if tree and tree["repo"] == hub.repo else None
+                if listed == [] and tree and tree["under"]:
+                    listed = None  # a folder the repository does not have
+                    tree = None
+                if (info and info["repo"] == hub.repo) or listed is not None:
+                    body = json.dumps(hub.info() if info else listed).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))

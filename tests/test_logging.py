@@ -69,9 +69,9 @@ def test_every_line_is_one_json_object_and_none_comes_twice(tiny_checkpoint: Pat
     assert_one_json_object_a_line(log_path.read_text())
 
 
-def assert_one_json_object_a_line(text: str) -> None:
-    """Every line a JSON object in the server's format, the libraries' among them, and none of the
-    server's or huggingface_hub's lines twice."""
+def assert_one_json_object_a_line(text: str, loggers_seen: frozenset[str] = frozenset({"transformers"})) -> None:
+    """Every line a JSON object in the server's format, the libraries' among them (`loggers_seen` with the
+    server's own), and none of the server's or huggingface_hub's lines twice."""
     assert "\r" not in text, "a progress bar was drawn around the handler"
     records = []
     for line in text.splitlines():
@@ -82,15 +82,15 @@ def assert_one_json_object_a_line(text: str) -> None:
         assert isinstance(record, dict) and record.keys() >= FIELDS, line
         records.append(record)
     loggers = {record["logger"].split(".")[0] for record in records}
-    assert {"firm-serve", "uvicorn", "transformers"} <= loggers, loggers
+    assert {"firm-serve", "uvicorn", *loggers_seen} <= loggers, loggers
     # transformers logs some of its own lines more than once (a config read twice): the server's must be once
     ours = Counter(r["message"] for r in records if not r["logger"].startswith("transformers"))
     assert not [m for m, n in ours.items() if n > 1], ours
 
 
 def test_a_critic_that_cannot_be_had_is_told_once_in_the_log_format(tmp_path: Path) -> None:
-    """Offline, with a checkpoint folder that is not there: transformers and huggingface_hub fail, and the
-    server says so, each line once and in JSON."""
+    """Offline, with a checkpoint folder that is not there: the server says so before any library tries to
+    load it, each line once and in JSON, naming the folder and what to do."""
     cmd = [sys.executable, "-m", "server.cli", "--cache-dir", str(tmp_path), "--port", str(free_port())]
     cmd += ["--edit-model", str(tmp_path / "missing"), "--gen-model", "none", "--prompts", "own"]
     log_path = tmp_path / "server.log"
@@ -107,4 +107,7 @@ def test_a_critic_that_cannot_be_had_is_told_once_in_the_log_format(tmp_path: Pa
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-    assert_one_json_object_a_line(log_path.read_text())
+    text = log_path.read_text()
+    assert_one_json_object_a_line(text, frozenset({"server"}))
+    errors = [json.loads(line)["message"] for line in text.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1 and str(tmp_path / "missing") in errors[0] and "--tiny" in errors[0], errors

@@ -154,6 +154,10 @@ def gb(n: float) -> str:
     return f"{n / GB:.1f} GB"
 
 
+def count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f} B" if parameters >= 100_000_000 else f"{parameters / 1e6:.2f} M"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the check found: the lines to say, and whether loading must be refused."""
@@ -172,7 +176,7 @@ def judge(needs: Sequence[Need], tokens: dict[str, tuple[int, int]], *, offered:
         has = offered[device]
         for need in here:
             lines.append(
-                f"{need.label} critic {need.model}: {need.parameters / 1e9:.2f} B parameters in {need.plan.dtype} "
+                f"{need.label} critic {need.model}: {count(need.parameters)} parameters in {need.plan.dtype} "
                 f"= {gb(need.weights)} of weights on {device}"
             )
         shared = [n for n in here if n.plan.share is None]

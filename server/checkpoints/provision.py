@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.checkpoints.hub import HubAccess, Listing, cached_snapshot, fetch, is_local, list_files, repo_cache
-from server.checkpoints.memory import SLOW_ON_CPU_PARAMETERS, MemoryRefusal, Need, Verdict, available, estimate, judge
+from server.checkpoints.memory import (
+    SLOW_ON_CPU_PARAMETERS,
+    MemoryRefusal,
+    Need,
+    Verdict,
+    available,
+    count,
+    estimate,
+    judge,
+)
 from server.checkpoints.progress import DownloadProgress, size
 from server.engines.base import Engine
 
@@ -81,10 +90,10 @@ class Provisioner:
         if slow and not self._warned_cpu:
             self._warned_cpu = True
             log.warning(
-                "the %s critic has %.1f B parameters and runs on the CPU: scoring will take minutes per item; "
+                "the %s critic has %s parameters and runs on the CPU: scoring will take minutes per item; "
                 "use a GPU for training, or --tiny to try the service",
                 slow[0].label,
-                slow[0].parameters / 1e9,
+                count(slow[0].parameters),
             )
 
     @staticmethod
@@ -93,15 +102,17 @@ class Provisioner:
         snapshot = cached_snapshot(listing.model, listing.commit)
         return {n: s for n, s in listing.files.items() if snapshot is None or not (snapshot / n).is_file()}
 
-    def download(self, checkpoint: Checkpoint) -> None:
-        """The weights and the rest of the files, with progress in the log (blocking)."""
+    def download(self, checkpoint: Checkpoint) -> Path | None:
+        """The weights and the rest of the files, with progress in the log (blocking); the folder they are
+        in, None for a local checkpoint."""
         listing = checkpoint.listing
         if listing is None:
-            return
+            return None
         missing = self.missing(listing)
         if not missing:
             log.info("%s: all %d files already in the cache", listing.model, len(listing.files))
-            return
+            return cached_snapshot(listing.model, listing.commit)
         with DownloadProgress(listing.model, repo_cache(listing.model), sum(missing.values())):
-            fetch(listing, self.access)
+            folder = fetch(listing, self.access)
         log.info("downloaded %s: %s in %d files", listing.model, size(sum(missing.values())), len(missing))
+        return folder

@@ -12,6 +12,7 @@ import abc
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from PIL import Image
@@ -118,6 +119,12 @@ class Engine(abc.ABC):
     def revision(self) -> str | None:
         """The model revision that scored, echoed in every response."""
         return self._revision
+
+    def use_files(self, folder: Path, commit: str | None) -> None:
+        """Load from `folder`, where the server has fetched the checkpoint, rather than from the hub again;
+        `commit` is the revision those files are, echoed in responses."""
+        self.model = str(folder)
+        self._revision = self._revision or commit
 
     def memory_plan(self) -> MemoryPlan | None:
         """How the critic will be held, for the memory check before loading; None for an engine that

@@ -28,6 +28,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -199,6 +200,10 @@ class VLLMEngine(Engine):
 
     def memory_plan(self) -> MemoryPlan:
         return self._memory
+
+    def use_files(self, folder: Path, commit: str | None) -> None:
+        super().use_files(folder, commit)
+        self.engine_args.update(model=str(folder), revision=None)
 
     async def start(self) -> None:
         from transformers import AutoProcessor
