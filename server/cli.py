@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(argv[1:] if checking else argv)
     except ValidationError as exc:
-        sys.exit(f"firm-serve: invalid settings:\n{describe_errors(exc)}")
+        print(f"firm-serve: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
+        sys.exit(2)  # as argparse exits for a flag it cannot parse
     if checking:
         from server.check import main as check_main
 
@@ -80,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("serving %s WITHOUT API keys (--insecure): anyone who can reach it can score", settings.host)
     log.info("listening on http://%s:%d", settings.host, settings.port)
     DrainingServer.serve_app(app, settings)
+    if abandoned := app.state.service.lifecycle.abandoned:
+        # their threads (a library's download pool among them) would hold the exit until they finish
+        log.info("exiting without waiting for the %s", " and the ".join(abandoned))
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,6 +69,7 @@ class Lifecycle:
         self.models = dict(models)
         self.provisioner = provisioner  # fetches and checks checkpoints first; None: engines load on their own
         self.draining = False
+        self.abandoned: list[str] = []  # downloads and loads cut short by shutdown, whose threads run on
 
     def _engine_groups(self) -> list[list[TaskModel]]:
         """The task models grouped by engine: a shared engine is started, put to sleep and closed once."""
@@ -131,6 +132,7 @@ class Lifecycle:
                 return
             except BaseException:
                 log.warning("download of %s abandoned (the next start resumes it)", checkpoint.model)
+                self.abandoned.append(f"download of {checkpoint.model}")
                 raise
             if folder is not None:  # the engine loads what was fetched, without asking the hub again
                 first.engine.use_files(folder, checkpoint.listing.commit)
@@ -145,6 +147,7 @@ class Lifecycle:
             return
         except BaseException:
             log.warning("loading %s abandoned", first.name)
+            self.abandoned.append(f"load of {first.name}")
             raise
         loaded = time.monotonic()
         self._set(sharing, ModelState.READY)

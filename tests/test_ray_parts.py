@@ -183,6 +183,7 @@ class _Deployment:
     def __init__(self, name: str, states: dict[str, str], score: Any = None) -> None:
         self.deployment_name = name
         self.states, self.cards, self.score = _Method(states), _Method([]), _Method(score)
+        self.failures = _Method({})
 
 
 def _ingress(*deployments: _Deployment, settings: Settings | None = None) -> FastAPI:
@@ -243,6 +244,10 @@ def test_readiness_of_split_critics_comes_from_each_tasks_deployment() -> None:
     )
     gen.states.answer = {"edit": DISABLED, "gen": READY}
     assert _get(_ingress(edit, gen), "/readyz").json() == {"ready": True, "models": {"edit": "ready", "gen": "ready"}}
+    # a deployment whose critic failed to load says why, through the ingress
+    gen.states.answer, gen.failures.answer = {"edit": DISABLED, "gen": "failed"}, {"gen": "org/gen cannot be had"}
+    failed = _get(_ingress(edit, gen), "/readyz").json()
+    assert failed["models"]["gen"] == "failed" and failed["failures"] == {"gen": "org/gen cannot be had"}
 
 
 def test_a_critics_answer_and_refusals_are_answered_as_firm_serve_does() -> None:

@@ -108,6 +108,8 @@ class HubAccess:
         for number in range(1, tries + 1):
             try:
                 return call()
+            except CheckpointUnavailable:
+                raise
             except Exception as exc:  # classified, then raised as CheckpointUnavailable or tried again
                 cause, detail = classify(exc)
                 if not cause.transient or number == tries:
@@ -198,13 +200,10 @@ def list_files(model: str, revision: str | None, access: HubAccess) -> Listing:
     from huggingface_hub import HfApi, snapshot_download
 
     if access.offline:
-        path = Path(
-            access.attempt(
-                model,
-                "reading the cache for",
-                lambda: snapshot_download(model, revision=revision, local_files_only=True),
-            )
-        )
+        try:
+            path = Path(snapshot_download(model, revision=revision, local_files_only=True))
+        except Exception as exc:  # whatever the library raises for a snapshot it does not have
+            raise CheckpointUnavailable(model, Cause.NOT_CACHED, _first_line(exc)) from exc
         files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
         return Listing(model=model, commit=path.name, files={n: files[n] for n in needed(files)})
     info: Any = access.attempt(

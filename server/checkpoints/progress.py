@@ -35,7 +35,7 @@ class Progress:
             "done_bytes": self.done,
             "total_bytes": self.total,
             "bytes_per_s": round(self.rate),
-            "left_s": self.left_s,
+            "left_s": None if self.left_s is None else round(self.left_s),
         }
 
 
