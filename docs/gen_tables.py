@@ -229,8 +229,25 @@ class Generated:
     render: Callable[[], str]
 
 
+def hub_failures_table() -> str:
+    """Why a critic cannot be had, and what the server tells its user to do, as `/readyz` says it."""
+    from server.checkpoints.hub import Cause, remedies
+
+    rows = [
+        [
+            f"`{cause.name.lower()}`",
+            cause.value,
+            "yes" if cause.transient else "no",
+            "; ".join(remedies(cause, "`--<task>-model`")),
+        ]
+        for cause in Cause
+    ]
+    return table(["cause", "said as", "tried again", "what to do (in the message)"], rows)
+
+
 TABLES = (
     Generated("flags", "operations.md", flags_table),
+    Generated("hub-failures", "operations.md", hub_failures_table),
     Generated("metrics", "operations.md", metrics_table),
     Generated("vllm-metrics", "operations.md", vllm_metrics_table),
     Generated("errors", "api.md", errors_table),

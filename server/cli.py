@@ -66,11 +66,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     log = logging.getLogger("firm-serve")
     from server.app import create_app
     from server.judges import TemplateError
+    from server.prompts.release import PromptSourceError
     from server.shutdown import DrainingServer
     from server.tasks import SERVER_TASKS
 
     try:
         app = create_app(settings)
+    except PromptSourceError as exc:
+        log.error("cannot start: the judges' prompts from the FIRM release cannot be had: %s", exc)
+        sys.exit(2)
     except (TemplateError, ValueError, OSError) as exc:
         log.error("cannot start: %s", exc)  # one line, in the log's own format
         sys.exit(2)

@@ -141,6 +141,9 @@ class Lifecycle:
         try:
             await first.engine.start()
             await first.runner.start()
+            loaded = time.monotonic()
+            if await first.engine.warm_up():
+                log.info("%s critic %s: warm-up took %.1f s", label, first.name, time.monotonic() - loaded)
         except Exception as exc:  # any engine's failure to load: shown by /readyz, the process keeps serving
             log.exception("failed to load %s", first.name)
             self._fail(sharing, f"{first.name} failed to load: {type(exc).__name__}: {exc}".splitlines()[0][:500])
@@ -149,7 +152,6 @@ class Lifecycle:
             log.warning("loading %s abandoned", first.name)
             self.abandoned.append(f"load of {first.name}")
             raise
-        loaded = time.monotonic()
         self._set(sharing, ModelState.READY)
         for model in sharing:
             log.info(
@@ -159,7 +161,7 @@ class Lifecycle:
                 model.engine.name,
                 plan.device if (plan := model.engine.memory_plan()) else "its server",
                 loaded - phase,
-                loaded - began,
+                time.monotonic() - began,
             )
 
     def _fail(self, sharing: list[TaskModel], reason: str) -> None:

@@ -72,10 +72,10 @@ def configure_logging(level: str, style: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # warnings.warn goes through the handler too, not straight to stderr
-    _route_libraries(quiet_bars=style == "json")
+    _route_libraries()
 
 
-def _route_libraries(*, quiet_bars: bool) -> None:
+def _route_libraries() -> None:
     """Hugging Face's libraries add a stream handler of their own when imported (huggingface_hub's also
     propagates, so each of its lines came out twice); they are imported first so that theirs can be removed."""
     try:
@@ -86,11 +86,12 @@ def _route_libraries(*, quiet_bars: bool) -> None:
     if transformers_logging is not None:
         transformers_logging.disable_default_handler()
         transformers_logging.enable_propagation()
-        if quiet_bars:  # a bar redrawn on stderr would break the one-object-per-line stream
-            if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers' own bars only
-                transformers_logging.set_tqdm_hook(_no_bar)
-            else:  # older releases: every bar, huggingface_hub's too
-                transformers_logging.disable_progress_bar()
+        # A library's bar redrawn on stderr would break a JSON stream and interleave with a text one; the
+        # server draws its own progress (downloads) as log lines.
+        if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers' own bars only
+            transformers_logging.set_tqdm_hook(_no_bar)
+        else:  # older releases: every bar, huggingface_hub's too
+            transformers_logging.disable_progress_bar()
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers.clear()

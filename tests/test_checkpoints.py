@@ -242,7 +242,8 @@ def test_a_download_reports_progress_then_loads_and_serves(heavy_checkpoint: Pat
     assert progress and progress[0]["total_bytes"] > 24_000_000  # type: ignore[index,operator]
     assert any(0 < p["done_bytes"] < p["total_bytes"] and p["left_s"] is not None for p in progress), progress  # type: ignore[index,operator]
     said = [str(m["message"]) for m in lines]
-    assert any("download took" in m for m in said) and any("is ready" in m and "load to cpu took" in m for m in said)
+    for phase in ("download took", "warm-up took", "load to cpu took"):  # each phase, with its duration
+        assert any(phase in m for m in said), (phase, said)
 
 
 def test_sigterm_during_a_download_exits_within_the_drain_limit(heavy_checkpoint: Path, tmp_path: Path) -> None:
@@ -327,3 +328,17 @@ def test_check_says_what_would_happen_and_exits_by_it(tiny_checkpoint: Path, tmp
 
     invalid = _check(tmp_path, "--port", "-1")
     assert invalid.returncode == 2 and "invalid settings" in invalid.stderr
+
+
+def test_a_progress_line_is_a_bar_in_text_and_fields_in_json() -> None:
+    import logging
+
+    from server.checkpoints.progress import Progress
+    from server.logs import JsonFormatter, TextFormatter
+
+    progress = Progress(done=6_000_000, total=24_000_000, rate=2_000_000, left_s=9.0)
+    record = logging.LogRecord("server.checkpoints.download", logging.INFO, __file__, 1, "downloading", (), None)
+    record.progress = progress.fields()
+    assert "[######..................] downloading" in TextFormatter().format(record)
+    fields = json.loads(JsonFormatter().format(record))["progress"]
+    assert fields == {"done_bytes": 6_000_000, "total_bytes": 24_000_000, "bytes_per_s": 2_000_000, "left_s": 9}

@@ -134,6 +134,11 @@ class Engine(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights or open connections. Called once before the first `generate`."""
 
+    async def warm_up(self) -> bool:
+        """Do the first call's one-time work (kernels chosen, caches filled) before traffic arrives, so the
+        first request does not pay for it; False for an engine with none to do."""
+        return False
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 

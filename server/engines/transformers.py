@@ -107,6 +107,15 @@ class TransformersEngine(Engine):
         batch = 1 if self.batch_invariant else int(self.options.get("max_batch_size") or 1)
         return MemoryPlan(device=self.device, dtype=dtype, batch=batch)
 
+    async def warm_up(self) -> bool:
+        """One short call on a small blank image: the first forward pass's setup happens here."""
+        from PIL import Image
+
+        (result,) = await self.generate([GenerationRequest(parts=(Image.new("RGB", (64, 64)), "1"), max_new_tokens=1)])
+        if isinstance(result, EngineError):
+            raise result
+        return True
+
     async def start(self) -> None:
         # a daemon thread: a process told to stop mid-load exits without waiting for the load
         await run_in_daemon(self._load, name=f"load {self.model}")
