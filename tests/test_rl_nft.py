@@ -221,7 +221,7 @@ def test_the_old_adapter_samples_and_follows_the_schedule(cache_dir: Path, tmp_p
 
 
 def test_the_ema_differs_from_the_trained_weights_and_is_what_reloads(cache_dir: Path, tmp_path: Path) -> None:
-    settings = _settings("gen", cache_dir, tmp_path, learning_rate=0.05, lora_rank=4, lora_alpha=8)
+    settings = _settings("gen", cache_dir, tmp_path, learning_rate=0.05, lora_rank=4, lora_alpha=8, eval_steps=2)
     assert _worker(_settings("gen", cache_dir, tmp_path, algorithm="grpo")).ema is None  # off for GRPO
     worker = _worker(settings)
     for _ in range(2):
@@ -241,6 +241,7 @@ def test_the_ema_differs_from_the_trained_weights_and_is_what_reloads(cache_dir:
         reloaded = fresh.velocity(x, t, rollout.conditioning)
     assert not torch.allclose(trained, averaged, atol=1e-5)
     assert torch.allclose(reloaded, averaged, atol=1e-5)
+    assert worker.evaluate() == pytest.approx(0.4375)  # the mean fixed reward, sampled with the EMA
     assert torch.equal(worker.generator.velocity(x, t, rollout.conditioning).detach(), trained)  # swapped back
 
 
