@@ -93,7 +93,7 @@ def nft_loss(
     """The NFT loss of one denoising step, per sample (float32 in, float32 out; `sigma` broadcasts).
 
     >>> x0, noise = torch.zeros(1, 2), torch.ones(1, 2)
-    >>> x_t = 0.5 * x0 + 0.5 * noise; v = torch.full((1, 2), 2.0)  # the exact velocity: x0 estimated exactly
+    >>> x_t = 0.5 * x0 + 0.5 * noise; v = noise - x0  # the exact velocity: x0 is estimated exactly
     >>> nft_loss(v, v, None, x_t, x0, 0.5, torch.ones(1), beta=1.0, adv_clip=5.0, kl_beta=0.0).policy.tolist()
     [0.0]
     """

@@ -35,17 +35,22 @@ class ShadowWeights:
 
     @contextmanager
     def applied(self, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-        """The model runs with the shadow weights inside the block; the trained values come back after."""
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for shadow, p in zip(self.weights, params, strict=True):
-                p.copy_(shadow)
+        """The model runs with the shadow weights inside the block; the trained values come back after.
+
+        The two sets trade storage (no copy, no extra memory), so nothing may backpropagate through a
+        forward pass made inside the block after it ends.
+        """
+        self._swap(params)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for value, p in zip(saved, params, strict=True):
-                    p.copy_(value)
+            self._swap(params)
+
+    def _swap(self, params: Sequence[torch.nn.Parameter]) -> None:
+        if len(params) != len(self.weights):
+            raise ValueError(f"{len(params)} parameters for {len(self.weights)} shadow weights")
+        for i, p in enumerate(params):
+            p.data, self.weights[i] = self.weights[i], p.data
 
     @torch.no_grad()
     def distance(self, params: Sequence[torch.nn.Parameter]) -> float:
