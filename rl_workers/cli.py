@@ -1,4 +1,5 @@
-"""`firm-rollout`: one GRPO rollout worker that trains a generator against the FIRM reward server.
+"""`firm-rollout`: one rollout worker that trains a generator against the FIRM reward server, with
+Flow-GRPO or the FIRM release's DiffusionNFT (`--algorithm`).
 
 Run one per GPU under torchrun; every worker calls the same reward service.
 """
@@ -20,6 +21,7 @@ _EPILOG = """\
 examples:
   firm-rollout --task gen --prompts prompts.txt --reward-url http://127.0.0.1:8000
   firm-rollout --task edit --prompts edits.jsonl --group-size 16 --groups-per-step 4
+  firm-rollout --algorithm nft --task gen --prompts prompts.txt --groups-per-step 6   # the paper's recipe
   torchrun --nproc-per-node 8 -m rl_workers.cli --task gen --prompts prompts.txt   # one worker per GPU
   firm-rollout --tiny --task gen --prompts prompts.txt --resolution 64 --group-size 4 --sample-steps 2
 
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     return settings_parser(
         RolloutSettings,
         prog="firm-rollout",
-        description="GRPO on "
+        description="GRPO or NFT (--algorithm) on "
         + " or ".join(f"{t.generator_title} ({name}, {t.spec.reward} reward)" for name, t in ROLLOUT_TASKS.items())
         + ", with rewards from a running firm-serve.",
         epilog=_EPILOG,

@@ -6,64 +6,41 @@ applies the PPO-style clipped surrogate with the sample's group-normalised advan
 optional KL to the frozen reference (the model with LoRA off). The trainable samples of a step are
 split into mini-batches with one optimizer step each, so after the first the policy has moved
 and the clip bounds how far. Samples masked out (no reward, or a zero-spread group) are never
-forwarded, so they contribute nothing.
+forwarded, so they contribute nothing. `GRPO` is this objective and its SDE sampler behind the
+worker's algorithm interface (`rl_workers.algorithm`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rl_workers.advantages import GroupAdvantages
-from rl_workers.generators.base import Condition, Conditioning, Generator
+from rl_workers.algorithm import Algorithm, Rollout, TrainingStats
+from rl_workers.generators.base import Conditioning, Generator
 from rl_workers.lora import reference_policy
-from rl_workers.rewards import GroupRewards, PendingRewards
-from rl_workers.sampling import Trajectory, kl_to_reference, step_log_prob
+from rl_workers.sampling import Trajectory, kl_to_reference, sample, step_log_prob
+
+if TYPE_CHECKING:
+    from rl_workers.settings import RolloutSettings
 
 
 @dataclass
-class Rollout:
-    """One sampled GRPO group and, once scored, its rewards and advantages."""
+class UpdateStats(TrainingStats):
+    """Sums over the (sample, denoising step) terms of a GRPO update; `means()` gives the logged figures."""
 
-    condition: Condition
-    conditioning: Conditioning
-    trajectory: Trajectory
-    pending: PendingRewards | None = None
-    rewards: GroupRewards | None = None
-    advantages: GroupAdvantages | None = None
-
-
-@dataclass
-class UpdateStats:
-    """Sums over the (sample, denoising step) terms of an update; `means()` gives the logged figures."""
-
-    samples: int = 0  # samples that trained
-    optimizer_steps: int = 0
-    terms: int = 0
-    loss: float = 0.0
     policy_loss: float = 0.0
     kl: float = 0.0
     clipped: float = 0.0
-    grad_norm: float = 0.0  # summed over optimizer steps
     max_ratio_deviation: float = 0.0  # max |ratio - 1|: 0 for the policy that sampled
 
-    def means(self) -> dict[str, float]:
-        """Means over the update; NaN when nothing trained, so an empty update never reads as a calm one."""
-        terms = self.terms or math.nan
-        steps = self.optimizer_steps or math.nan
-        return {
-            "train/loss": self.loss / terms,
-            "train/policy_loss": self.policy_loss / terms,
-            "train/kl": self.kl / terms,
-            "train/clip_fraction": self.clipped / terms,
-            "train/grad_norm": self.grad_norm / steps,
-            "train/max_ratio_deviation": self.max_ratio_deviation if self.terms else math.nan,
-            "train/samples": float(self.samples),
-            "train/optimizer_steps": float(self.optimizer_steps),
-        }
+    def term_sums(self) -> dict[str, float]:
+        return {"loss": self.loss, "policy_loss": self.policy_loss, "kl": self.kl, "clip_fraction": self.clipped}
+
+    def term_maxima(self) -> dict[str, float]:
+        return {"max_ratio_deviation": self.max_ratio_deviation}
 
 
 def clipped_surrogate(
@@ -138,3 +115,49 @@ def accumulate_gradients(
                 stats.kl += float(kl.detach().sum())
                 stats.clipped += float(clipped.float().sum())
                 stats.max_ratio_deviation = max(stats.max_ratio_deviation, float((ratio.detach() - 1).abs().max()))
+
+
+class GRPO(Algorithm):
+    """Flow-GRPO: SDE sampling with recorded log-probabilities, the clipped surrogate on the first steps."""
+
+    name = "grpo"
+
+    def sample(
+        self, settings: RolloutSettings, conditioning: Conditioning, latents: torch.Tensor, rng: torch.Generator
+    ) -> Trajectory:
+        assert settings.sample_steps is not None
+        return sample(
+            self.generator,
+            conditioning,
+            latents,
+            steps=settings.sample_steps,
+            noise_level=settings.noise_level,
+            generator=rng,
+        )
+
+    def new_stats(self) -> UpdateStats:
+        return UpdateStats()
+
+    def accumulate(
+        self,
+        settings: RolloutSettings,
+        rollouts: Sequence[Rollout],
+        rows: Sequence[torch.Tensor],
+        stats: TrainingStats,
+        *,
+        norm: float,
+    ) -> None:
+        assert isinstance(stats, UpdateStats) and settings.kl_beta is not None
+        accumulate_gradients(
+            self.generator,
+            rollouts,
+            rows,
+            stats,
+            step_indices=training_steps(rollouts[0].trajectory.steps, settings.timestep_fraction),
+            noise_level=settings.noise_level,
+            clip_range=settings.clip_range,
+            kl_beta=settings.kl_beta,
+            kl_form=settings.kl_form,
+            batch_size=settings.batch_size,
+            norm=norm,
+        )

@@ -12,7 +12,8 @@ from clients.protocol import Task
 from clients.tasks import GEN
 from foundation.cache import default_cache_dir
 from foundation.flags import FORMER_VALUES, renamed
-from rl_workers.tasks import FORMER_TASK_NAMES, ROLLOUT_TASKS, per_task
+from rl_workers.recipes import ALGORITHM_TITLES, AlgorithmName
+from rl_workers.tasks import FORMER_TASK_NAMES, ROLLOUT_TASKS, per_recipe, per_task
 
 
 class RolloutSettings(BaseSettings):
@@ -27,6 +28,11 @@ class RolloutSettings(BaseSettings):
         )
         + f". Formerly also spelled {', '.join(FORMER_TASK_NAMES)} (still accepted, with a warning).",
         json_schema_extra={FORMER_VALUES: FORMER_TASK_NAMES},
+    )
+    algorithm: AlgorithmName = Field(
+        "grpo",
+        description="; ".join(f"{name}: {title}" for name, title in ALGORITHM_TITLES.items())
+        + ". Settings left unset take the algorithm's defaults for the task (its recipe).",
     )
     model: str | None = Field(
         None,
@@ -64,15 +70,27 @@ class RolloutSettings(BaseSettings):
     )
 
     # sampling
-    group_size: int = Field(16, ge=2, description="Samples per prompt (G); the paper uses 16.")
+    group_size: int | None = Field(
+        None, ge=2, description=f"Samples per prompt (G); default {per_recipe(lambda r: r.group_size)}."
+    )
     groups_per_step: int = Field(2, ge=1, description="Prompt groups each worker samples per training step.")
     resolution: int = Field(512, ge=32, description="Image side in pixels (square).")
-    sample_steps: int = Field(10, ge=1, description="Denoising steps of the SDE sampler during training.")
-    eval_steps: int = Field(40, ge=1, description="Denoising steps of the deterministic ODE sampler for evaluation.")
+    sample_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Denoising steps of the training sampler (grpo: SDE; nft: deterministic dpm2); default "
+        f"{per_recipe(lambda r: r.sample_steps)}.",
+    )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Denoising steps of the deterministic ODE sampler for evaluation; default "
+        f"{per_recipe(lambda r: r.eval_steps)}.",
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate (ODE sampling, mean reward) every N steps; 0 = never.")
     noise_level: float = Field(0.7, gt=0, description="SDE noise scale (Flow-GRPO's a); higher explores more.")
     guidance_scale: float | None = Field(
-        None, ge=1.0, description=f"CFG scale; default {per_task(lambda t: t.guidance)}."
+        None, ge=1.0, description=f"CFG scale (1: none); default {per_recipe(lambda r: r.guidance)}."
     )
     max_sequence_length: int = Field(256, ge=8, description="Text tokens given to SD3's T5 encoder.")
     source_vae_side: int | None = Field(
@@ -99,11 +117,19 @@ class RolloutSettings(BaseSettings):
 
     # update
     steps: int = Field(100, ge=1, description="Training steps.")
-    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description=f"AdamW learning rate of the LoRA weights; default {per_recipe(lambda r: r.learning_rate)}.",
+    )
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip range (ratios stay near 1 per step).")
-    kl_beta: float = Field(
-        0.04, ge=0, description="Weight of the KL to the frozen reference (LoRA off); 0 skips the reference pass."
+    kl_beta: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of the KL to the frozen reference (LoRA off); 0 skips the reference pass. grpo: the "
+        "--kl-form KL of the steps; nft: the mean squared distance of the velocities (the release's train.beta). "
+        f"Default {per_recipe(lambda r: r.kl_beta)}.",
     )
     kl_form: Literal["flow_grpo", "exact"] = Field(
         "flow_grpo",
@@ -122,11 +148,40 @@ class RolloutSettings(BaseSettings):
         description="The first int(fraction * sample_steps) denoising steps train (at least one); 0.99 leaves "
         "out the last, nearly noise-free step.",
     )
-    updates_per_step: int = Field(
-        2,
+    updates_per_step: int | None = Field(
+        None,
         ge=1,
         description="Optimizer steps per training step: the step's samples are split into this many "
-        "mini-batches, so later ones see a moved policy and the ratio clip matters.",
+        "mini-batches, so later ones see a moved policy and the ratio clip matters; default "
+        f"{per_recipe(lambda r: r.updates_per_step)}.",
+    )
+    train_tied_groups: bool | None = Field(
+        None,
+        description="Whether a group whose rewards are all equal trains, with advantage 0 (nft: its samples are "
+        "pulled toward the old adapter's predictions; grpo: only the KL would act); default "
+        f"{per_recipe(lambda r: r.train_tied_groups)}.",
+    )
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Keep an exponential moving average of the LoRA weights, with this decay (warmed up as "
+        "min((1 + n) / (10 + n), decay) after optimizer step n, as the release), and evaluate and save it "
+        f"instead of the trained weights; 0 = no EMA. Default {per_recipe(lambda r: r.ema_decay)}.",
+    )
+    nft_beta: float = Field(
+        1.0,
+        gt=0,
+        description="nft: the strength beta of the implicit policies (positive: beta v + (1 - beta) v_old; "
+        "negative: (1 + beta) v_old - beta v); the release's config.beta.",
+    )
+    old_decay_type: int = Field(
+        1,
+        ge=0,
+        le=2,
+        description="nft: how the sampling (old) adapter trails the trained one after each training step, the "
+        "release's decay_type: old = d old + (1 - d) trained with, after n optimizer steps, d = 0 (type 0), "
+        "min(0.001 n, 0.5) (type 1), or 0 for n < 75 then min(0.0075 (n - 75), 0.999) (type 2).",
     )
     train_batch_size: int | None = Field(
         None,
@@ -158,6 +213,10 @@ class RolloutSettings(BaseSettings):
     def _check(self) -> RolloutSettings:
         if self.resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16 (latent patches), not {self.resolution}")
+        recipe = ROLLOUT_TASKS[self.task].recipes[self.algorithm]
+        for name in RECIPE_SETTINGS:  # unset: the algorithm's default for the task, recorded with the run
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(recipe, RECIPE_SETTINGS[name]))
         return self
 
     @property
@@ -178,4 +237,19 @@ class RolloutSettings(BaseSettings):
 
     @property
     def guidance(self) -> float:
-        return self.guidance_scale if self.guidance_scale is not None else ROLLOUT_TASKS[self.task].guidance
+        assert self.guidance_scale is not None  # set from the recipe when unset
+        return self.guidance_scale
+
+
+# Settings whose default is the recipe's (`rl_workers.recipes.Recipe`), by the recipe field they take.
+RECIPE_SETTINGS = {
+    "group_size": "group_size",
+    "sample_steps": "sample_steps",
+    "eval_steps": "eval_steps",
+    "guidance_scale": "guidance",
+    "learning_rate": "learning_rate",
+    "kl_beta": "kl_beta",
+    "updates_per_step": "updates_per_step",
+    "train_tied_groups": "train_tied_groups",
+    "ema_decay": "ema_decay",
+}

@@ -1,11 +1,14 @@
 """What a rollout worker does for each critic's task: one entry per task of `clients.tasks.TASKS`.
 
-An entry names the generator that samples for the task and its defaults, reads one line of the
-task's prompt file, and sends a sampled group to the reward server's group route. The worker, the
-prompt loader, the critic and the settings read the entry; none of them branches on the task.
+An entry names the generator that samples for the task and its defaults (one recipe per training
+algorithm), reads one line of the task's prompt file, and sends a sampled group to the reward
+server's group route. The worker, the prompt loader, the critic and the settings read the entry;
+none of them branches on the task.
 
     >>> ROLLOUT_TASKS["gen"].generator, ROLLOUT_TASKS["edit"].spec.dimensions
     ('sd3', ('execution', 'consistency'))
+    >>> ROLLOUT_TASKS["gen"].recipes["nft"].group_size, ROLLOUT_TASKS["edit"].recipes["nft"].sample_steps
+    (24, 6)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from PIL import Image
 
 from clients.protocol import ScoringResponse, Task
 from clients.tasks import EDIT, GEN, TaskSpec
+from rl_workers.recipes import ALGORITHMS, Recipe
 
 if TYPE_CHECKING:
     from clients.client import RewardClient
@@ -41,7 +45,7 @@ class RolloutTask:
     generator: str  # which generator samples for it (and which tiny pipeline stands in for it)
     generator_title: str  # that generator, in words
     model: str  # its default checkpoint
-    guidance: float  # its default classifier-free guidance scale
+    recipes: dict[str, Recipe]  # each training algorithm's defaults for the task
     train_batch: int  # samples per forward pass of the update that fit beside it
     prompt_file: str  # what a line of the task's prompt file holds, in words
     read_line: Callable[[str, Path, str], Condition]  # (line, the file's folder, default id) -> condition
@@ -101,7 +105,32 @@ ROLLOUT_TASKS: dict[Task, RolloutTask] = {
             generator="sd3",
             generator_title="Stable Diffusion 3.5",
             model="stabilityai/stable-diffusion-3.5-medium",
-            guidance=4.5,
+            recipes={
+                # Flow-GRPO's SD3.5 defaults
+                "grpo": Recipe(
+                    group_size=16,
+                    sample_steps=10,
+                    eval_steps=40,
+                    guidance=4.5,
+                    learning_rate=3e-4,
+                    kl_beta=0.04,
+                    updates_per_step=2,
+                    ema_decay=0.0,
+                    train_tied_groups=False,
+                ),
+                # the release's generation/config/nft.py, sd3_sharegpt_qwenvl (FIRM-SD3.5)
+                "nft": Recipe(
+                    group_size=24,
+                    sample_steps=10,
+                    eval_steps=40,
+                    guidance=1.0,
+                    learning_rate=3e-4,
+                    kl_beta=1e-4,
+                    updates_per_step=1,
+                    ema_decay=0.9,
+                    train_tied_groups=True,
+                ),
+            },
             train_batch=4,
             prompt_file='one text prompt per line, or JSONL of {"prompt"}',
             read_line=_prompt_line,
@@ -112,7 +141,31 @@ ROLLOUT_TASKS: dict[Task, RolloutTask] = {
             generator="qwen_edit",
             generator_title="Qwen-Image-Edit",
             model="Qwen/Qwen-Image-Edit",
-            guidance=4.0,
+            recipes={
+                "grpo": Recipe(
+                    group_size=16,
+                    sample_steps=10,
+                    eval_steps=40,
+                    guidance=4.0,
+                    learning_rate=3e-4,
+                    kl_beta=0.04,
+                    updates_per_step=2,
+                    ema_decay=0.0,
+                    train_tied_groups=False,
+                ),
+                # the release's editing/config/qwen_image_edit_nft.py (FIRM-Qwen-Edit)
+                "nft": Recipe(
+                    group_size=12,
+                    sample_steps=6,
+                    eval_steps=15,
+                    guidance=1.0,
+                    learning_rate=1.5e-3,
+                    kl_beta=1e-4,
+                    updates_per_step=1,
+                    ema_decay=0.9,
+                    train_tied_groups=True,
+                ),
+            },
             train_batch=1,  # Qwen-Image-Edit's 20B transformer with true CFG fits one
             prompt_file='JSONL of {"source": an image path relative to the file, "instruction"}',
             read_line=_edit_line,
@@ -134,3 +187,14 @@ def rollout_task(name: str) -> RolloutTask:
 def per_task(describe: Callable[[RolloutTask], object]) -> str:
     """A setting's per-task values in words, for help texts: "4.5 (gen), 4.0 (edit)"."""
     return ", ".join(f"{describe(task)} ({name})" for name, task in ROLLOUT_TASKS.items())
+
+
+def per_recipe(describe: Callable[[Recipe], object]) -> str:
+    """A recipe setting's values per algorithm and task, for help texts: "grpo: 16; nft: 24 (gen), 12 (edit)"."""
+    parts = []
+    for algorithm in ALGORITHMS:
+        values = {name: describe(task.recipes[algorithm]) for name, task in ROLLOUT_TASKS.items()}
+        alike = len(set(map(str, values.values()))) == 1
+        shown = next(iter(values.values())) if alike else ", ".join(f"{v} ({n})" for n, v in values.items())
+        parts.append(f"{algorithm}: {shown}")
+    return "; ".join(parts)

@@ -2,7 +2,9 @@
 
 A training step samples `groups_per_step` groups; each group goes to the reward server as soon as
 it is decoded, and with overlap on the worker samples the next group while the server scores the
-last (it waits only when it needs the rewards, right before the update).
+last (it waits only when it needs the rewards, right before the update). How a group is sampled
+for training and the loss it trains with are the algorithm's (`--algorithm`, `rl_workers.algorithm`);
+everything else here is shared.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,16 +22,21 @@ from tqdm import tqdm
 
 from clients.tasks import TASKS
 from rl_workers.advantages import std_of_sums, step_advantages
+from rl_workers.algorithm import Algorithm, Rollout, TrainingStats, update_figures
 from rl_workers.distributed import Ranks, average_gradients, broadcast_from_main, max_across, sum_across
 from rl_workers.generators.base import Condition, Generator
-from rl_workers.grpo import Rollout, UpdateStats, accumulate_gradients, training_steps
+from rl_workers.grpo import GRPO, training_steps
 from rl_workers.lora import add_lora, save_lora
+from rl_workers.nft import NFT
 from rl_workers.observability import MetricsLog
 from rl_workers.rewards import RemoteCritic
 from rl_workers.sampling import sample
 from rl_workers.settings import RolloutSettings
+from rl_workers.shadow_weights import ShadowWeights, ema_keep
 
 log = logging.getLogger(__name__)
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (GRPO, NFT)}  # by --algorithm
 
 
 class StoppedWithoutRewards(RuntimeError):
@@ -45,7 +53,7 @@ class Timings:
 @dataclass
 class StepResult:
     rollouts: list[Rollout]
-    update: UpdateStats
+    update: TrainingStats
     timings: Timings
     figures: dict[str, float] = field(default_factory=dict)
 
@@ -75,6 +83,9 @@ class RolloutWorker:
         seed = settings.seed + self.ranks.rank
         self.rng = torch.Generator().manual_seed(seed)
         self.noise_rng = torch.Generator(device="cpu").manual_seed(seed + 10_000)
+        self.algorithm = ALGORITHMS[settings.algorithm](generator, self.params, seed)
+        self.ema = ShadowWeights(self.params) if settings.ema_decay else None  # evaluated and saved when kept
+        self.optimizer_steps = 0  # over the run: the EMA's and the old adapter's schedules count them
 
     # ------------------------------------------------------------------ sampling and rewards
 
@@ -84,15 +95,12 @@ class RolloutWorker:
         for condition in conditions:
             started = time.perf_counter()
             conditioning, latents = self.generator.prepare(condition, s.group_size, self.noise_rng)
-            trajectory = sample(
-                self.generator,
-                conditioning,
-                latents,
-                steps=s.sample_steps if sde else s.eval_steps,
-                noise_level=s.noise_level,
-                sde=sde,
-                generator=self.noise_rng,
-            )
+            if sde:  # training: the algorithm's sampler
+                trajectory = self.algorithm.sample(s, conditioning, latents, self.noise_rng)
+            else:
+                trajectory = sample(
+                    self.generator, conditioning, latents, steps=s.eval_steps, noise_level=s.noise_level, sde=False
+                )
             final = trajectory.latents[:, -1]  # decoded a few at a time: a group at once is the sampling peak
             images = [im for part in final.split(s.decode_batch) for im in self.generator.decode(part, conditioning)]
             timings.sampling += time.perf_counter() - started
@@ -138,7 +146,7 @@ class RolloutWorker:
             (i, int(row))
             for i, rollout in enumerate(rollouts)
             if rollout.advantages is not None
-            for row in torch.nonzero(rollout.advantages.mask).flatten()
+            for row in torch.nonzero(self.algorithm.trainable(self.settings, rollout)).flatten()
         ]
         order = torch.randperm(len(pieces), generator=self.rng)
         batches = []
@@ -150,34 +158,30 @@ class RolloutWorker:
             batches.append([torch.tensor(sorted(r), dtype=torch.long) for r in rows])
         return batches
 
-    def update(self, rollouts: list[Rollout]) -> UpdateStats:
+    def update(self, rollouts: list[Rollout]) -> TrainingStats:
         s = self.settings
-        stats = UpdateStats()
-        indices = training_steps(rollouts[0].trajectory.steps, s.timestep_fraction)
+        stats = self.algorithm.new_stats()
+        terms_per_sample = len(training_steps(rollouts[0].trajectory.steps, s.timestep_fraction))
         for rows in self._mini_batches(rollouts):
             count = sum(len(r) for r in rows)
             total = sum_across({"n": float(count)}, self.ranks, self.generator.device)["n"]
             if total == 0:  # no rank has a trainable sample in this mini-batch
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            accumulate_gradients(
-                self.generator,
-                rollouts,
-                rows,
-                stats,
-                step_indices=indices,
-                noise_level=s.noise_level,
-                clip_range=s.clip_range,
-                kl_beta=s.kl_beta,
-                kl_form=s.kl_form,
-                batch_size=s.batch_size,
-                norm=total * len(indices) / self.ranks.world,  # the mean over every rank's terms
-            )
+            norm = total * terms_per_sample / self.ranks.world  # the mean over every rank's terms
+            self.algorithm.accumulate(s, rollouts, rows, stats, norm=norm)
             average_gradients(self.params, self.ranks)
             stats.grad_norm += float(torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm))
             self.optimizer.step()
             stats.optimizer_steps += 1
+            self.optimizer_steps += 1
+            if self.ema is not None and s.ema_decay:
+                self.ema.blend(self.params, ema_keep(self.optimizer_steps, s.ema_decay))
         return stats
+
+    def _kept_weights(self) -> AbstractContextManager[None]:
+        """The weights evaluated and saved: the EMA's when one is kept, else the trained ones."""
+        return self.ema.applied(self.params) if self.ema is not None else nullcontext()
 
     def step(self) -> StepResult:
         timings = Timings()
@@ -185,15 +189,16 @@ class RolloutWorker:
         rollouts = self.sample_groups(conditions, timings)
         started = time.perf_counter()
         update = self.update(rollouts)
+        after = self.algorithm.after_step(self.settings, self.optimizer_steps)
         timings.training = time.perf_counter() - started
         result = StepResult(rollouts, update, timings)
-        result.figures = self.figures(result)
+        result.figures = self.figures(result) | after
         return result
 
     def evaluate(self) -> float:
         """Mean reward, over all ranks, of one group per rank sampled with the deterministic ODE sampler
         from the evaluation prompts (nothing trains)."""
-        with torch.no_grad():
+        with torch.no_grad(), self._kept_weights():
             rollouts = self.sample_groups([next(self.eval_conditions)], Timings(), sde=False)
         rewards = [r for ro in rollouts if ro.rewards for r in ro.rewards.rewards if r is not None]
         totals = sum_across({"sum": sum(rewards), "n": len(rewards)}, self.ranks, self.generator.device)
@@ -218,8 +223,8 @@ class RolloutWorker:
                 sums[f"{name}:sum"] = sums.get(f"{name}:sum", 0.0) + sum(present)
                 sums[f"{name}:n"] = sums.get(f"{name}:n", 0.0) + len(present)
         u, t = result.update, result.timings
-        sums |= {"u:samples": u.samples, "u:steps": u.optimizer_steps, "u:terms": u.terms, "u:loss": u.loss}
-        sums |= {"u:policy": u.policy_loss, "u:kl": u.kl, "u:clipped": u.clipped, "u:grad_norm": u.grad_norm}
+        sums |= {"u:samples": u.samples, "u:steps": u.optimizer_steps, "u:terms": u.terms, "u:grad_norm": u.grad_norm}
+        sums |= {f"term:{name}": value for name, value in u.term_sums().items()}
         sums |= {"t:sampling": t.sampling, "t:reward_wait": t.reward_wait, "t:training": t.training}
         for name in self.dimensions:
             sums.setdefault(f"{name}:sum", 0.0)
@@ -230,13 +235,13 @@ class RolloutWorker:
         """The step's figures over all ranks: counts and sums added up, times averaged."""
         device, world = self.generator.device, self.ranks.world
         s = sum_across(self._sums(result), self.ranks, device)
-        largest = max_across({"dev": result.update.max_ratio_deviation}, self.ranks, device)["dev"]
+        maxima = result.update.term_maxima()
+        largest = max_across(maxima, self.ranks, device) if maxima else {}
         n, mean = s["r_n"], s["r"] / max(s["r_n"], 1)
-        update = UpdateStats(
-            samples=int(s["u:samples"]), optimizer_steps=int(s["u:steps"] / world), terms=int(s["u:terms"]),
-            loss=s["u:loss"], policy_loss=s["u:policy"], kl=s["u:kl"], clipped=s["u:clipped"],
-            grad_norm=s["u:grad_norm"] / world, max_ratio_deviation=largest,
-        )  # fmt: skip
+        term_sums = {k.removeprefix("term:"): v for k, v in s.items() if k.startswith("term:")}
+        update = update_figures(
+            term_sums, largest, s["u:samples"], int(s["u:steps"] / world), s["u:terms"], s["u:grad_norm"] / world
+        )
         figures = {
             "reward/mean": mean if n else math.nan,
             "reward/std": std_of_sums(n, s["r"], s["r2"]),
@@ -247,7 +252,7 @@ class RolloutWorker:
         }
         for name in self.dimensions:
             figures[f"reward/{name}"] = s[f"{name}:sum"] / s[f"{name}:n"] if s[f"{name}:n"] else math.nan
-        figures |= update.means()
+        figures |= update
         times = {k: s[f"t:{k}"] / world for k in ("sampling", "reward_wait", "training")}
         figures |= {f"time/{k}_s": v for k, v in times.items()}
         wall = sum(times.values())
@@ -292,5 +297,7 @@ class RolloutWorker:
     def save(self, step: int) -> None:
         path = self.settings.output_dir / f"checkpoint-{step}"
         settings: dict[str, Any] = self.settings.model_dump(mode="json")
-        save_lora(self.generator.pipeline, path, settings, step)
-        log.info("saved LoRA weights of step %d to %s", step, path)
+        with self._kept_weights():
+            save_lora(self.generator.pipeline, path, settings, step)
+        kept = "the EMA of the LoRA weights" if self.ema is not None else "LoRA weights"
+        log.info("saved %s of step %d to %s", kept, step, path)
