@@ -128,15 +128,31 @@ def _score_routes(url: str) -> str:
     return "four routes scored, no item failed"
 
 
-def _rollout(python: str, url: str, task: str, cache: Path, env: dict[str, str], device: str) -> Callable[[], str]:
+def _firm_serve_check(python: str, cache: Path, env: dict[str, str], device: str) -> Callable[[], str]:
+    """`firm-serve check` on the box: the device and its memory as the server sees them, nothing loaded."""
+
+    def check() -> str:
+        cmd = [python, "-m", "server.cli", "check", "--tiny", "--cache-dir", str(cache), "--device", device]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        lines = [line for line in done.stdout.splitlines() if " device " in line or " memory " in line]
+        return " | ".join(" ".join(line.split()[1:]) for line in lines)
+
+    return check
+
+
+def _rollout(
+    python: str, url: str, task: str, cache: Path, env: dict[str, str], device: str, algorithm: str = "grpo"
+) -> Callable[[], str]:
     def check() -> str:
         from bench.prompt_files import Prompt, write_prompt_file
         from tests.support import picture
 
         prompt = Prompt("a red square on a grey background", picture("blue"), "Make the square red.")
         prompts = write_prompt_file(cache / f"prompts-{task}", [prompt])
-        out = cache / f"rollout-{task}"
+        out = cache / f"rollout-{task}-{algorithm}"
         cmd = [python, "-m", "rl_workers.cli", "--tiny", "--task", task, "--cache-dir", str(cache), "--reward-url", url,
+               "--algorithm", algorithm,
                "--prompts", str(prompts), "--output-dir", str(out),
                "--resolution", "64", "--group-size", "4", "--groups-per-step", "1", "--sample-steps", "2",
                "--steps", "1", "--no-progress", "--no-tensorboard", "--device", device]  # fmt: skip
@@ -171,14 +187,17 @@ def checks(device: str) -> None:
             [python, "-c", "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))"],
             check=True, capture_output=True, text=True, env=env).stdout.strip())  # fmt: skip
     flags = ("--engine", "transformers", "--device", device, "--log-level", "warning")
+    algorithms = ("grpo", "nft")
+    checks.run(f"firm-serve check --tiny --device {device}", _firm_serve_check(python, cache, env, device))
     try:
         with running_server(cache, *flags, python=python, env=env, timeout=300) as url:
             checks.run(f"firm-serve, transformers engine on {device}", lambda: _score_routes(url))
             for task in ROLLOUT_TASKS:
-                name = f"firm-rollout --tiny --task {task} on {device} (bf16 on CUDA)"
-                checks.run(name, _rollout(python, url, task, cache, env, device))
+                for algorithm in algorithms:
+                    name = f"firm-rollout --tiny --task {task} --algorithm {algorithm} on {device} (bf16 on CUDA)"
+                    checks.run(name, _rollout(python, url, task, cache, env, device, algorithm))
     except RuntimeError as exc:  # the server did not start: every check that needed it fails
-        checks.failed += 1 + len(ROLLOUT_TASKS)
+        checks.failed += 1 + len(ROLLOUT_TASKS) * len(algorithms)
         print(f"FAIL firm-serve did not start: {exc}", flush=True)
     print(f"GPU check: {time.monotonic() - started:.0f} s after the install")
     print(f"{checks.passed} passed, {checks.failed} failed")
