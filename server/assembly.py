@@ -17,6 +17,8 @@ from server.prompts.serving import released_prompts, task_judges
 from server.scoring import ScoringService
 from server.settings import Settings
 from server.tasks import SERVER_TASKS
+from server.watch.canary import Canaries
+from server.watch.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             judges=judges[task],
             engine_reason=reason,
         )
-    return ScoringService(
+    service = ScoringService(
         models,
         metrics,
         limits=settings.image_limits(),
@@ -138,4 +140,21 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         max_queue=settings.max_queue,
         cache_size=settings.cache_size,
         audit=AuditLog(settings.audit_log, settings.audit_log_max_bytes) if settings.audit_log else None,
+        watch=Watch(
+            [SERVER_TASKS[task] for task in models],
+            metrics,
+            samples=settings.watch_samples,
+            window_s=settings.watch_window_s,
+            baseline_s=settings.watch_baseline_s,
+        ),
     )
+    if settings.canaries:
+        canaries = Canaries(
+            service.lifecycle,
+            metrics,
+            tolerance=settings.canary_tolerance,
+            reference=settings.canary_reference,
+            user_set=settings.canary_set,
+        )
+        service.add_canaries(canaries, settings.canary_every)
+    return service

@@ -31,6 +31,7 @@ class ModelState(enum.StrEnum):
     SLEEPING = "sleeping"
     UNHEALTHY = "unhealthy"  # loaded, but its engine keeps failing; a success brings it back
     DRAINING = "draining"  # shutting down: no new requests
+    DEGRADED = "degraded"  # scoring, but its canaries answer differently from their reference
 
     @property
     def retry_after(self) -> float:
@@ -60,6 +61,7 @@ class Lifecycle:
     def __init__(self, models: Mapping[Task, TaskModel]) -> None:
         self.models = dict(models)
         self.draining = False
+        self.degraded: set[Task] = set()  # tasks whose canaries drifted (`server.watch.canary`)
 
     def _engine_groups(self) -> list[list[TaskModel]]:
         """The task models grouped by engine: a shared engine is started, put to sleep and closed once."""
@@ -129,11 +131,19 @@ class Lifecycle:
         state = model.state
         if state == ModelState.READY and not model.runner.healthy:
             state = ModelState.UNHEALTHY  # still scoring, so a success can bring it back
+        elif state == ModelState.READY and task in self.degraded:
+            state = ModelState.DEGRADED  # still scoring: the watch page and /readyz say so
         return ModelState.DRAINING if self.draining else state
 
     def states(self) -> dict[str, str]:
         """Every task's state, switched-off ones included, in table order."""
         return {task: self.state(task) for task in SERVER_TASKS}
+
+    def set_degraded(self, task: Task, degraded: bool) -> None:
+        if degraded:
+            self.degraded.add(task)
+        else:
+            self.degraded.discard(task)
 
     def begin_drain(self) -> None:
         """Shutdown has begun: readiness turns false and new scoring requests are refused."""
