@@ -207,8 +207,7 @@ class ScoringService:
                 limit=self.max_items,
             )
         options = request.resolve(self.defaults)
-        # the audit log and the watch's recent items keep the reasoning even when the caller did not ask for it
-        reasoning = options.return_reasoning or self.audit is not None or self._ring_on
+        reasoning = options.return_reasoning or self.audit is not None
         async with self.admission.admit(model, len(inputs) * len(model.judges)):
             prepared, looks = await asyncio.to_thread(self._prepare, task, inputs)
             judged = await self.judging.judge(model, prepared, deadline)
@@ -217,17 +216,13 @@ class ScoringService:
         failed = sum(r.reward is None for r in response.results)
         route = task.spec.group_path if is_group else task.spec.score_path
         log.info("%s: %d items, %d failed, %.0f ms", route, len(response.results), failed, 1000 * elapsed)
+        if self.watch is not None and looks is not None:
+            self.watch.observe(task, inputs, looks, judged, response)
         if self.audit is not None:
             self.audit.record(route.removeprefix("/v1/"), request_id.get(), response.model, response.results, elapsed)
-        if self.watch is not None and looks is not None:
-            self.watch.observe(task, inputs, looks, response)
-        if reasoning and not options.return_reasoning:
-            response = without_reasoning(response)
+            if not options.return_reasoning:
+                response = without_reasoning(response)
         return response
-
-    @property
-    def _ring_on(self) -> bool:
-        return self.watch is not None and self.watch.ring.enabled
 
     def _prepare(
         self, task: ServerTask, inputs: Sequence[ItemInputs]

@@ -1,14 +1,21 @@
 """The recent items the watch page shows: a bounded ring in memory, never written anywhere.
 
-`--watch-samples N` keeps the last N scored items; 0 keeps none (and no thumbnail is made).
+`--watch-samples N` keeps the last N scored items; 0 keeps none (and no thumbnail is made). A
+sample's thumbnails are small images (at most 128 pixels a side, about 50 KB each in memory), encoded
+as JPEG data URLs only when the page asks for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from PIL import Image
+
+from server.watch.looks import data_url
 
 MAX_TEXT_CHARS = 500  # of an instruction or prompt, as the page shows it
 MAX_REASONING_CHARS = 2000  # of each judge's reasoning
@@ -27,7 +34,7 @@ class Sample:
     task: str
     item: str
     text: str
-    thumbnails: tuple[str, ...]
+    thumbnails: tuple[Image.Image, ...]
     scores: dict[str, dict[str, Any]]  # dimension -> score, expected, reasoning
     reward: float | None
     error: str | None
@@ -37,7 +44,9 @@ class Sample:
     tags: tuple[str, ...] = field(default=())  # low, high, failed, flagged: what the page filters on
 
     def view(self) -> dict[str, Any]:
-        return asdict(self)
+        """The sample as the page reads it, its thumbnails as JPEG data URLs."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return fields | {"thumbnails": [data_url(image) for image in self.thumbnails], "tags": list(self.tags)}
 
 
 class SampleRing:

@@ -19,6 +19,7 @@ from typing import Any
 
 from clients.protocol import DimensionScore, ScoringResponse, Task
 from server.metrics import Metrics
+from server.results import Judged
 from server.tasks import ItemInputs, ServerTask
 from server.watch.looks import UNCHANGED_DISTANCE, LookMaker, Looks
 from server.watch.ring import MAX_REASONING_CHARS, MAX_TEXT_CHARS, Sample, SampleRing, clipped
@@ -73,20 +74,27 @@ class Watch:
     def look(self, task: ServerTask, images: Sequence[Any]) -> list[Looks]:
         """Looks of each item (its decoded images, or None for an item that failed to decode); for the
         decoding thread."""
-        seen: dict[int, str] = {}
+        seen: dict[Any, Any] = {}
         return [Looks() if item is None else self.looks.make(item, task.unchanged_pair, seen) for item in images]
 
     def observe(
-        self, task: ServerTask, inputs: Sequence[ItemInputs], looks: Sequence[Looks], response: ScoringResponse
+        self,
+        task: ServerTask,
+        inputs: Sequence[ItemInputs],
+        looks: Sequence[Looks],
+        judged: Sequence[Judged],
+        response: ScoringResponse,
     ) -> None:
-        """Count one answered request's items (and its group, for a group request)."""
+        """Count one answered request's items (and its group, for a group request). The reasoning is read
+        from the verdicts, so the response carries it only when its caller asked."""
         now = self.clock()
         windows = self.windows[task.name]
         tallies = [windows.bucket(now)]
         if windows.in_baseline(now):
             tallies.append(windows.baseline)
-        for item, look, result in zip(inputs, looks, response.results, strict=True):  # type: ignore[attr-defined]
-            self._item(task, item, look, result, tallies, now)
+        results = response.results  # type: ignore[attr-defined]
+        for item, look, verdicts, result in zip(inputs, looks, judged, results, strict=True):
+            self._item(task, item, look, result, tallies, now, verdicts)
         group = getattr(response, "group", None)
         if group is not None:
             zero = group.scored >= 2 and group.std == 0
@@ -100,7 +108,14 @@ class Watch:
             self._refresh_gauges(now)
 
     def _item(
-        self, task: ServerTask, item: ItemInputs, look: Looks, result: Any, tallies: list[Tally], now: float
+        self,
+        task: ServerTask,
+        item: ItemInputs,
+        look: Looks,
+        result: Any,
+        tallies: list[Tally],
+        now: float,
+        verdicts: Judged,
     ) -> None:
         spec = task.spec
         dims = _dimensions(result, spec.dimensions)
@@ -124,6 +139,11 @@ class Watch:
         if flagged:
             self.metrics.fooled_items.labels(task=task.name).inc()
         if self.ring.enabled:
+            reasons = {
+                name: outcome.reasoning
+                for name, judge in zip(spec.dimensions, task.judges, strict=True)
+                if (outcome := verdicts.outcomes.get(judge)) is not None
+            }
             self.ring.add(
                 Sample(
                     seq=self.ring.next_seq(),
@@ -136,7 +156,7 @@ class Watch:
                         name: {
                             "score": dim.score,
                             "expected": dim.expected,
-                            "reasoning": clipped(dim.reasoning, MAX_REASONING_CHARS),
+                            "reasoning": clipped(reasons.get(name), MAX_REASONING_CHARS),
                         }
                         for name, dim in dims.items()
                         if dim is not None
