@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -191,10 +192,13 @@ def compare_ring(args: argparse.Namespace, images: list[str]) -> None:
         for ring in (False, True):
             for w, r in serve_levels(args, images, False, ring).items():
                 rates[ring].setdefault(w, []).append(r["candidates_per_s"])
-    print("watch ring on / off, mean candidates/s:")
+    print("watch ring on / off, candidates/s (mean, then median, of the rounds):")
     for w in args.workers:
         on, off = (sum(rates[ring][w]) / len(rates[ring][w]) for ring in (True, False))
-        print(f"{w:>4} {on:>8.2f} / {off:.2f} = {on / off:.3f}")
+        mid_on, mid_off = (statistics.median(rates[ring][w]) for ring in (True, False))
+        print(
+            f"{w:>4} mean {on:>8.2f} / {off:.2f} = {on / off:.3f}   median {mid_on:.2f} / {mid_off:.2f} = {mid_on / mid_off:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -265,9 +265,9 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     watch_samples: int = Field(
         200,
         ge=0,
-        le=10_000,
-        description="Recent scored items /watch lists, with thumbnails of at most 128 pixels, kept in memory only "
-        "and never written anywhere; 0 turns the list off.",
+        le=2000,
+        description="Recent scored items /watch lists, with thumbnails of at most 128 pixels (about 50 KB of memory "
+        "each), kept in memory only and never written anywhere; 0 turns the list off.",
     )
     watch_window_s: float = Field(
         300.0, gt=0.0, description="The window /watch and the saturation gauges compare with the baseline, seconds."

@@ -177,6 +177,27 @@ def test_a_reference_file_that_differs_fails_readiness_when_asked(cache_dir: Pat
         assert httpx.get(f"{url}/watch/data").json()["canaries"]["reference_origin"] == str(path)
 
 
+def test_a_users_canaries_must_get_their_scores(cache_dir: Path, tmp_path: Path) -> None:
+    for name, colour in (("before", (40, 70, 220)), ("after", (220, 40, 40))):
+        Image.new("RGB", (96, 96), colour).save(tmp_path / f"{name}.png")
+    items = [
+        {"task": task, "id": item, "images": ["before.png", "after.png"], "text": "Make it red.", "scores": scores}
+        for task, item, scores in (
+            ("edit", "kept", {"execution": 4, "consistency": 4}),  # what the engine answers
+            ("edit", "missed", {"execution": 5}),
+            ("gen", "unserved", {"quality": 5}),  # a task this server does not serve is left out
+        )
+    ]
+    (tmp_path / "canaries.json").write_text(json.dumps({"items": items}))
+    args = (*DRIFT, "--admin-key", ADMIN, "--canary-set", str(tmp_path / "canaries.json"), "--canary-every", "0")
+    with running_server(cache_dir, *args, tiny=False) as url:
+        wait_for("the canaries' first run", lambda: _canary_runs(url, "drift") >= 1)
+        report = httpx.get(f"{url}/watch/data", headers=AS_ADMIN).json()["canaries"]["tasks"]["edit"]
+        assert report["items"] == len(SCENES) + 2
+        assert report["differences"] == {"user-missed": ["execution: score 4, reference 5"]}
+        assert metric(url, "firm_canary_drift", task="edit") == 1
+
+
 # --- privacy, access and the terminal view ----------------------------------------------------------
 
 
