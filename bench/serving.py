@@ -197,7 +197,8 @@ def compare_ring(args: argparse.Namespace, images: list[str]) -> None:
         on, off = (sum(rates[ring][w]) / len(rates[ring][w]) for ring in (True, False))
         mid_on, mid_off = (statistics.median(rates[ring][w]) for ring in (True, False))
         print(
-            f"{w:>4} mean {on:>8.2f} / {off:.2f} = {on / off:.3f}   median {mid_on:.2f} / {mid_off:.2f} = {mid_on / mid_off:.3f}"
+            f"{w:>4} mean {on:>8.2f} / {off:.2f} = {on / off:.3f}   "
+            f"median {mid_on:.2f} / {mid_off:.2f} = {mid_on / mid_off:.3f}"
         )
 
 
