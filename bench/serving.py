@@ -12,6 +12,7 @@ the request bytes per candidate of the group route and of the plain batch route.
     python bench/serving.py --mode tiny --workers 1 4     # the transformers engine on the tiny critic
     python bench/serving.py -- --max-batch-size 64        # extra firm-serve flags after --
     python bench/serving.py --mode tiny --batch-invariant both   # throughput without and with --batch-invariant
+    python bench/serving.py --watch-ring both --rounds 3  # the watch's recent-items ring off and on, interleaved
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -101,10 +103,16 @@ def request_bytes(images: list[str], group: int) -> tuple[float, float]:
     return len(json.dumps(grouped)) / group, len(json.dumps({"items": items})) / group
 
 
-def serve_levels(args: argparse.Namespace, images: list[str], invariant: bool) -> dict[int, dict[str, float]]:
-    """Start firm-serve (with --batch-invariant when `invariant`), run every level, print a line per level."""
+def serve_levels(
+    args: argparse.Namespace, images: list[str], invariant: bool, ring: bool | None = None
+) -> dict[int, dict[str, float]]:
+    """Start firm-serve (with --batch-invariant when `invariant`; the watch ring off when `ring` is False, at
+    its default when True), run every level, print a line per level."""
     cache = Path(tempfile.gettempdir()) / "firm-bench-cache"
     server_args = [*args.server_args, *(["--batch-invariant"] if invariant else [])]
+    if ring is not None:
+        server_args += ["--watch-samples", "0"] if not ring else []
+        print(f"watch ring: {'on' if ring else 'off'}")
     if args.mode == "sim":
         os.environ["FIRM_SIM_A"], os.environ["FIRM_SIM_B"] = str(args.a), str(args.b)
         flags = ["--engine", "bench.sim_engine:SimulatedEngine", "--edit-model", "sim", "--gen-model", "none"]
@@ -146,6 +154,14 @@ def main() -> None:
         help="serve without firm-serve --batch-invariant, with it, or each in turn and compare (an engine that "
         "has the mode: --mode tiny)",
     )
+    parser.add_argument(
+        "--watch-ring",
+        choices=("default", "both"),
+        default="default",
+        help="'both': serve with the watch's recent-items ring off (--watch-samples 0) and on (its default), "
+        "interleaved --rounds times, and compare",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the --watch-ring comparison")
     parser.add_argument("server_args", nargs="*", help="extra firm-serve flags after --")
     args = parser.parse_args()
     if args.mode == "sim" and args.batch_invariant != "off":
@@ -157,6 +173,9 @@ def main() -> None:
         " ".join(args.server_args),
     )
     print(f"request bytes per candidate: group route {per_group / 1024:.1f} KiB, batch route {per_item / 1024:.1f} KiB")
+    if args.watch_ring == "both":
+        compare_ring(args, images)
+        return
     settings = {"off": [False], "on": [True], "both": [False, True]}[args.batch_invariant]
     runs = {invariant: serve_levels(args, images, invariant) for invariant in settings}
     if len(runs) == 2:
@@ -164,6 +183,23 @@ def main() -> None:
         for w in args.workers:
             on, off = runs[True][w]["candidates_per_s"], runs[False][w]["candidates_per_s"]
             print(f"{w:>4} {on:>8.2f} / {off:.2f} = {on / off:.2f}")
+
+
+def compare_ring(args: argparse.Namespace, images: list[str]) -> None:
+    """Ring off, then on, `args.rounds` times; per level the mean candidates/s of each and their ratio."""
+    rates: dict[bool, dict[int, list[float]]] = {False: {}, True: {}}
+    for _ in range(args.rounds):
+        for ring in (False, True):
+            for w, r in serve_levels(args, images, False, ring).items():
+                rates[ring].setdefault(w, []).append(r["candidates_per_s"])
+    print("watch ring on / off, candidates/s (mean, then median, of the rounds):")
+    for w in args.workers:
+        on, off = (sum(rates[ring][w]) / len(rates[ring][w]) for ring in (True, False))
+        mid_on, mid_off = (statistics.median(rates[ring][w]) for ring in (True, False))
+        print(
+            f"{w:>4} mean {on:>8.2f} / {off:.2f} = {on / off:.3f}   "
+            f"median {mid_on:.2f} / {mid_off:.2f} = {mid_on / mid_off:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from clients import watch
 from clients.adapters.inputs import INPUTS, Batch, TaskInputs, task_inputs
 from clients.client import RewardClient
 from clients.errors import FirmError
@@ -33,6 +34,7 @@ examples:
   firm-score edit --source a.png --edited b.png --instruction "Make the car red."
   firm-score gen --image cat.png --prompt "a cat in a red hat"
   firm-score manifest items.jsonl --task edit --output scores.csv --url http://critic:8000
+  firm-score watch http://critic:8000         # the watch page's signals in the terminal
 
 The server address and key can also come from FIRM_URL / FIRM_URLS and FIRM_API_KEY, the encoding
 from FIRM_IMAGE_FORMAT and FIRM_JPEG_QUALITY. By default each image file is sent as the FIRM release's
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("--task", choices=tuple(TASKS), required=True)
     manifest.add_argument("--output", "-o", type=Path, help="results as .jsonl or .csv (default: JSONL on stdout)")
     manifest.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    watch.add_parser(commands)
     return parser
 
 
@@ -173,6 +176,8 @@ def _summary(results: Sequence[EditResult | GenResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "watch":
+        sys.exit(watch.main(args))
     options: dict[str, Any] = {"score_mode": args.score_mode, "return_reasoning": args.reasoning}
     try:
         with RewardClient(

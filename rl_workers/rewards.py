@@ -123,7 +123,7 @@ class RemoteCritic:
             state = self._client.readiness().models.get(needed, "unknown")
         except (FirmError, OSError) as exc:
             return f"the reward server at {where} did not say whether it is ready (GET /readyz): {exc}"
-        if state != "ready":
+        if state not in ("ready", "degraded"):  # a degraded critic still scores; its watch page says why
             return f"the reward server at {where} is not ready to score with the {needed} critic: it is {state}"
         return None
 

@@ -19,6 +19,8 @@ from server.prompts.serving import released_prompts, task_judges
 from server.scoring import ScoringService
 from server.settings import Settings
 from server.tasks import SERVER_TASKS
+from server.watch.canary import Canaries
+from server.watch.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             judges=judges[task],
             engine_reason=reason,
         )
-    return ScoringService(
+    service = ScoringService(
         models,
         metrics,
         limits=settings.image_limits(),
@@ -142,7 +144,24 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
         cache_size=settings.cache_size,
         audit=AuditLog(settings.audit_log, settings.audit_log_max_bytes) if settings.audit_log else None,
         provisioner=provisioner(settings),
+        watch=Watch(
+            [SERVER_TASKS[task] for task in models],
+            metrics,
+            samples=settings.watch_samples,
+            window_s=settings.watch_window_s,
+            baseline_s=settings.watch_baseline_s,
+        ),
     )
+    if settings.canaries:
+        canaries = Canaries(
+            service.lifecycle,
+            metrics,
+            tolerance=settings.canary_tolerance,
+            reference=settings.canary_reference,
+            user_set=settings.canary_set,
+        )
+        service.add_canaries(canaries, settings.canary_every)
+    return service
 
 
 def provisioner(settings: Settings) -> Provisioner:

@@ -38,6 +38,7 @@ class ModelState(enum.StrEnum):
     SLEEPING = "sleeping"
     UNHEALTHY = "unhealthy"  # loaded, but its engine keeps failing; a success brings it back
     DRAINING = "draining"  # shutting down: no new requests
+    DEGRADED = "degraded"  # scoring, but its canaries answer differently from their reference
 
     @property
     def retry_after(self) -> float:
@@ -70,6 +71,7 @@ class Lifecycle:
         self.provisioner = provisioner  # fetches and checks checkpoints first; None: engines load on their own
         self.draining = False
         self.abandoned: list[str] = []  # downloads and loads cut short by shutdown, whose threads run on
+        self.degraded: set[Task] = set()  # tasks whose canaries drifted (`server.watch.canary`)
 
     def _engine_groups(self) -> list[list[TaskModel]]:
         """The task models grouped by engine: a shared engine is started, put to sleep and closed once."""
@@ -211,6 +213,8 @@ class Lifecycle:
         state = model.state
         if state == ModelState.READY and not model.runner.healthy:
             state = ModelState.UNHEALTHY  # still scoring, so a success can bring it back
+        elif state == ModelState.READY and task in self.degraded:
+            state = ModelState.DEGRADED  # still scoring: the watch page and /readyz say so
         return ModelState.DRAINING if self.draining else state
 
     def states(self) -> dict[str, str]:
@@ -220,6 +224,12 @@ class Lifecycle:
     def failures(self) -> dict[str, str]:
         """Why each failed task's model failed."""
         return {task: model.failure for task, model in self.models.items() if model.failure is not None}
+
+    def set_degraded(self, task: Task, degraded: bool) -> None:
+        if degraded:
+            self.degraded.add(task)
+        else:
+            self.degraded.discard(task)
 
     def begin_drain(self) -> None:
         """Shutdown has begun: readiness turns false and new scoring requests are refused."""

@@ -94,3 +94,45 @@ class Metrics:
             buckets=_SCORE_BUCKETS,
             registry=r,
         )
+        self.unchanged_items = Counter(
+            "firm_unchanged_items",
+            "Scored edits whose output is nearly identical to its input (mean pixel distance under 0.01).",
+            ["task"],
+            registry=r,
+        )
+        self.fooled_items = Counter(
+            "firm_unchanged_high_score",
+            "Unchanged edits the judge still gave a primary score of 4 or more: a judge fooled.",
+            ["task"],
+            registry=r,
+        )
+        self.zero_spread_groups = Counter(
+            "firm_zero_spread_groups",
+            "Scored groups whose rewards all came out equal (no advantage to learn from).",
+            ["task"],
+            registry=r,
+        )
+        self.max_score_share = Gauge(
+            "firm_max_score_share",
+            "Share of maximum (5) scores per dimension, in the last window and in the baseline.",
+            ["task", "dimension", "window"],
+            registry=r,
+        )
+        self.score_disagreement = Gauge(
+            "firm_score_disagreement",
+            "Mean |score - expected| per dimension, in the last window and in the baseline.",
+            ["task", "dimension", "window"],
+            registry=r,
+        )
+        self.canary_drift = Gauge(
+            "firm_canary_drift",
+            "Canary items whose last answer differs from the reference (0 is clean).",
+            ["task"],
+            registry=r,
+        )
+        self.canary_runs = Counter(
+            "firm_canary_runs",
+            "Canary runs by outcome: clean, drift or failed (no answer from the engine).",
+            ["task", "outcome"],
+            registry=r,
+        )

@@ -31,6 +31,7 @@ from server.disconnect import until_disconnect
 from server.errors import ServiceError
 from server.lifecycle import ModelState
 from server.logs import caller
+from server.watch_routes import watch_routes
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -75,10 +76,14 @@ class Service(Protocol):
 MetricsPage = Callable[[], Awaitable[bytes]]  # the Prometheus page `/metrics` answers with
 
 
-def readiness(states: Mapping[str, str], failures: Mapping[str, str] | None = None) -> ReadinessResponse:
+def readiness(
+    states: Mapping[str, str], failures: Mapping[str, str] | None = None, *, degraded_ready: bool = True
+) -> ReadinessResponse:
     """Ready when every model is ready or switched off: the one rule `/readyz` answers by, whichever
-    process the states come from. A failed model's reason comes with it."""
-    ready = all(state in (ModelState.READY, ModelState.DISABLED) for state in states.values())
+    process the states come from. A failed model's reason comes with it. A degraded model (its canaries
+    drifted) still scores, so it counts as ready unless `degraded_ready` is false (`--canary-fail-readiness`)."""
+    fine = {ModelState.READY, ModelState.DISABLED} | ({ModelState.DEGRADED} if degraded_ready else set())
+    ready = all(state in fine for state in states.values())
     return ReadinessResponse(ready=ready, models=dict(states), failures=dict(failures) if failures else None)
 
 
@@ -191,7 +196,8 @@ def _status_routes(router: APIRouter) -> None:
     async def readyz(request: Request) -> JSONResponse:
         """Every enabled model is loaded and its engine healthy."""
         service = _service(request)
-        body = readiness(await _answer(service.states()), await _answer(service.failures()))
+        strict = getattr(request.app.state.settings, "canary_fail_readiness", False)
+        body = readiness(await _answer(service.states()), await _answer(service.failures()), degraded_ready=not strict)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if body.ready else 503)
 
     @router.get("/metrics", tags=["status"], response_class=Response)
@@ -202,10 +208,11 @@ def _status_routes(router: APIRouter) -> None:
 
 
 def route_table() -> APIRouter:
-    """Every route: the scoring routes of each task in the table, then the admin and status routes."""
+    """Every route: the scoring routes of each task in the table, then the admin, status and watch routes."""
     router = APIRouter()
     for spec in TASKS.values():
         _scoring_routes(router, spec)
     _admin_routes(router)
     _status_routes(router)
+    router.include_router(watch_routes())
     return router

@@ -40,7 +40,10 @@ from server.lifecycle import Lifecycle, TaskModel
 from server.logs import request_id
 from server.metrics import Metrics
 from server.results import Judged, task_results, without_reasoning
-from server.tasks import SERVER_TASKS, ItemInputs
+from server.tasks import SERVER_TASKS, ItemInputs, ServerTask
+from server.watch.canary import Canaries
+from server.watch.looks import Looks
+from server.watch.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +88,17 @@ class ScoringService:
         cache_size: int = 0,
         audit: AuditLog | None = None,
         provisioner: Provisioner | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.metrics, self.limits, self.max_items, self.defaults = metrics, limits, max_items, defaults
         self.lifecycle = Lifecycle(models, provisioner)
         self.admission = Admission(self.lifecycle, metrics, max_queue=max_queue, request_timeout_s=request_timeout_s)
         self.judging = Judging(metrics, CallSharing(cache_size), structured_outputs=structured_outputs)
         self.audit = audit
+        self.watch = watch
+        self.canaries: Canaries | None = None
+        self.canary_every = 0.0
+        self._canary_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle and status
 
@@ -102,16 +110,44 @@ class ScoringService:
     def in_flight(self) -> int:
         return self.admission.in_flight
 
+    def add_canaries(self, canaries: Canaries, every: float) -> None:
+        """Score `canaries` at start, after every wake and, when `every` is over 0, every `every` seconds."""
+        self.canaries, self.canary_every = canaries, every
+
+    def _canary_run(self, reason: str) -> None:
+        """A canary run in the background: a wake answers at once, the page and /readyz tell the outcome."""
+        if self.canaries is None:
+            return
+        task = asyncio.create_task(self.canaries.run(reason), name=f"canaries-{reason}")
+        self._canary_tasks.add(task)
+        task.add_done_callback(self._canary_done)
+
+    def _canary_done(self, task: asyncio.Task[None]) -> None:
+        self._canary_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("canary run failed", exc_info=task.exception())
+            for name in self.models:
+                self.metrics.canary_runs.labels(task=name, outcome="failed").inc()
+
     async def start(self) -> None:
         await self.lifecycle.start()
+        self._canary_run("start")
+        if self.canaries is not None and self.canary_every > 0:
+            loop = asyncio.create_task(self.canaries.every(self.canary_every), name="canaries-schedule")
+            self._canary_tasks.add(loop)
 
     async def sleep(self) -> dict[str, str]:
         return await self.lifecycle.sleep()
 
     async def wake(self) -> dict[str, str]:
-        return await self.lifecycle.wake()
+        states = await self.lifecycle.wake()
+        self._canary_run("wake")
+        return states
 
     async def close(self) -> None:
+        for task in list(self._canary_tasks):
+            task.cancel()
+        await asyncio.gather(*self._canary_tasks, return_exceptions=True)
         await self.lifecycle.close()
 
     def states(self) -> dict[str, str]:
@@ -180,18 +216,29 @@ class ScoringService:
         options = request.resolve(self.defaults)
         reasoning = options.return_reasoning or self.audit is not None
         async with self.admission.admit(model, len(inputs) * len(model.judges)):
-            prepared = await asyncio.to_thread(_prepare, inputs, self.limits)
+            prepared, looks = await asyncio.to_thread(self._prepare, task, inputs)
             judged = await self.judging.judge(model, prepared, deadline)
             response = self._respond(model, request, [item.id for item in inputs], judged, options, reasoning)
         elapsed = time.perf_counter() - started
         failed = sum(r.reward is None for r in response.results)
         route = task.spec.group_path if is_group else task.spec.score_path
         log.info("%s: %d items, %d failed, %.0f ms", route, len(response.results), failed, 1000 * elapsed)
+        if self.watch is not None and looks is not None:
+            self.watch.observe(task, inputs, looks, judged, response)
         if self.audit is not None:
             self.audit.record(route.removeprefix("/v1/"), request_id.get(), response.model, response.results, elapsed)
             if not options.return_reasoning:
                 response = without_reasoning(response)
         return response
+
+    def _prepare(
+        self, task: ServerTask, inputs: Sequence[ItemInputs]
+    ) -> tuple[list[Prepared | ItemError], list[Looks] | None]:
+        """The items decoded and, for the watch, what it keeps of their images; in the decoding thread."""
+        prepared = _prepare(inputs, self.limits)
+        if self.watch is None:
+            return prepared, None
+        return prepared, self.watch.look(task, [p.images if isinstance(p, Prepared) else None for p in prepared])
 
     def _respond(
         self,

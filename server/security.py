@@ -2,11 +2,16 @@
 
 Keys are named (the name, never the key, goes to the logs). Every comparison runs in constant
 time and against every key, so timing says nothing about which key was close. `/healthz` and
-`/readyz` are always open; `/metrics` needs a key only when asked to.
+`/readyz` are always open; `/metrics` needs a key only when asked to. The watch page (`/watch`)
+shows what is being scored, so it is an admin's: with keys set it needs the admin key, which a
+browser may send as the password of HTTP Basic authentication (it asks for it once); without any
+key (a loopback server) it is open.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import logging
@@ -23,6 +28,8 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/healthz", "/readyz")
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+WATCH_PATHS = ("/watch", "/watch/data")
+WATCH_REALM = 'Basic realm="FIRM watch", charset="UTF-8"'
 
 
 def is_loopback(host: str) -> bool:
@@ -90,6 +97,21 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
+def _basic_password(scope: Scope) -> str | None:
+    """The password of HTTP Basic credentials (the user name is not read): how a browser sends a key."""
+    for header, value in scope["headers"]:
+        if header == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "basic":
+                return None
+            try:
+                decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[2] or None
+    return None
+
+
 class Authentication:
     """401 without a valid key, 403 with a key of the wrong scope, 404 for admin routes without an admin key."""
 
@@ -110,7 +132,8 @@ class Authentication:
                 caller.reset(token)
             return
         status, code, message = refusal
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        challenge = WATCH_REALM if path in WATCH_PATHS else "Bearer"
+        headers = {"WWW-Authenticate": challenge} if status == 401 else None
         response = error_response(status, code, message)
         if headers:
             response.headers.update(headers)
@@ -119,6 +142,8 @@ class Authentication:
     def _refusal(self, path: str, token: str | None, scope: Scope) -> tuple[int, str, str] | None:
         if path in OPEN_PATHS or (path in DOC_PATHS and not self.keys.enabled):
             return None
+        if path in WATCH_PATHS:
+            return self._watch_refusal(token or _basic_password(scope))
         if path.startswith("/v1/admin/"):
             if self.keys.admin is None:
                 return 404, "admin_off", "admin routes are off on this server; start it with --admin-key to use them"
@@ -143,3 +168,16 @@ class Authentication:
             return 401, "unauthorized", "unknown key"
         scope.setdefault("state", {})["key_name"] = name or "admin"
         return None
+
+    def _watch_refusal(self, token: str | None) -> tuple[int, str, str] | None:
+        """The watch page: open without keys, else the admin key's."""
+        if self.keys.admin is None:
+            if not self.keys.enabled:
+                return None
+            return 404, "admin_off", "the watch page needs the admin key; start the server with --admin-key"
+        if token is None:
+            return 401, "unauthorized", "the watch page needs the admin key (as a Bearer token or a Basic password)"
+        name, is_admin = self.keys.identify(token)
+        if is_admin:
+            return None
+        return (403, "forbidden", "this key may score but not watch") if name else (401, "unauthorized", "unknown key")

@@ -278,6 +278,50 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
         100 * 1024 * 1024, ge=1024, description="Size at which the audit log rotates (5 old files are kept)."
     )
 
+    # watch page and canaries
+    watch_samples: int = Field(
+        200,
+        ge=0,
+        le=2000,
+        description="Recent scored items /watch lists, with thumbnails of at most 128 pixels (about 50 KB of memory "
+        "each), kept in memory only and never written anywhere; 0 turns the list off.",
+    )
+    watch_window_s: float = Field(
+        300.0, gt=0.0, description="The window /watch and the saturation gauges compare with the baseline, seconds."
+    )
+    watch_baseline_s: float = Field(
+        3600.0,
+        gt=0.0,
+        description="The baseline: what is scored in this many seconds after start, until POST "
+        "/v1/admin/watch/baseline pins the last window instead.",
+    )
+    canary_every: float = Field(
+        600.0,
+        ge=0.0,
+        description="Score the canary set every this many seconds (it is also scored at start and after every "
+        "wake); 0 leaves only those.",
+    )
+    canary_reference: Path | None = Field(
+        None,
+        description="JSON file of the canaries' reference answers (as /watch/data shows them); unset, the first "
+        "answers are the reference.",
+    )
+    canary_set: Path | None = Field(
+        None,
+        description="JSON file of your own canaries with the scores they must get, added to the synthetic ones: "
+        '{"items": [{"task", "id", "images": [paths], "text", "scores": {dimension: 1-5}}]}.',
+    )
+    canary_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        description="How far a canary's expected value may move from its reference before the model is "
+        "degraded; its written score must match exactly.",
+    )
+    canary_fail_readiness: bool = Field(
+        False, description="A degraded model (canary drift) fails /readyz; by default it is shown there but ready."
+    )
+    canaries: bool = Field(True, description="Score the canary set at all; --no-canaries turns it off.")
+
     # scoring
     score_mode: ScoreMode = Field(
         "argmax",

@@ -48,6 +48,9 @@ class ServerTask:
     template_fields: Callable[[str, str | None], dict[str, str]]  # (text, requirement) -> the judges' fields
     score_layout: Layout  # items of the score route's request
     group_layout: Layout  # members of the group route's request
+    # (input, output) positions in an item's images when the output is made from the input: an output
+    # nearly identical to its input is an unchanged edit (`server.watch.looks`); None when nothing is edited
+    unchanged_pair: tuple[int, int] | None = None
 
     @property
     def name(self) -> Task:
@@ -117,6 +120,7 @@ SERVER_TASKS: dict[Task, ServerTask] = {
             template_fields=edit_fields,
             score_layout=_edit_items,
             group_layout=_edit_group,
+            unchanged_pair=(0, 1),
         ),
         ServerTask(
             spec=TASKS["gen"],

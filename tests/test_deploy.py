@@ -24,6 +24,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "firm.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "firm.yml"
 
@@ -178,6 +179,25 @@ def test_prometheus_scrapes_the_server():
     assert "firm" in _compose()["services"]
     used = set(_SERIES.findall(PROMETHEUS.read_text()))
     assert used <= _exported_series().keys(), sorted(used - _exported_series().keys())
+
+
+def test_alert_rules_watch_parse_failures_drift_unchanged_edits_and_saturation():
+    rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    series = _exported_series()
+    watched = {name for rule in rules for name in _SERIES.findall(rule["expr"])}
+    assert watched <= series.keys(), sorted(watched - series.keys())
+    for needed in ("firm_parse_failures_total", "firm_canary_drift", "firm_unchanged_items_total"):
+        assert needed in watched, needed
+    assert "firm_max_score_share" in watched  # saturation
+    for rule in rules:
+        known = set().union(*(series[name] for name in _SERIES.findall(rule["expr"])))
+        for group in _BY.findall(rule["expr"]):
+            assert {label.strip() for label in group.split(",")} <= known, rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+    # Prometheus loads the file from where compose mounts it
+    loaded = yaml.safe_load(PROMETHEUS.read_text())["rule_files"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in _compose()["services"]["prometheus"]["volumes"]}
+    assert mounts["./prometheus/alerts.yml"] in loaded
 
 
 # --- Dockerfile -------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-HEALTHY = (ModelState.READY, ModelState.DISABLED, ModelState.SLEEPING, ModelState.DRAINING)
+# a degraded critic (canary drift) still scores: restarting it would only record a new reference
+HEALTHY = (ModelState.READY, ModelState.DISABLED, ModelState.SLEEPING, ModelState.DRAINING, ModelState.DEGRADED)
 
 
 class CriticUnhealthy(RuntimeError):

@@ -1,0 +1,79 @@
+"""The recent items the watch page shows: a bounded ring in memory, never written anywhere.
+
+`--watch-samples N` keeps the last N scored items; 0 keeps none (and no thumbnail is made). A
+sample's thumbnails are small images (at most 128 pixels a side, about 50 KB each in memory), encoded
+as JPEG data URLs only when the page asks for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from server.watch.looks import data_url
+
+MAX_TEXT_CHARS = 500  # of an instruction or prompt, as the page shows it
+MAX_REASONING_CHARS = 2000  # of each judge's reasoning
+
+
+def clipped(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One scored item as the page lists it."""
+
+    seq: int
+    time: float
+    task: str
+    item: str
+    text: str
+    thumbnails: tuple[Image.Image, ...]
+    scores: dict[str, dict[str, Any]]  # dimension -> score, expected, reasoning
+    reward: float | None
+    error: str | None
+    distance: float | None
+    unchanged: bool
+    flagged: bool
+    tags: tuple[str, ...] = field(default=())  # low, high, failed, flagged: what the page filters on
+
+    def view(self) -> dict[str, Any]:
+        """The sample as the page reads it, its thumbnails as JPEG data URLs."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return fields | {"thumbnails": [data_url(image) for image in self.thumbnails], "tags": list(self.tags)}
+
+
+class SampleRing:
+    """The last `size` samples; `size` 0 keeps nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._samples: deque[Sample] = deque(maxlen=max(size, 1))
+        self._seq = itertools.count(1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def add(self, sample: Sample) -> None:
+        if self.enabled:
+            self._samples.append(sample)
+
+    def __len__(self) -> int:
+        return len(self._samples) if self.enabled else 0
+
+    def latest(self, limit: int | None = None, tag: str | None = None) -> list[Sample]:
+        """Newest first, only those tagged `tag` when given."""
+        if not self.enabled:
+            return []
+        chosen = [s for s in reversed(self._samples) if tag is None or tag in s.tags]
+        return chosen if limit is None else chosen[:limit]
