@@ -115,6 +115,25 @@ def test_a_critic_that_fits_passes_and_a_batch_too_large_for_it_is_warned_of() -
     assert any("lower --max-batch-size" in line for line in crowded.lines), crowded.lines
 
 
+def test_force_loads_what_the_check_refuses_and_a_large_cpu_critic_is_warned_of_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from server.checkpoints.memory import MemoryRefusal
+    from server.checkpoints.provision import Checkpoint, Provisioner
+
+    huge = Checkpoint("edit", "org/edit", None, _need("edit", 10**13))  # 40 TB in float32: no machine has it
+    tokens = {"edit": (1000, 500)}
+    with pytest.raises(MemoryRefusal, match="--force"):
+        Provisioner(HubAccess(), tokens=tokens).check([huge])
+    forced = Provisioner(HubAccess(), force=True, tokens=dict(tokens))
+    with caplog.at_level("WARNING"):
+        forced.check([huge])
+        forced.check([huge])
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("--force: loading although") for m in said), said
+    assert sum("scoring will take minutes per item" in m for m in said) == 1, said
+
+
 def test_a_vllm_critic_is_held_to_its_share_of_the_gpu() -> None:
     need = Need("edit", "org/edit", 8_800_000_000, MemoryPlan("cuda", "bfloat16", 256, share=0.2), kv_per_token=147_456)
     verdict = judge([need], {"edit": (41_000, 5_000)}, offered={"cuda": Available("cuda", 80 * GB, 80 * GB)})
@@ -244,6 +263,12 @@ def test_a_download_reports_progress_then_loads_and_serves(heavy_checkpoint: Pat
     said = [str(m["message"]) for m in lines]
     for phase in ("download took", "warm-up took", "load to cpu took"):  # each phase, with its duration
         assert any(phase in m for m in said), (phase, said)
+    # HF_HUB_OFFLINE=1 with the cache now filled, and no hub at all: served from the cache alone
+    offline = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "1"}
+    with serving(tmp_path, *args, env=offline, name="offline") as (_, url, log_path):
+        body = _wait_for("a settled readiness", lambda: _readiness(url), log_path, timeout=120)
+    assert body["ready"] is True, (body, log_path.read_text()[-3000:])  # type: ignore[index]
+    assert any("already in the cache" in str(m["message"]) for m in _messages(log_path))
 
 
 def test_sigterm_during_a_download_exits_within_the_drain_limit(heavy_checkpoint: Path, tmp_path: Path) -> None:
