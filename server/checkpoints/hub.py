@@ -189,6 +189,7 @@ class Listing:
     model: str
     commit: str | None
     files: dict[str, int]
+    revision: str | None = None  # as asked for (a branch, a tag, a commit; None: the default branch)
 
     @property
     def total_bytes(self) -> int:
@@ -205,7 +206,7 @@ def list_files(model: str, revision: str | None, access: HubAccess) -> Listing:
         except Exception as exc:  # whatever the library raises for a snapshot it does not have
             raise CheckpointUnavailable(model, Cause.NOT_CACHED, _first_line(exc)) from exc
         files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
-        return Listing(model=model, commit=path.name, files={n: files[n] for n in needed(files)})
+        return Listing(model=model, commit=path.name, files={n: files[n] for n in needed(files)}, revision=revision)
     info: Any = access.attempt(
         model,
         "listing",
@@ -214,11 +215,12 @@ def list_files(model: str, revision: str | None, access: HubAccess) -> Listing:
         ),
     )
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or ()}
-    return Listing(model=model, commit=info.sha, files={n: sizes[n] for n in needed(sizes)})
+    return Listing(model=model, commit=info.sha, files={n: sizes[n] for n in needed(sizes)}, revision=revision)
 
 
 def fetch(listing: Listing, access: HubAccess, names: Iterable[str] | None = None) -> Path:
-    """Download `names` (all the listing's files by default) into the cache; a retry resumes."""
+    """Download `names` (all the listing's files by default) into the cache; a retry resumes. The revision is
+    asked for as given, so the cache records which commit a branch named (an offline start reads that)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars
 
@@ -230,7 +232,7 @@ def fetch(listing: Listing, access: HubAccess, names: Iterable[str] | None = Non
             "downloading",
             lambda: snapshot_download(
                 listing.model,
-                revision=listing.commit,
+                revision=listing.revision,
                 allow_patterns=wanted,
                 etag_timeout=access.timeout_s,
                 local_files_only=access.offline,
