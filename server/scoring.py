@@ -36,7 +36,7 @@ from server.errors import Overloaded, TooLarge
 from server.images import ALLOWED_FORMATS, ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing
 from server.judging import Judging, Prepared
-from server.lifecycle import Lifecycle, TaskModel
+from server.lifecycle import Lifecycle, ModelState, TaskModel
 from server.logs import request_id
 from server.metrics import Metrics
 from server.results import Judged, task_results, without_reasoning
@@ -99,6 +99,7 @@ class ScoringService:
         self.canaries: Canaries | None = None
         self.canary_every = 0.0
         self._canary_tasks: set[asyncio.Task[None]] = set()
+        self._taking_reference = False  # the first canary run is on: readiness waits for it
 
     # ------------------------------------------------------------------ lifecycle and status
 
@@ -131,7 +132,17 @@ class ScoringService:
 
     async def start(self) -> None:
         await self.lifecycle.start()
-        self._canary_run("start")
+        if self.canaries is not None:
+            # the first answers become the reference: taken before traffic, with /readyz saying 'loading' meanwhile
+            self._taking_reference = True
+            try:
+                await self.canaries.run("start")
+            except Exception:  # counted and logged as any canary run's failure; the service still starts
+                log.exception("canary run failed")
+                for name in self.models:
+                    self.metrics.canary_runs.labels(task=name, outcome="failed").inc()
+            finally:
+                self._taking_reference = False
         if self.canaries is not None and self.canary_every > 0:
             loop = asyncio.create_task(self.canaries.every(self.canary_every), name="canaries-schedule")
             self._canary_tasks.add(loop)
@@ -151,7 +162,10 @@ class ScoringService:
         await self.lifecycle.close()
 
     def states(self) -> dict[str, str]:
-        return self.lifecycle.states()
+        states = self.lifecycle.states()
+        if self._taking_reference:
+            return {t: ModelState.LOADING if s == ModelState.READY else s for t, s in states.items()}
+        return states
 
     def failures(self) -> dict[str, str]:
         return self.lifecycle.failures()

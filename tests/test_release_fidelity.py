@@ -96,7 +96,8 @@ def test_the_released_prompts_are_sent_byte_for_byte_and_every_released_format_s
     url, sent = critic
     edit, gen = _module(EDIT_FILE.path), _module(GEN_FILE.path)
     args = ["--engine", "openai", "--openai-base-urls", url, "--prompt-source", str(FIXTURE), "--allow-prompt-drift"]
-    with running_server(tmp_path, *args, tiny=False) as server:
+    # no canaries: every prompt the critic records is one of the requests' below
+    with running_server(tmp_path, *args, "--no-canaries", tiny=False) as server:
         cards = httpx.get(f"{server}/v1/models").json()["models"]
         edit_body = {
             "items": [{"source": b64("blue"), "edited": b64("red"), "instruction": "Make the car red."}],

@@ -172,8 +172,9 @@ def test_past_the_server_deadline_a_request_gets_504_and_its_work_is_cancelled(
     tiny_checkpoint: Path, cache_dir: Path
 ) -> None:
     # one judge call per batch and a 0.25 s deadline: 9 distinct calls (8 prompts, and one quality call
-    # for the 8 identical images) cannot finish in time
-    with running_server(cache_dir, "--request-timeout-s", "0.25", "--max-batch-size", "1") as url:
+    # for the 8 identical images) cannot finish in time; no canaries, so every engine call counted is the request's
+    args = ("--request-timeout-s", "0.25", "--max-batch-size", "1", "--no-canaries")
+    with running_server(cache_dir, *args) as url:
         response = httpx.post(f"{url}/v1/gen/score", json=_unique(1000, 8), timeout=60)
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "deadline_exceeded"
