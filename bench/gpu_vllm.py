@@ -134,6 +134,8 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     flags = ["--engine", "vllm", "--edit-model", args.model, "--gen-model", "none", "--prompts", "own"]
     flags += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     flags += ["--edit-gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    # a pixel budget that leaves the bench's images as drawn and fits their context in --max-model-len
+    flags += ["--image-pixel-budget", str(max(args.side * args.side, 256 * 256))]
     flags += ["--enforce-eager"] if args.cpu else []
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
         asyncio.run(_drive(url, bodies[:4], 4))  # warm-up, on items of its own
