@@ -51,6 +51,8 @@ def prefill_leaders(
     return leaders
 
 
-def image_tokens(image: Image.Image, pixels_per_token: int) -> int:
-    """About how many prompt tokens an image costs a Qwen-VL critic: one per merged patch."""
-    return max(1, image.width * image.height // pixels_per_token)
+def image_tokens(image: Image.Image, pixels_per_token: int, max_pixels: int | None) -> int:
+    """About how many prompt tokens an image costs a Qwen-VL critic: one per merged patch, once its
+    processor has brought it within `max_pixels`."""
+    pixels = image.width * image.height
+    return max(1, (pixels if max_pixels is None else min(pixels, max_pixels)) // pixels_per_token)

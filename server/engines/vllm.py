@@ -191,6 +191,7 @@ class VLLMEngine(Engine):
         self._tokenizer: Any = None
         self._block_tokens = 0
         self._pixels_per_token = 0
+        self._max_image_pixels: int | None = None
         self._processor: Any = None
         self._watch_ids: list[int] = []
 
@@ -218,10 +219,13 @@ class VLLMEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         self._watch_ids = single_token_ids(self._tokenizer, self.watch_tokens, self.model)
         self._block_tokens = self._llm.vllm_config.cache_config.block_size
-        # Qwen-VL processors: a token per merged patch; another processor: every image fills a block
+        # Qwen-VL processors: a token per merged patch, up to their pixel limit; another: every image fills a block
         images = getattr(self._processor, "image_processor", None)
         patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
         self._pixels_per_token = (patch * merge) ** 2 if isinstance(patch, int) and isinstance(merge, int) else 1
+        size = getattr(images, "size", None)
+        most = getattr(images, "max_pixels", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+        self._max_image_pixels = most if isinstance(most, int) else None
 
     def _check_context(self) -> None:
         """Refuse, in words, a context longer than the model's own, which vLLM would refuse in a traceback."""
@@ -293,7 +297,8 @@ class VLLMEngine(Engine):
 
     def _opening_tokens(self, parts: Sequence[PromptPart]) -> int:
         """A floor on the prompt tokens of an opening: its images' (the text is short beside them)."""
-        return sum(image_tokens(p, self._pixels_per_token) for p in parts if not isinstance(p, str))
+        images = [p for p in parts if not isinstance(p, str)]
+        return sum(image_tokens(p, self._pixels_per_token, self._max_image_pixels) for p in images)
 
     async def _one(self, request: GenerationRequest, prefilled: asyncio.Event | None) -> GenerationResult | EngineError:
         """One call; `prefilled`, when given, is set once its prompt is prefilled (or it ended)."""
