@@ -3,7 +3,6 @@ calls that follow the first, as its own counters show."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 from clients.images import encode
 from server.tiny import COLOURS, draw_square
 from tests.support import metric_value, running_server
+from tests.vllm.conftest import widen_images
 from tests.vllm.test_engine import CPU_FLAGS
 
 SIDE = 1024  # 1,024 prompt tokens an image: the source fills 8 of the CPU build's 128-token blocks
@@ -20,16 +20,7 @@ GROUP = 8
 
 @pytest.fixture(scope="module")
 def large_image_checkpoint(vllm_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny critic with a processor that keeps images up to SIDE x SIDE (its own stops at 64 x 64)."""
-    path = tmp_path_factory.mktemp("large-images") / vllm_checkpoint.name
-    path.mkdir()
-    for file in vllm_checkpoint.iterdir():
-        if file.name != "processor_config.json":
-            (path / file.name).symlink_to(file)
-    config = json.loads((vllm_checkpoint / "processor_config.json").read_text())
-    config["image_processor"]["size"]["longest_edge"] = SIDE * SIDE
-    (path / "processor_config.json").write_text(json.dumps(config))
-    return path
+    return widen_images(vllm_checkpoint, tmp_path_factory.mktemp("large-images"), SIDE)
 
 
 def _first_scoring_share(url: str) -> float:
