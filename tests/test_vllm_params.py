@@ -73,8 +73,8 @@ def tokenizer(tiny_checkpoint: Path) -> Any:
     return AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
-def _engine(tokenizer: Any) -> VLLMEngine:
-    engine = VLLMEngine("tiny", SCORE_TOKENS)
+def _engine(tokenizer: Any, *, group_prefill: bool = False) -> VLLMEngine:
+    engine = VLLMEngine("tiny", SCORE_TOKENS, group_prefill=group_prefill)
     engine._tokenizer = tokenizer
     engine._watch_ids = [tokenizer.encode(t, add_special_tokens=False)[0] for t in SCORE_TOKENS]
     return engine
@@ -154,7 +154,7 @@ class FakeLLM:
 
 
 def test_calls_sharing_an_opening_are_submitted_after_its_prefill(fake_vllm: Any, tokenizer: Any) -> None:
-    engine = _engine(tokenizer)
+    engine = _engine(tokenizer, group_prefill=True)
     llm = FakeLLM(tokenizer)
     engine._llm, engine._block_tokens, engine._pixels_per_token = llm, 128, 784
     names = iter(f"call {i}" for i in range(6))

@@ -6,8 +6,9 @@ tokens come from `logprob_token_ids` at every step. As `LLM.generate` does, a ca
 its final output only, and for token ids without text: vLLM then neither builds an output at every
 step nor detokenizes the answer and the watched tokens step by step; the answer is decoded once here.
 Prefix caching is on by default: the images open every prompt, so a GRPO group reuses its shared
-source image, and with group prefill (server.engines.prefill_order) the calls of a request that share
-an opening wait for the first of them to prefill it, so that they find it cached.
+source image once a step has computed it. With group prefill (server.engines.prefill_order, off by
+default) the calls of a request that share an opening wait for the first of them to prefill it, so
+that they find it cached even on the group's first scoring.
 vllm is imported in `start` (or when the engine is built with batch invariance, to refuse it
 early where this vLLM cannot), never at module import.
 
@@ -151,7 +152,7 @@ class VLLMEngine(Engine):
         tensor_parallel_size: int = 1,
         images_per_prompt: int = 2,
         prefix_caching: bool = True,
-        group_prefill: bool = True,
+        group_prefill: bool = False,
         sleep_mode: bool = False,
         enforce_eager: bool = False,
         registry: CollectorRegistry | None = None,
