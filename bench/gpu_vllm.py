@@ -1,5 +1,7 @@
 """Serving overhead of the vllm engine: judge calls/s through firm-serve's HTTP route against
-offline `vllm.LLM.generate` on the same calls, with the same engine arguments.
+offline `vllm.LLM.generate` on the same calls, with the same engine arguments, and against
+`vllm serve` with those arguments and a client that sends each judge call to its
+`/v1/chat/completions` with top-5 log-probs, as a user without this project would.
 
 Both sides score the same edit items on both edit judges (execution + consistency): the same
 prompts, rendered the same way, greedy, with the score digits' log-probs. The offline side takes
@@ -8,8 +10,14 @@ layer (HTTP, JSON, image decoding, the judges' parsing). Each instruction is new
 cache of identical calls answers nothing. Each phase runs in a process of its own, with a time
 limit, so one frees the device before the other starts.
 
+With `--groups N`, N GRPO edit groups of `--group-size` candidates at `--group-side` pixels are
+then scored through firm-serve with group prefill on and off (on the tiny critic, through a copy
+whose processor keeps images that large): group latency, calls/s and the share of prompt tokens
+vLLM's prefix cache served.
+
     python bench/gpu_vllm.py                      # GPU: the tiny critic, built locally
     python bench/gpu_vllm.py --cpu                # vLLM's CPU build (bash .ci/vllm_cpu_env.sh)
+    python bench/gpu_vllm.py --cpu --groups 8     # and group prefill on / off
     python bench/gpu_vllm.py --model /models/FIRM-Edit-8B --items 512 --concurrency 64 --side 512
 
 Needs vllm in the Python that runs the phases: this one (`pip install -e ".[vllm]"`), or with
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.throughput import percentile
 from clients.images import encode
 from server.judges import SCORE_TOKENS, load_judges
-from server.tiny import COOL, IMAGE_SIDE, WARM, draw_square
+from server.tiny import COLOURS, COOL, IMAGE_SIDE, WARM, draw_square
 
 MARKER = "FIRM-BENCH-RESULT "  # vLLM logs to stdout too: the figures follow this marker
 ROOT = Path(__file__).resolve().parents[1]
 CPU_VARS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+EDIT_JUDGES = ("edit_execution", "edit_consistency")
+SERVED = "critic"
 
 
 def _items(n: int, side: int) -> list[tuple[Any, Any, str]]:
@@ -101,28 +112,46 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     return {"calls_per_s": len(prompts) / elapsed, "seconds": elapsed}
 
 
-async def _drive(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
+async def _drive(
+    url: str, work: list[Any], concurrency: int, send: Callable[[httpx.AsyncClient, Any], Awaitable[bool]]
+) -> tuple[float, list[float], int]:
+    """`concurrency` clients take the work in turn; (seconds, each unit's latency, failed units)."""
     latencies: list[float] = []
     failures = 0
-    queue: asyncio.Queue[dict] = asyncio.Queue()
-    for body in bodies:
-        queue.put_nowait(body)
-    limits = httpx.Limits(max_connections=concurrency)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for unit in work:
+        queue.put_nowait(unit)
+    # a pooled connection is dropped before uvicorn's 5 s keep-alive ends, not reused as the server closes it
+    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=4.0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def worker() -> None:
             nonlocal failures
             while not queue.empty():
-                body = queue.get_nowait()
+                unit = queue.get_nowait()
                 started = time.perf_counter()
-                response = await client.post("/v1/edit/score", json=body)
+                ok = await send(client, unit)
                 latencies.append(time.perf_counter() - started)
-                ok = response.status_code == 200 and all(r["reward"] is not None for r in response.json()["results"])
                 failures += 0 if ok else 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - started, latencies, failures
+
+
+async def _score(client: httpx.AsyncClient, body: dict) -> bool:
+    response = await client.post("/v1/edit/score", json=body)
+    return response.status_code == 200 and all(r["reward"] is not None for r in response.json()["results"])
+
+
+def _figures(args: argparse.Namespace, elapsed: float, latencies: list[float], failures: int) -> dict[str, float]:
+    return {
+        "calls_per_s": 2 * (args.items - failures) / elapsed,  # failed items are not throughput
+        "seconds": elapsed,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "failed_requests": failures,
+    }
 
 
 def http(args: argparse.Namespace) -> dict[str, float]:
@@ -134,19 +163,129 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     flags = ["--engine", "vllm", "--edit-model", args.model, "--gen-model", "none", "--prompts", "own"]
     flags += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     flags += ["--edit-gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    # a pixel budget that leaves the bench's images as drawn and fits their context in --max-model-len
+    flags += ["--image-pixel-budget", str(max(args.side * args.side, 256 * 256))]
     flags += ["--enforce-eager"] if args.cpu else []
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
-        asyncio.run(_drive(url, bodies[:4], 4))  # warm-up, on items of its own
+        asyncio.run(_drive(url, bodies[:4], 4, _score))  # warm-up, on items of its own
         cpu = time.process_time()
-        elapsed, latencies, failures = asyncio.run(_drive(url, bodies[4:], args.concurrency))
+        elapsed, latencies, failures = asyncio.run(_drive(url, bodies[4:], args.concurrency, _score))
         cpu = time.process_time() - cpu  # the clients' own CPU time, taken from the cores the server runs on
+    return {"client_cpu_s": cpu, **_figures(args, elapsed, latencies, failures)}
+
+
+def _serve_command(args: argparse.Namespace, port: int) -> list[str]:
+    """`vllm serve` with the vllm engine's own engine arguments."""
+    engine = _engine(args).engine_args
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", args.model, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--served-model-name", SERVED, "--dtype", engine["dtype"], "--seed", str(engine["seed"])]
+    cmd += ["--max-model-len", str(engine["max_model_len"])]
+    cmd += ["--gpu-memory-utilization", str(engine["gpu_memory_utilization"])]
+    cmd += ["--tensor-parallel-size", str(engine["tensor_parallel_size"])]
+    cmd += ["--limit-mm-per-prompt", json.dumps(engine["limit_mm_per_prompt"])]
+    cmd += ["--enable-prefix-caching" if engine["enable_prefix_caching"] else "--no-enable-prefix-caching"]
+    cmd += ["--enforce-eager"] if engine["enforce_eager"] else []
+    # no per-step statistics and no access log, as firm-serve runs (its --log-level warning)
+    return [*cmd, "--disable-log-stats", "--disable-uvicorn-access-log"]
+
+
+def _chat_bodies(items: list[tuple[Any, Any, str]]) -> list[list[dict]]:
+    """Each item's judge calls as chat-completion bodies: the judges' own prompts, images as data URLs."""
+    from server.engines.tokens import chat_content
+
+    judges = load_judges()
+    work = []
+    for source, edited, instruction in items:
+        urls = [f"data:image/png;base64,{encode(image)}" for image in (source, edited)]
+        calls = []
+        for name in EDIT_JUDGES:
+            content, _ = chat_content(judges[name].prompt((source, edited), instruction=instruction))
+            pictures = iter(urls)
+            content = [
+                {"type": "image_url", "image_url": {"url": next(pictures)}} if c["type"] == "image" else c
+                for c in content
+            ]
+            calls.append(
+                {
+                    "model": SERVED,
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": judges[name].max_new_tokens,
+                    "temperature": 0.0,
+                    "seed": 0,
+                    "logprobs": True,
+                    "top_logprobs": 5,
+                }
+            )
+        work.append(calls)
+    return work
+
+
+async def _chat(client: httpx.AsyncClient, calls: list[dict]) -> bool:
+    """One item: its judge calls sent together, as firm-serve sends them to its engine."""
+    responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=c) for c in calls))
+    return all(r.status_code == 200 and r.json()["choices"][0]["message"]["content"] for r in responses)
+
+
+def serve(args: argparse.Namespace) -> dict[str, float]:
+    """The same calls through `vllm serve`, each to /v1/chat/completions."""
+    from tests.support import free_port, running_process
+
+    work = _chat_bodies(_items(args.items + 4, args.side))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = args.cache_dir / f"vllm-serve-{port}.log"
+    with running_process("vllm serve", _serve_command(args, port), log_path, f"{url}/v1/models", timeout=600):
+        asyncio.run(_drive(url, work[:4], 4, _chat))  # warm-up, on items of its own
+        elapsed, latencies, failures = asyncio.run(_drive(url, work[4:], args.concurrency, _chat))
+    return _figures(args, elapsed, latencies, failures)
+
+
+def _group_bodies(args: argparse.Namespace) -> list[dict]:
+    """New groups: each its own source and candidates, told apart by their backgrounds."""
+    colours = list(COLOURS)
+
+    def picture(colour: str, shade: int) -> str:
+        return encode(draw_square(colour, (shade, shade, shade)).resize((args.group_side, args.group_side)))
+
+    return [
+        {
+            "source": picture("blue", 250 - g),
+            "instruction": f"Make the square red (group {g}).",
+            "candidates": [picture(colours[c % len(colours)], 100 + 8 * c + g % 8) for c in range(args.group_size)],
+        }
+        for g in range(args.groups + 1)
+    ]
+
+
+def groups(args: argparse.Namespace, prefill: bool) -> dict[str, float]:
+    """Edit groups through firm-serve with group prefill on or off: latency, calls/s, the share of prompt
+    tokens the prefix cache served."""
+    from tests.support import metric_value, running_server
+
+    bodies = _group_bodies(args)
+    flags = ["--engine", "vllm", "--edit-model", args.group_model, "--gen-model", "none", "--prompts", "own"]
+    flags += ["--dtype", args.dtype, "--log-level", "warning", "--cache-size", "0"]
+    flags += ["--image-pixel-budget", str(args.group_side * args.group_side)]
+    flags += ["--edit-gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    flags += ["--enforce-eager"] if args.cpu else []
+    flags += ["--group-prefill" if prefill else "--no-group-prefill"]
+
+    async def score_group(client: httpx.AsyncClient, body: dict) -> bool:
+        response = await client.post("/v1/edit/score_group", json=body)
+        return response.status_code == 200 and len(response.json()["results"]) == args.group_size
+
+    names = ("firm_vllm_prefix_cache_hits_total", "firm_vllm_prefix_cache_queries_total")
+    with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
+        asyncio.run(_drive(url, bodies[:1], 1, score_group))  # warm-up, on a group of its own
+        before = [metric_value(httpx.get(f"{url}/metrics").text, n) for n in names]
+        elapsed, latencies, failures = asyncio.run(_drive(url, bodies[1:], args.group_concurrency, score_group))
+        after = [metric_value(httpx.get(f"{url}/metrics").text, n) for n in names]
+    hits, queries = (a - b for a, b in zip(after, before, strict=True))
     return {
-        "client_cpu_s": cpu,
-        "calls_per_s": 2 * (args.items - failures) / elapsed,  # failed requests are not throughput
-        "seconds": elapsed,
+        "calls_per_s": 2 * args.group_size * (args.groups - failures) / elapsed,
         "p50_ms": 1000 * percentile(latencies, 0.5),
-        "p99_ms": 1000 * percentile(latencies, 0.99),
-        "failed_requests": failures,
+        "cached_share": hits / queries if queries else 0.0,
+        "failed_groups": failures,
     }
 
 
@@ -155,6 +294,8 @@ def _phase(name: str, args: argparse.Namespace, python: str) -> dict[str, float]
     cmd += ["--concurrency", str(args.concurrency), "--side", str(args.side), "--dtype", args.dtype]
     cmd += ["--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     cmd += ["--cache-dir", str(args.cache_dir), "--phase-timeout", str(args.phase_timeout)]
+    cmd += ["--groups", str(args.groups), "--group-size", str(args.group_size), "--group-side", str(args.group_side)]
+    cmd += ["--group-concurrency", str(args.group_concurrency), "--group-model", str(args.group_model)]
     cmd += ["--cpu"] if args.cpu else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(CPU_VARS if args.cpu else {})}
     try:
@@ -184,26 +325,43 @@ def _arguments() -> argparse.Namespace:
         default=Path(os.environ.get("FIRM_TEST_CACHE") or Path(tempfile.gettempdir()) / "firm-bench-cache"),
         help="where the tiny critic is built (the tests' FIRM_TEST_CACHE when set)",
     )
-    parser.add_argument("--phase", choices=("offline", "http"), help=argparse.SUPPRESS)
+    parser.add_argument("--groups", type=int, default=0, help="edit groups to score with group prefill on and off")
+    parser.add_argument("--group-size", type=int, default=8, help="candidates per group")
+    parser.add_argument("--group-side", type=int, default=1024, help="group images' side in pixels")
+    parser.add_argument("--group-concurrency", type=int, default=2, help="groups in flight")
+    parser.add_argument("--group-model", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.cpu else "auto")
     return args
 
 
+PHASES: dict[str, Callable[[argparse.Namespace], dict[str, float]]] = {
+    "offline": offline,
+    "http": http,
+    "serve": serve,
+    "groups-on": lambda args: groups(args, True),
+    "groups-off": lambda args: groups(args, False),
+}
+
+
 def main() -> None:
     args = _arguments()
     if args.phase:
-        print(MARKER + json.dumps(offline(args) if args.phase == "offline" else http(args)), flush=True)
+        print(MARKER + json.dumps(PHASES[args.phase](args)), flush=True)
         return
     python = sys.executable
     if args.cpu:
         from tests.vllm.conftest import vllm_env
 
         python = str(vllm_env() / "bin" / "python")
+    args.group_model = args.model
     if args.model is None:
         from server.tiny import ensure_tiny_checkpoint
+        from tests.vllm.conftest import widen_images
 
         args.model = str(ensure_tiny_checkpoint(args.cache_dir, shape="vllm"))
+        args.group_model = str(widen_images(Path(args.model), args.cache_dir, args.group_side))
     where = "CPU build" if args.cpu else "GPU"
     print(f"vLLM {where}, model={args.model} items={args.items} concurrency={args.concurrency} side={args.side}px")
     off = _phase("offline", args, python)
@@ -212,9 +370,27 @@ def main() -> None:
     print(
         f"HTTP firm-serve      : {web['calls_per_s']:8.1f} judge calls/s ({web['seconds']:.1f} s), "
         f"p50 {web['p50_ms']:.0f} ms, p99 {web['p99_ms']:.0f} ms, failed requests {web['failed_requests']:.0f}, "
-        f"HTTP clients' CPU {web['client_cpu_s']:.1f} s"
+        f"HTTP clients' CPU {web['client_cpu_s']:.1f} s",
+        flush=True,
     )
-    print(f"HTTP / offline       : {web['calls_per_s'] / off['calls_per_s']:8.2f}")
+    peer = _phase("serve", args, python)
+    print(
+        f"vllm serve + client  : {peer['calls_per_s']:8.1f} judge calls/s ({peer['seconds']:.1f} s), "
+        f"p50 {peer['p50_ms']:.0f} ms, p99 {peer['p99_ms']:.0f} ms, failed items {peer['failed_requests']:.0f}"
+    )
+    print(f"firm-serve / offline : {web['calls_per_s'] / off['calls_per_s']:8.2f}")
+    print(f"firm-serve / vllm serve: {web['calls_per_s'] / peer['calls_per_s']:6.2f}", flush=True)
+    if args.groups:
+        shape = f"{args.groups} edit groups of {args.group_size} at {args.group_side}px"
+        print(f"{shape}, {args.group_concurrency} in flight:")
+        for name in ("groups-on", "groups-off"):
+            g = _phase(name, args, python)
+            print(
+                f"group prefill {name.removeprefix('groups-'):3}    : {g['calls_per_s']:8.1f} judge calls/s, "
+                f"group p50 {g['p50_ms']:.0f} ms, prompt tokens from the prefix cache {g['cached_share']:.0%}, "
+                f"failed groups {g['failed_groups']:.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

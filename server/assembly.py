@@ -65,6 +65,7 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
         "images_per_prompt": max(SERVER_TASKS[t].images_per_prompt for t in tasks),
         "pixel_budget": settings.image_pixel_budget,
         "prefix_caching": settings.prefix_caching,
+        "group_prefill": settings.group_prefill,
         "sleep_mode": settings.sleep_mode,
         "enforce_eager": settings.enforce_eager,
         "batch_invariant": settings.batch_invariant,

@@ -215,6 +215,13 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     prefix_caching: bool = Field(
         True, description="vllm: reuse the shared prompt prefix (images + rubric) across a GRPO group."
     )
+    group_prefill: bool = Field(
+        False,
+        description="vllm, with prefix caching: calls of one request that open with the same images (a GRPO "
+        "group's source) wait for the first of them to prefill that opening, then reuse it from the cache. "
+        "More prompt tokens come from the cache, but the waits cost latency; off, it measured faster on the CPU "
+        "build (docs/benchmarks.md).",
+    )
     sleep_mode: bool = Field(
         False,
         description="vllm: allow POST /v1/admin/sleep to offload weights and free the GPU; turns the "

@@ -2,8 +2,13 @@
 
 Each judge call is submitted on its own and vLLM schedules them together, so no micro-batcher
 sits in front. Decoding is greedy with an explicit seed; the probabilities of the watched
-tokens come from `logprob_token_ids` at every step. Prefix caching is on by default: the
-images and the rubric open every prompt, so a GRPO group reuses its shared source image.
+tokens come from `logprob_token_ids` at every step. As `LLM.generate` does, a call asks vLLM for
+its final output only, and for token ids without text: vLLM then neither builds an output at every
+step nor detokenizes the answer and the watched tokens step by step; the answer is decoded once here.
+Prefix caching is on by default: the images open every prompt, so a GRPO group reuses its shared
+source image once a step has computed it. With group prefill (server.engines.prefill_order, off by
+default) the calls of a request that share an opening wait for the first of them to prefill it, so
+that they find it cached even on the group's first scoring.
 vllm is imported in `start` (or when the engine is built with batch invariance, to refuse it
 early where this vLLM cannot), never at module import.
 
@@ -33,7 +38,8 @@ from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan, PromptPart
+from server.engines.prefill_order import image_tokens, prefill_leaders
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
 log = logging.getLogger(__name__)
@@ -154,6 +160,7 @@ class VLLMEngine(Engine):
         tensor_parallel_size: int = 1,
         images_per_prompt: int = 2,
         prefix_caching: bool = True,
+        group_prefill: bool = False,
         sleep_mode: bool = False,
         enforce_eager: bool = False,
         registry: CollectorRegistry | None = None,
@@ -194,7 +201,12 @@ class VLLMEngine(Engine):
             batch=int(options.get("max_batch_size") or 1),
             share=gpu_memory_utilization if _on_gpu() else None,
         )
+        self.group_prefill = group_prefill and prefix_caching
         self._llm: Any = None
+        self._tokenizer: Any = None
+        self._block_tokens = 0
+        self._pixels_per_token = 0
+        self._max_image_pixels: int | None = None
         self._processor: Any = None
         self._watch_ids: list[int] = []
 
@@ -226,7 +238,16 @@ class VLLMEngine(Engine):
         self._processor = await asyncio.to_thread(
             AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]
         )
-        self._watch_ids = single_token_ids(self._llm.get_tokenizer(), self.watch_tokens, self.model)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._watch_ids = single_token_ids(self._tokenizer, self.watch_tokens, self.model)
+        self._block_tokens = self._llm.vllm_config.cache_config.block_size
+        # Qwen-VL processors: a token per merged patch, up to their pixel limit; another: every image fills a block
+        images = getattr(self._processor, "image_processor", None)
+        patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)
+        self._pixels_per_token = (patch * merge) ** 2 if isinstance(patch, int) and isinstance(merge, int) else 1
+        size = getattr(images, "size", None)
+        most = getattr(images, "max_pixels", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+        self._max_image_pixels = most if isinstance(most, int) else None
 
     def _check_context(self) -> None:
         """Refuse, in words, a context longer than the model's own, which vLLM would refuse in a traceback."""
@@ -254,9 +275,12 @@ class VLLMEngine(Engine):
         await self._llm.wake_up()
         await self._llm.reset_prefix_cache()
 
-    def _sampling_params(self, request: GenerationRequest) -> Any:
+    def _sampling_params(self, request: GenerationRequest, *, stream: bool = False) -> Any:
+        """Greedy, with the watched tokens' log-probs at every step, token ids only (the answer is decoded
+        once, in `answer`); the final output alone, or with `stream` every step's new tokens (a call
+        that others wait on says so when its prefill is done)."""
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
         if request.constraint is not None:
@@ -272,14 +296,34 @@ class VLLMEngine(Engine):
             max_tokens=request.max_new_tokens,
             logprob_token_ids=self._watch_ids,
             structured_outputs=structured,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | EngineError]:
         if self._llm is None:
             raise EngineError("engine is not started")
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        calls = [r.parts for r in requests]
+        if self.group_prefill:
+            leaders = prefill_leaders(calls, self._opening_tokens, self._block_tokens)
+        else:
+            leaders = [None] * len(calls)
+        prefilled = {i: asyncio.Event() for i in set(leaders) if i is not None}
 
-    async def _one(self, request: GenerationRequest) -> GenerationResult | EngineError:
+        async def run(index: int) -> GenerationResult | EngineError:
+            if (leader := leaders[index]) is not None:
+                await prefilled[leader].wait()
+            return await self._one(requests[index], prefilled.get(index))
+
+        return list(await asyncio.gather(*(run(i) for i in range(len(requests)))))
+
+    def _opening_tokens(self, parts: Sequence[PromptPart]) -> int:
+        """A floor on the prompt tokens of an opening: its images' (the text is short beside them)."""
+        images = [p for p in parts if not isinstance(p, str)]
+        return sum(image_tokens(p, self._pixels_per_token, self._max_image_pixels) for p in images)
+
+    async def _one(self, request: GenerationRequest, prefilled: asyncio.Event | None) -> GenerationResult | EngineError:
+        """One call; `prefilled`, when given, is set once its prompt is prefilled (or it ended)."""
         content, images = chat_content(request.parts)
         prompt = self._processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -290,29 +334,50 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineGenerateError
 
-        final = None
+        params = self._sampling_params(request, stream=prefilled is not None)
+        ids: list[int] = []
+        steps: list[Any] = []
+        finish_reason = None
         try:
-            async for output in self._llm.generate(inputs, self._sampling_params(request), request_id=uuid.uuid4().hex):
-                final = output
+            async for output in self._llm.generate(inputs, params, request_id=uuid.uuid4().hex):
+                if prefilled is not None:
+                    prefilled.set()
+                if output.outputs:  # the final output, or with `prefilled` one step's new tokens
+                    completion = output.outputs[0]
+                    ids.extend(completion.token_ids)
+                    steps.extend(completion.logprobs or ())
+                    finish_reason = completion.finish_reason
         except VLLMClientError as exc:  # refused: too long, too many images
             return EngineError(f"vllm refused the request: {exc}")
         except EngineGenerateError as exc:  # this request failed; the engine lives on (EngineDeadError raises)
             return EngineError(f"vllm failed the request: {exc.__cause__ or exc}")
-        if final is None or not final.outputs:
+        finally:
+            if prefilled is not None:
+                prefilled.set()  # whatever happened, the calls waiting on this one go
+        if finish_reason is None:
             return EngineError("vllm returned no output")
-        completion = final.outputs[0]
-        if completion.finish_reason == "abort":  # stopped before the end: not an answer to judge
+        if finish_reason == "abort":  # stopped before the end: not an answer to judge
             return EngineError("vllm aborted the request")
-        ids = list(completion.token_ids)
-        steps = completion.logprobs or []
+        return answer(self._tokenizer, ids, steps, finish_reason, self._watch_ids, self.watch_tokens)
 
-        def probs_at(step: int) -> list[float]:
-            entry = steps[step] if step < len(steps) else {}
-            return [math.exp(entry[i].logprob) if i in entry else 0.0 for i in self._watch_ids]
 
-        tokenizer = self._llm.get_tokenizer()
-        return GenerationResult(
-            text=completion.text,
-            watched=watched_steps(tokenizer, ids, self._watch_ids, self.watch_tokens, probs_at),
-            finished=completion.finish_reason != "length",
-        )
+def answer(
+    tokenizer: Any,
+    ids: Sequence[int],
+    steps: Sequence[dict[int, Any]],
+    finish_reason: str,
+    watch_ids: Sequence[int],
+    watch_tokens: Sequence[str],
+) -> GenerationResult:
+    """The result of a finished call from its token ids and each step's log-probs (token id -> an object
+    with `.logprob`): the text decoded once, as vLLM's detokenizer gives it (special tokens skipped)."""
+
+    def probs_at(step: int) -> list[float]:
+        entry = steps[step] if step < len(steps) else {}
+        return [math.exp(entry[i].logprob) if i in entry else 0.0 for i in watch_ids]
+
+    return GenerationResult(
+        text=tokenizer.decode(list(ids), skip_special_tokens=True),
+        watched=watched_steps(tokenizer, ids, watch_ids, watch_tokens, probs_at),
+        finished=finish_reason != "length",
+    )
