@@ -202,6 +202,7 @@ class VLLMEngine(Engine):
             share=gpu_memory_utilization if _on_gpu() else None,
         )
         self.group_prefill = group_prefill and prefix_caching
+        self.checkpoint = model  # the name its figures carry, also once it loads from the fetched files
         self._llm: Any = None
         self._tokenizer: Any = None
         self._block_tokens = 0
@@ -232,7 +233,7 @@ class VLLMEngine(Engine):
         self._llm = await asyncio.to_thread(
             AsyncLLM.from_engine_args,
             AsyncEngineArgs(**self.engine_args),
-            stat_loggers=[_stat_logger(self._series, self.model)],
+            stat_loggers=[_stat_logger(self._series, self.checkpoint)],
         )
         # The checkpoint's own chat template renders the prompt, as the transformers engine does.
         self._processor = await asyncio.to_thread(
