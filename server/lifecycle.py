@@ -119,6 +119,9 @@ class Lifecycle:
             )
         except CheckpointUnavailable as exc:
             self._fail(sharing, exc.describe(flag(f"{first.task.name}_model")))
+        except Exception as exc:  # anything else that stops the checkpoint being read: failed, with the reason
+            log.exception("preparing %s failed", first.engine.model)
+            self._fail(sharing, f"{first.engine.model} could not be prepared: {type(exc).__name__}: {exc}"[:500])
         return None
 
     async def _bring_up(self, sharing: list[TaskModel], checkpoint: Checkpoint | None) -> None:

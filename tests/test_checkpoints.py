@@ -367,3 +367,40 @@ def test_a_progress_line_is_a_bar_in_text_and_fields_in_json() -> None:
     assert "[######..................] downloading" in TextFormatter().format(record)
     fields = json.loads(JsonFormatter().format(record))["progress"]
     assert fields == {"done_bytes": 6_000_000, "total_bytes": 24_000_000, "bytes_per_s": 2_000_000, "left_s": 9}
+
+
+def test_a_config_no_model_class_reads_gets_no_estimate_and_the_load_decides(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from server.checkpoints.provision import Provisioner
+    from server.engines.transformers import TransformersEngine
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_checkpoint, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "no_such_model"}))
+    with caplog.at_level("WARNING"):
+        checkpoint = Provisioner(HubAccess()).prepare(["edit"], TransformersEngine(str(odd), ["1"], device="cpu"))
+    assert checkpoint.need is None
+    assert any("no estimate for" in r.getMessage() and "no_such_model" in r.getMessage() for r in caplog.records)
+
+
+def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_loading(tiny_checkpoint: Path) -> None:
+    import asyncio
+
+    from server.checkpoints.provision import Provisioner
+    from server.engines.transformers import TransformersEngine
+    from server.lifecycle import Lifecycle, ModelState, TaskModel
+    from server.tasks import SERVER_TASKS
+
+    class Broken(Provisioner):
+        def prepare(self, tasks: object, engine: object) -> object:  # type: ignore[override]
+            raise RuntimeError("the cache folder is unreadable")
+
+    task = next(iter(SERVER_TASKS.values()))
+    engine = TransformersEngine(str(tiny_checkpoint), ["1"], device="cpu")
+    model = TaskModel(task=task, name="tiny", engine=engine, runner=None, judges=())  # type: ignore[arg-type]
+    lifecycle = Lifecycle({task.name: model}, Broken(HubAccess()))
+    asyncio.run(lifecycle.start())
+    assert lifecycle.state(task.name) == ModelState.FAILED
+    assert "the cache folder is unreadable" in lifecycle.failures()[task.name]

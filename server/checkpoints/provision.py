@@ -58,9 +58,22 @@ class Provisioner:
             small = [name for name in SMALL_FILES if name in listing.files]
             folder = fetch(listing, self.access, small)
         self.tokens.setdefault(label, self._label_tokens(tasks))
+        return Checkpoint(label=label, model=model, listing=listing, need=self._need(label, model, folder, engine))
+
+    @staticmethod
+    def _need(label: str, model: str, folder: Path, engine: Engine) -> Need | None:
+        """The critic's estimate, or None (said in the log) when its config cannot be read as a model: the
+        engine's own load then says what is wrong with it."""
         plan = engine.memory_plan()
-        need = estimate(label, model, folder, plan) if plan is not None and (folder / "config.json").is_file() else None
-        return Checkpoint(label=label, model=model, listing=listing, need=need)
+        if plan is None or not (folder / "config.json").is_file():
+            return None
+        try:
+            return estimate(label, model, folder, plan)
+        except (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError) as exc:
+            # a config transformers cannot build a model from: no estimate, and the engine's load decides
+            first = (str(exc).splitlines() or [""])[0]
+            log.warning("memory: no estimate for %s (%s: %s)", model, type(exc).__name__, first)
+            return None
 
     def _label_tokens(self, tasks: Sequence[str]) -> tuple[int, int]:
         sizes = [self.tokens.get(t, (0, 0)) for t in tasks]
