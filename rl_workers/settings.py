@@ -145,8 +145,8 @@ class RolloutSettings(BaseSettings):
         0.99,
         gt=0,
         le=1,
-        description="The first int(fraction * sample_steps) denoising steps train (at least one); 0.99 leaves "
-        "out the last, nearly noise-free step.",
+        description="grpo: the first int(fraction * sample_steps) denoising steps train (at least one); 0.99 leaves "
+        "out the last, nearly noise-free step. nft: that many of the stored steps, drawn at random.",
     )
     updates_per_step: int | None = Field(
         None,

@@ -136,7 +136,8 @@ class QwenEditGenerator(Generator):
         return out[:, : latents.size(1)]
 
     def velocity(self, latents: torch.Tensor, timestep: float, conditioning: Conditioning) -> torch.Tensor:
-        t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=latents.dtype)
+        # float32 as the release builds it: bfloat16 would round a timestep near 900 to a step of 4
+        t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.float32)
         cond = self._predict(latents, t, conditioning, negative=False)
         if not self.guided:
             return cond
