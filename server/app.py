@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -25,6 +26,7 @@ from server.middleware import install_middleware
 from server.routes import MetricsPage, Service, route_table
 from server.settings import Settings
 
+log = logging.getLogger(__name__)
 _served = " and ".join(f"{spec.title} ({spec.reward} reward)" for spec in TASKS.values())
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -42,12 +44,19 @@ async def service_lifespan(service: Startable) -> AsyncIterator[None]:
     """The service's life in a process: its weights load in the background (so /healthz answers and
     /readyz says 'loading' meanwhile) and its engines close on the way out, loaded or not."""
     loading = asyncio.create_task(service.start(), name="load-models")
+    loading.add_done_callback(_said_if_failed)
     try:
         yield
     finally:
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         await service.close()
+
+
+def _said_if_failed(loading: asyncio.Task[None]) -> None:
+    """A start that dies on an error no critic's state caught is said in the log, never dropped."""
+    if not loading.cancelled() and (error := loading.exception()) is not None:
+        log.error("loading the critics failed", exc_info=error)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -85,16 +85,23 @@ def _models(settings: Settings, engine_name: str) -> list[Finding]:
         if not engine.loads_checkpoint:
             found.append(Finding(f"{label} model", f"{source[0]}, served by the {engine.name} engine elsewhere"))
             continue
-        where = _where(source[0], source[1])
         try:
+            where = _where(source[0], source[1])
             checkpoint = provisioning.prepare(tasks, engine)
         except CheckpointUnavailable as exc:
             found.append(Finding(f"{label} model", exc.describe(flag(f"{tasks[0]}_model")), ok=False))
             continue
+        except (ValueError, OSError) as exc:  # an id the hub library refuses, an unreadable cache: a finding
+            found.append(Finding(f"{label} model", f"{source[0]}: {type(exc).__name__}: {exc}", ok=False))
+            continue
         checkpoints.append(checkpoint)
         found.append(Finding(f"{label} model", f"{source[0]}: {where}{_to_fetch(provisioning, checkpoint)}"))
         if (plan := engine.memory_plan()) is not None:
-            has = available(plan.device)
+            try:
+                has = available(plan.device)
+            except (RuntimeError, AssertionError, ValueError) as exc:  # a CUDA device not there, or not usable
+                found.append(Finding(f"{label} device", f"{plan.device}: {type(exc).__name__}: {exc}", ok=False))
+                return found
             found.append(Finding(f"{label} device", f"{plan.device}, {gb(has.free)} free of {gb(has.total)}"))
     found += _memory(settings, provisioning, checkpoints)
     return found

@@ -101,6 +101,8 @@ class Lifecycle:
                 for sharing in groups:
                     if id(sharing[0].engine) in checkpoints:
                         self._fail(sharing, f"refused by the memory check: {exc}")
+            except Exception:  # the device's memory could not be read (a CUDA fault, a device not there)
+                log.exception("memory check skipped: the device's memory could not be read")
         for sharing in groups:
             if sharing[0].state == ModelState.LOADING:
                 await self._bring_up(sharing, checkpoints.get(id(sharing[0].engine)))
@@ -135,7 +137,11 @@ class Lifecycle:
             except CheckpointUnavailable as exc:
                 self._fail(sharing, exc.describe(flag(f"{first.task.name}_model")))
                 return
-            except BaseException:
+            except Exception as exc:  # not the hub's: the cache folder, the disk; failed, with the reason
+                log.exception("download of %s failed", checkpoint.model)
+                self._fail(sharing, f"{checkpoint.model} could not be downloaded: {type(exc).__name__}: {exc}"[:500])
+                return
+            except BaseException:  # cancelled: the server is stopping
                 log.warning("download of %s abandoned (the next start resumes it)", checkpoint.model)
                 self.abandoned.append(f"download of {checkpoint.model}")
                 raise

@@ -135,8 +135,12 @@ class ScoringService:
         if self.canaries is not None:
             # the first answers become the reference: taken before traffic, with /readyz saying 'loading' meanwhile
             self._taking_reference = True
-            try:
-                await self.canaries.run("start")
+            try:  # bounded as a request is: a hung engine call does not hold readiness
+                async with asyncio.timeout(self.admission.request_timeout_s):
+                    await self.canaries.run("start")
+            except TimeoutError:
+                log.warning("the first canary run took over %.0f s: readiness no longer waits for it",
+                            self.admission.request_timeout_s)  # fmt: skip
             except Exception:  # counted and logged as any canary run's failure; the service still starts
                 log.exception("canary run failed")
                 for name in self.models:

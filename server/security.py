@@ -143,7 +143,7 @@ class Authentication:
         if path in OPEN_PATHS or (path in DOC_PATHS and not self.keys.enabled):
             return None
         if path in WATCH_PATHS:
-            return self._watch_refusal(token or _basic_password(scope))
+            return self._watch_refusal(token or _basic_password(scope), scope)
         if path.startswith("/v1/admin/"):
             if self.keys.admin is None:
                 return 404, "admin_off", "admin routes are off on this server; start it with --admin-key to use them"
@@ -169,11 +169,15 @@ class Authentication:
         scope.setdefault("state", {})["key_name"] = name or "admin"
         return None
 
-    def _watch_refusal(self, token: str | None) -> tuple[int, str, str] | None:
-        """The watch page: open without keys, else the admin key's."""
+    def _watch_refusal(self, token: str | None, scope: Scope) -> tuple[int, str, str] | None:
+        """The watch page: without keys, open to this machine alone (it shows callers' images and texts, and a
+        server bound wide with --insecure must not show them to the network); else the admin key's."""
         if self.keys.admin is None:
             if not self.keys.enabled:
-                return None
+                client = (scope.get("client") or ("", 0))[0]
+                if is_loopback(client):
+                    return None
+                return 403, "forbidden", "without keys the watch page is shown on this machine only; set --admin-key"
             return 404, "admin_off", "the watch page needs the admin key; start the server with --admin-key"
         if token is None:
             return 401, "unauthorized", "the watch page needs the admin key (as a Bearer token or a Basic password)"

@@ -45,7 +45,7 @@ def watch_routes() -> APIRouter:
     @router.get("/watch/data")
     async def watch_data(
         request: Request,
-        limit: Annotated[int, Query(ge=0, le=10_000, description="Most recent items to list.")] = 50,
+        limit: Annotated[int, Query(ge=0, le=500, description="Most recent items to list.")] = 50,
         tag: Annotated[Tag | None, Query(description="Only the recent items with this tag.")] = None,
     ) -> dict[str, Any]:
         """The page's data: each critic's window, baseline and timeline, the canaries and the recent items."""

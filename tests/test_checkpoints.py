@@ -404,3 +404,28 @@ def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_lo
     asyncio.run(lifecycle.start())
     assert lifecycle.state(task.name) == ModelState.FAILED
     assert "the cache folder is unreadable" in lifecycle.failures()[task.name]
+
+
+def test_a_download_that_breaks_off_the_hub_fails_the_critic_with_the_reason(tiny_checkpoint: Path) -> None:
+    import asyncio
+
+    from server.checkpoints.hub import Listing
+    from server.checkpoints.provision import Checkpoint, Provisioner
+    from server.engines.transformers import TransformersEngine
+    from server.lifecycle import Lifecycle, ModelState, TaskModel
+    from server.tasks import SERVER_TASKS
+
+    class UnwritableCache(Provisioner):
+        def prepare(self, tasks: object, engine: object) -> Checkpoint:  # type: ignore[override]
+            return Checkpoint("edit", "org/x", Listing("org/x", "abc", {"model.safetensors": 10}), None)
+
+        def download(self, checkpoint: Checkpoint) -> Path | None:
+            raise PermissionError(13, "Permission denied", "/cache/models--org--x")
+
+    task = next(iter(SERVER_TASKS.values()))
+    engine = TransformersEngine(str(tiny_checkpoint), ["1"], device="cpu")
+    model = TaskModel(task=task, name="org/x", engine=engine, runner=None, judges=())  # type: ignore[arg-type]
+    lifecycle = Lifecycle({task.name: model}, UnwritableCache(HubAccess()))
+    asyncio.run(lifecycle.start())
+    assert lifecycle.state(task.name) == ModelState.FAILED
+    assert "Permission denied" in lifecycle.failures()[task.name] and not lifecycle.abandoned

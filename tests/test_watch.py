@@ -280,3 +280,65 @@ def test_with_keys_the_watch_page_needs_the_admin_key(cache_dir: Path) -> None:
         assert pinned.status_code == 200
         data = httpx.get(f"{url}/watch/data", headers={"Authorization": f"Bearer {ADMIN}"}).json()
         assert data["tasks"]["edit"]["baseline_kind"] == "pinned"
+
+
+def test_without_keys_the_watch_is_shown_on_this_machine_only() -> None:
+    """A server bound wide with --insecure and no keys must not show callers' images to the network."""
+    import asyncio
+
+    from starlette.responses import PlainTextResponse
+
+    from server.security import Authentication, KeyRing
+
+    app = Authentication(PlainTextResponse("the page"), KeyRing(scoring={}))
+
+    async def status(client: str) -> int:
+        transport = httpx.ASGITransport(app=app, client=(client, 4321))
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as http:
+            return (await http.get("/watch")).status_code
+
+    assert asyncio.run(status("127.0.0.1")) == 200
+    assert asyncio.run(status("10.1.2.3")) == 403
+
+
+def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> None:
+    import asyncio
+
+    from server.engines.base import EngineError
+    from server.lifecycle import Lifecycle, ModelState, TaskModel
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.canary import Canaries
+
+    class Flaky:
+        """An engine that fails its first batch whole, then answers every judge a 4."""
+
+        name, batches_itself, supports_constraints = "flaky", True, False
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def generate(self, requests: list[object]) -> list[object]:
+            self.calls += 1
+            if self.calls == 1:
+                return [EngineError("down") for _ in requests]
+            from server.engines.base import GenerationResult
+
+            return [GenerationResult(text='{"reasoning": "fine", "score": 4}') for _ in requests]
+
+    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
+    from server.batching import DirectRunner
+    from server.judges import load_judges
+
+    engine, metrics = Flaky(), Metrics()
+    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
+    judges = tuple(load_judges(names=task.judges).values())
+    model = TaskModel(task=task, name="flaky", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
+    lifecycle = Lifecycle({task.name: model})
+    canaries = Canaries(lifecycle, metrics, tolerance=0.05)
+    asyncio.run(canaries.run("start"))
+    assert canaries.report[task.name]["status"] == "failed" and not canaries.reference.get(task.name)
+    assert task.name not in lifecycle.degraded
+    asyncio.run(canaries.run("timer"))
+    assert canaries.report[task.name]["status"] == "clean", canaries.report[task.name]
+    assert task.name not in lifecycle.degraded and canaries.reference[task.name]

@@ -25,6 +25,7 @@ both go to the server's /metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import math
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from foundation.daemon import run_in_daemon
 from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan, PromptPart
 from server.engines.prefill_order import image_tokens, prefill_leaders
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
@@ -223,21 +225,26 @@ class VLLMEngine(Engine):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        await asyncio.to_thread(self._check_context)
+        # daemon threads: a process told to stop mid-load exits without waiting for the load
+        await run_in_daemon(self._check_context, name="vllm context check")
         if self.batch_invariant:
             # read when vLLM builds its engine (and frozen after): set before the first engine of the process starts
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
         log.info("starting vLLM for %s: %s (batch-invariant: %s)", self.model, self.engine_args, self.batch_invariant)
         # Construction waits until the engine is ready (weights loaded, maybe downloaded): off the
         # event loop, so /healthz keeps answering meanwhile.
-        self._llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args,
-            AsyncEngineArgs(**self.engine_args),
-            stat_loggers=[_stat_logger(self._series, self.checkpoint)],
+        self._llm = await run_in_daemon(
+            functools.partial(
+                AsyncLLM.from_engine_args,
+                AsyncEngineArgs(**self.engine_args),
+                stat_loggers=[_stat_logger(self._series, self.checkpoint)],
+            ),
+            name=f"load {self.checkpoint}",
         )
         # The checkpoint's own chat template renders the prompt, as the transformers engine does.
-        self._processor = await asyncio.to_thread(
-            AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]
+        self._processor = await run_in_daemon(
+            functools.partial(AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]),
+            name=f"processor {self.checkpoint}",
         )
         self._tokenizer = self._llm.get_tokenizer()
         self._watch_ids = single_token_ids(self._tokenizer, self.watch_tokens, self.model)

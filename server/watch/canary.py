@@ -208,13 +208,19 @@ class Canaries:
         answers = {item.id: answer_of(model.task, j) for item, j in zip(items, judged, strict=True)}
         reference = self.reference.setdefault(task, {})
         for item_id, answer in answers.items():
-            reference.setdefault(item_id, answer)  # the first answers are the reference
-        drift = {i: d for i, a in answers.items() if (d := differences(a, reference[i], self.tolerance))}
-        failed = all("error" in a for a in answers.values()) and any("error" not in r for r in reference.values())
+            if "error" not in answer:  # the first answers are the reference; a failed call is no reference
+                reference.setdefault(item_id, answer)
+        drift = {
+            i: d for i, a in answers.items() if i in reference and (d := differences(a, reference[i], self.tolerance))
+        }
+        failed = all("error" in a for a in answers.values())
         outcome = "failed" if failed else "drift" if drift else "clean"
         self.metrics.canary_runs.labels(task=task, outcome=outcome).inc()
-        self.metrics.canary_drift.labels(task=task).set(len(drift))
-        self.lifecycle.set_degraded(task, bool(drift))
+        if failed:  # no answer to compare (the engine failed, or went to sleep mid-run): the state stays as it was
+            log.warning("canary run of %s after %s failed: no call was answered", task, reason)
+        else:
+            self.metrics.canary_drift.labels(task=task).set(len(drift))
+            self.lifecycle.set_degraded(task, bool(drift))
         for item_id, found in drift.items():
             log.warning("canary drift: %s item %s after %s: %s", task, item_id, reason, "; ".join(found))
         if not drift and self.report[task].get("status") == "drift":
