@@ -14,6 +14,7 @@ from server.engines.base import (
     GenerationResult,
     OutputConstraint,
     WatchedStep,
+    cuda_available,
 )
 
 __all__ = [
@@ -31,21 +32,13 @@ __all__ = [
 BUILT_IN = ("transformers", "vllm", "openai")
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
 def resolve_engine_name(name: str) -> tuple[str, str]:
     """The engine to use and why: 'auto' picks vLLM when it is installed and CUDA is present."""
     if name != "auto":
         return name, "chosen in the settings"
     if importlib.util.find_spec("vllm") is None:
         return "transformers", "auto: vllm is not installed"
-    if not _cuda_available():
+    if not cuda_available():
         return "transformers", "auto: vllm is installed but no CUDA device is visible"
     return "vllm", "auto: vllm is installed and CUDA is available"
 

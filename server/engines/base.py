@@ -59,6 +59,15 @@ class GenerationResult:
         return None
 
 
+def cuda_available() -> bool:
+    """A CUDA device is visible (False where torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Where and how an engine holds its critic: what the memory check before loading weighs."""

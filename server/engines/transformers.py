@@ -15,18 +15,16 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from foundation.daemon import run_in_daemon
-from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan
+from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan, cuda_available
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device != "auto":
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:

@@ -40,7 +40,15 @@ from typing import Any, ClassVar
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from foundation.daemon import run_in_daemon
-from server.engines.base import Engine, EngineError, GenerationRequest, GenerationResult, MemoryPlan, PromptPart
+from server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    MemoryPlan,
+    PromptPart,
+    cuda_available,
+)
 from server.engines.prefill_order import image_tokens, prefill_leaders
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
 
@@ -136,12 +144,6 @@ def batch_invariance_problem() -> str | None:
     )
 
 
-def _on_gpu() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 class VLLMEngine(Engine):
     batches_itself: ClassVar[bool] = True
     supports_constraints: ClassVar[bool] = True
@@ -197,11 +199,12 @@ class VLLMEngine(Engine):
             # silently changes scores; with sleep on it is switched off.
             self.engine_args["mm_processor_cache_gb"] = 0
         self.seed = seed
+        on_gpu = cuda_available()
         self._memory = MemoryPlan(
-            device="cuda" if _on_gpu() else "cpu",
+            device="cuda" if on_gpu else "cpu",
             dtype="bfloat16" if dtype == "auto" else dtype,  # auto: the checkpoint's own, bfloat16 for Qwen3-VL
             batch=int(options.get("max_batch_size") or 1),
-            share=gpu_memory_utilization if _on_gpu() else None,
+            share=gpu_memory_utilization if on_gpu else None,
         )
         self.group_prefill = group_prefill and prefix_caching
         self.checkpoint = model  # the name its figures carry, also once it loads from the fetched files
