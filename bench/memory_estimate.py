@@ -15,6 +15,7 @@ It needs only torch and transformers (and Pillow), so it runs on a bare GPU box 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,11 @@ def _peak(device: str) -> int:
     return int(psutil.Process().memory_info().rss)  # the resident size after the call: a lower bound of its peak
 
 
+def guess_at(need: Need, batch: int) -> int:
+    """The estimate of a full batch of `batch` typical calls, less the runtime margin the measurement lacks."""
+    return dataclasses.replace(need, plan=dataclasses.replace(need.plan, batch=batch)).at_batch - RUNTIME_BYTES
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -76,9 +82,8 @@ def main() -> None:
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     cfg = config(args.layers)
     started = time.monotonic()
-    need = Need(
-        "edit", "qwen3-vl-8b-shape", parameters(cfg), MemoryPlan(args.device, dtype, 1), kv_per_token(cfg, dtype)
-    )
+    plan = MemoryPlan(args.device, dtype, 1)
+    need = Need("edit", "qwen3-vl-8b-shape", parameters(cfg), plan, kv_per_token(cfg, dtype), typical_call=args.tokens)
     print(f"estimate: {need.parameters / 1e9:.3f} B parameters, {need.weights / GB:.2f} GB of weights in {dtype}, "
           f"{need.kv_per_token / 1e3:.1f} KB of cache per token ({time.monotonic() - started:.1f} s)")  # fmt: skip
     before = _allocated(args.device)
@@ -106,13 +111,10 @@ def main() -> None:
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
         except torch.OutOfMemoryError:
-            print(f"| {batch} | {args.tokens} | {need.at_batch(args.tokens) / GB:.1f} | out of memory | - |")
+            print(f"| {batch} | {args.tokens} | {guess_at(need, batch) / GB:.1f} | out of memory | - |")
             break
-        peak = _peak(args.device) - before + RUNTIME_BYTES
-        estimated = Need(
-            need.label, need.model, need.parameters, MemoryPlan(args.device, dtype, batch), need.kv_per_token
-        )
-        guess = estimated.at_batch(args.tokens)
+        peak = _peak(args.device) - before  # the runtime's own memory is not in it: compared without the margin
+        guess = guess_at(need, batch)
         print(f"| {batch} | {args.tokens} | {guess / GB:.1f} | {peak / GB:.1f} | {guess / peak:.2f} |", flush=True)
         del ids
 

@@ -88,28 +88,28 @@ def test_a_full_disk_is_said_as_such() -> None:
     assert "HF_HOME" in CheckpointUnavailable("m", cause, detail).describe("--edit-model")
 
 
-def _need(label: str, parameters: int, dtype: str = "float32", device: str = "cpu", batch: int = 1) -> Need:
-    return Need(label, f"org/{label}", parameters, MemoryPlan(device, dtype, batch), kv_per_token=100_000)
+def _need(
+    label: str, parameters: int, calls: tuple[int, int] = (1000, 500), *, device: str = "cpu", batch: int = 1
+) -> Need:
+    plan = MemoryPlan(device, "float32", batch)
+    return Need(label, f"org/{label}", parameters, plan, 100_000, largest_call=calls[0], typical_call=calls[1])
 
 
 def test_two_8b_critics_in_float32_do_not_fit_24_gb_and_the_refusal_gives_both_figures() -> None:
-    needs = [_need("edit", 8_800_000_000), _need("gen", 8_800_000_000)]
-    verdict = judge(
-        needs, {"edit": (40_000, 5_000), "gen": (40_000, 5_000)}, offered={"cpu": Available("cpu", 24 * GB, 25 * GB)}
-    )
+    needs = [_need("edit", 8_800_000_000, (40_000, 5_000)), _need("gen", 8_800_000_000, (40_000, 5_000))]
+    verdict = judge(needs, offered={"cpu": Available("cpu", 24 * GB, 25 * GB)})
     assert verdict.refuse is not None
-    assert "need at least 72.4 GB" in verdict.refuse and "has 24.0 GB" in verdict.refuse
+    # each: 35.2 GB of weights + 4.0 GB of cache for the largest call + 1 GB of runtime, the figure compared
+    assert "need at least 80.4 GB" in verdict.refuse and "has 24.0 GB" in verdict.refuse
     for option in ("a GPU", "--dtype bfloat16", "one critic per process", "--tiny", "--force"):
         assert option in verdict.refuse
 
 
 def test_a_critic_that_fits_passes_and_a_batch_too_large_for_it_is_warned_of() -> None:
-    fits = judge([_need("edit", 1_000_000)], {"edit": (1000, 500)}, offered={"cpu": Available("cpu", 8 * GB, 8 * GB)})
+    fits = judge([_need("edit", 1_000_000)], offered={"cpu": Available("cpu", 8 * GB, 8 * GB)})
     assert fits.refuse is None and not any("batch" in line for line in fits.lines)
     crowded = judge(
-        [_need("edit", 1_000_000, batch=4096)],
-        {"edit": (1000, 50_000)},
-        offered={"cpu": Available("cpu", 8 * GB, 8 * GB)},
+        [_need("edit", 1_000_000, (1000, 50_000), batch=4096)], offered={"cpu": Available("cpu", 8 * GB, 8 * GB)}
     )
     assert crowded.refuse is None
     assert any("lower --max-batch-size" in line for line in crowded.lines), crowded.lines
@@ -122,10 +122,9 @@ def test_force_loads_what_the_check_refuses_and_a_large_cpu_critic_is_warned_of_
     from server.checkpoints.provision import Checkpoint, Provisioner
 
     huge = Checkpoint("edit", "org/edit", None, _need("edit", 10**13))  # 40 TB in float32: no machine has it
-    tokens = {"edit": (1000, 500)}
     with pytest.raises(MemoryRefusal, match="--force"):
-        Provisioner(HubAccess(), tokens=tokens).check([huge])
-    forced = Provisioner(HubAccess(), force=True, tokens=dict(tokens))
+        Provisioner(HubAccess()).check([huge])
+    forced = Provisioner(HubAccess(), force=True)
     with caplog.at_level("WARNING"):
         forced.check([huge])
         forced.check([huge])
@@ -135,15 +134,15 @@ def test_force_loads_what_the_check_refuses_and_a_large_cpu_critic_is_warned_of_
 
 
 def test_a_vllm_critic_is_held_to_its_share_of_the_gpu() -> None:
-    need = Need("edit", "org/edit", 8_800_000_000, MemoryPlan("cuda", "bfloat16", 256, share=0.2), kv_per_token=147_456)
-    verdict = judge([need], {"edit": (41_000, 5_000)}, offered={"cuda": Available("cuda", 80 * GB, 80 * GB)})
+    gpu = {"cuda": Available("cuda", 80 * GB, 80 * GB)}
+
+    def on_gpu(share: float) -> Need:
+        plan = MemoryPlan("cuda", "bfloat16", 256, share=share)
+        return Need("edit", "org/edit", 8_800_000_000, plan, 147_456, largest_call=41_000, typical_call=5_000)
+
+    verdict = judge([on_gpu(0.2)], offered=gpu)
     assert verdict.refuse is not None and "gpu-memory-utilization" in verdict.refuse
-    roomy = Need(
-        "edit", "org/edit", 8_800_000_000, MemoryPlan("cuda", "bfloat16", 256, share=0.42), kv_per_token=147_456
-    )
-    assert (
-        judge([roomy], {"edit": (41_000, 5_000)}, offered={"cuda": Available("cuda", 80 * GB, 80 * GB)}).refuse is None
-    )
+    assert judge([on_gpu(0.42)], offered=gpu).refuse is None
 
 
 # ----------------------------------------------------------------------------------------- a real server

@@ -39,18 +39,22 @@ class Need:
     parameters: int
     plan: MemoryPlan
     kv_per_token: int  # bytes of key-value cache per token of a call
+    largest_call: int = 0  # tokens of the largest call the server accepts for it
+    typical_call: int = 0  # tokens of a typical call, what a full batch is estimated with
 
     @property
     def weights(self) -> int:
         return self.parameters * DTYPE_BYTES[self.plan.dtype]
 
-    def least(self, tokens: int) -> int:
-        """Weights, one call of `tokens` and the runtime: under this, not even one call runs."""
-        return self.weights + self.kv_per_token * tokens + RUNTIME_BYTES
+    @property
+    def least(self) -> int:
+        """Weights, the largest call and the runtime: under this, not every call can run."""
+        return self.weights + self.kv_per_token * self.largest_call + RUNTIME_BYTES
 
-    def at_batch(self, tokens: int) -> int:
-        """With a full batch (`plan.batch` calls of `tokens` each)."""
-        return self.weights + self.kv_per_token * tokens * self.plan.batch + RUNTIME_BYTES
+    @property
+    def at_batch(self) -> int:
+        """With a full batch (`plan.batch` typical calls)."""
+        return self.weights + self.kv_per_token * self.typical_call * self.plan.batch + RUNTIME_BYTES
 
 
 @dataclass(frozen=True)
@@ -86,15 +90,11 @@ def kv_per_token(config: Any, dtype: str) -> int:
     return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
 
 
-def estimate(label: str, model: str, config_folder: Path, plan: MemoryPlan) -> Need:
+def estimate(label: str, model: str, config_folder: Path, plan: MemoryPlan, calls: tuple[int, int]) -> Need:
+    """The need of the critic in `config_folder`, held as `plan` says, for calls of (largest, typical) tokens."""
     config = read_config(config_folder)
-    return Need(
-        label=label,
-        model=model,
-        parameters=parameters(config),
-        plan=plan,
-        kv_per_token=kv_per_token(config, plan.dtype),
-    )
+    kv = kv_per_token(config, plan.dtype)
+    return Need(label, model, parameters(config), plan, kv, largest_call=calls[0], typical_call=calls[1])
 
 
 def available(device: str) -> Available:
@@ -166,9 +166,8 @@ class Verdict:
     refuse: str | None  # the refusal, when the critics cannot fit
 
 
-def judge(needs: Sequence[Need], tokens: dict[str, tuple[int, int]], *, offered: dict[str, Available]) -> Verdict:
-    """Each device's critics against its memory. `tokens[label]` is (largest call, typical call) in tokens;
-    `offered[device]` what the device has. A vLLM engine is held to its share of the device."""
+def judge(needs: Sequence[Need], *, offered: dict[str, Available]) -> Verdict:
+    """Each device's critics against its memory, `offered[device]`. A vLLM engine is held to its share."""
     lines: list[str] = []
     refusals: list[str] = []
     for device in dict.fromkeys(n.plan.device for n in needs):
@@ -180,11 +179,11 @@ def judge(needs: Sequence[Need], tokens: dict[str, tuple[int, int]], *, offered:
                 f"= {gb(need.weights)} of weights on {device}"
             )
         shared = [n for n in here if n.plan.share is None]
-        least = sum(n.least(tokens[n.label][0]) for n in shared)
+        least = sum(n.least for n in shared)
         for need in here:
             if need.plan.share is not None:  # vLLM: its own share of the device, the rest its cache
                 budget = need.plan.share * has.total
-                if need.least(tokens[need.label][0]) > budget:
+                if need.least > budget:
                     refusals.append(
                         _too_big([need], device, budget, f"its --{need.label}-gpu-memory-utilization share")
                     )
@@ -194,9 +193,8 @@ def judge(needs: Sequence[Need], tokens: dict[str, tuple[int, int]], *, offered:
             lines.append(
                 f"{'+'.join(n.label for n in shared)} on {device}: about {gb(least)} needed of {gb(has.free)} available"
             )
-            full = sum(n.at_batch(tokens[n.label][1]) for n in shared)
-            if full > has.free:
-                lines.append(_batch_warning(shared, tokens, has.free - least))
+            if sum(n.at_batch for n in shared) > has.free:
+                lines.append(_batch_warning(shared, has.free - least))
     return Verdict(lines=lines, refuse="; ".join(refusals) or None)
 
 
@@ -204,7 +202,7 @@ def _too_big(needs: Sequence[Need], device: str, room: float, what: str) -> str:
     names = " and ".join(
         f"the {n.label} critic ({n.parameters / 1e9:.1f} B parameters in {n.plan.dtype})" for n in needs
     )
-    need = sum(n.least(0) for n in needs)
+    need = sum(n.least for n in needs)  # the figure the refusal compared
     options = ["a GPU with more memory" if device.startswith("cuda") else "a GPU"]
     if any(n.plan.dtype == "float32" for n in needs):
         half = sum(n.parameters * 2 + RUNTIME_BYTES for n in needs)
@@ -215,8 +213,8 @@ def _too_big(needs: Sequence[Need], device: str, room: float, what: str) -> str:
     return f"{names} need at least {gb(need)} on {device}, which has {gb(room)} {what}; options: " + ", ".join(options)
 
 
-def _batch_warning(needs: Sequence[Need], tokens: dict[str, tuple[int, int]], room: float) -> str:
-    per_call = sum(n.kv_per_token * tokens[n.label][1] for n in needs)
+def _batch_warning(needs: Sequence[Need], room: float) -> str:
+    per_call = sum(n.kv_per_token * n.typical_call for n in needs)
     fits = max(1, int(room // per_call)) if per_call else 0
     batch = max(n.plan.batch for n in needs)
     return (

@@ -57,25 +57,28 @@ class Provisioner:
             listing = list_files(model, engine.revision, self.access)
             small = [name for name in SMALL_FILES if name in listing.files]
             folder = fetch(listing, self.access, small)
-        self.tokens.setdefault(label, self._label_tokens(tasks))
-        return Checkpoint(label=label, model=model, listing=listing, need=self._need(label, model, folder, engine))
+        calls = self._calls(tasks)
+        return Checkpoint(
+            label=label, model=model, listing=listing, need=self._need(label, model, folder, engine, calls)
+        )
 
     @staticmethod
-    def _need(label: str, model: str, folder: Path, engine: Engine) -> Need | None:
+    def _need(label: str, model: str, folder: Path, engine: Engine, calls: tuple[int, int]) -> Need | None:
         """The critic's estimate, or None (said in the log) when its config cannot be read as a model: the
         engine's own load then says what is wrong with it."""
         plan = engine.memory_plan()
         if plan is None or not (folder / "config.json").is_file():
             return None
         try:
-            return estimate(label, model, folder, plan)
-        except (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError) as exc:
+            return estimate(label, model, folder, plan, calls)
+        except (ValueError, KeyError, OSError) as exc:  # what transformers raises for a config it cannot read
             # a config transformers cannot build a model from: no estimate, and the engine's load decides
             first = (str(exc).splitlines() or [""])[0]
             log.warning("memory: no estimate for %s (%s: %s)", model, type(exc).__name__, first)
             return None
 
-    def _label_tokens(self, tasks: Sequence[str]) -> tuple[int, int]:
+    def _calls(self, tasks: Sequence[str]) -> tuple[int, int]:
+        """(largest, typical) call in tokens of an engine serving `tasks`: the most of each."""
         sizes = [self.tokens.get(t, (0, 0)) for t in tasks]
         return max(s[0] for s in sizes), max(s[1] for s in sizes)
 
@@ -85,7 +88,7 @@ class Provisioner:
         if not needs:
             return None
         offered = {d: available(d) for d in dict.fromkeys(n.plan.device for n in needs)}
-        return judge(needs, self.tokens, offered=offered)
+        return judge(needs, offered=offered)
 
     def check(self, checkpoints: Sequence[Checkpoint]) -> None:
         """Refuse (MemoryRefusal) when the critics cannot fit their devices, unless forced."""
