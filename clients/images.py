@@ -129,8 +129,9 @@ class Encoder:
         self._done: dict[object, tuple[object, str]] = {}
 
     def __call__(self, image: ImageLike) -> str:
-        # a file is the same image whichever Path object names it; anything else is known by identity
-        key: object = ("path", os.fspath(image)) if isinstance(image, Path) else id(image)
+        # a file is the same image whichever str or Path names it (equal strings encode alike, base64 ones too);
+        # anything else is known by identity
+        key: object = ("named", os.fspath(image)) if isinstance(image, (str, Path)) else id(image)
         if key not in self._done:
             self._done[key] = (image, encode(image, self.image_format, self.quality))  # keep it alive
         return self._done[key][1]

@@ -191,3 +191,6 @@ def test_a_file_named_by_several_items_is_encoded_once(tmp_path: Path, monkeypat
     encoder = images.Encoder()
     first, second = encoder(tmp_path / "source.png"), encoder(Path(str(tmp_path / "source.png")))
     assert first == second and len(calls) == 1
+    # named by equal strings read from metadata (separate objects), too
+    third, fourth = encoder("".join([str(tmp_path), "/source.png"])), encoder(f"{tmp_path}/source.png")
+    assert third == fourth == first and len(calls) == 1  # one read and encode, however the file is named
