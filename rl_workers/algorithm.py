@@ -55,11 +55,6 @@ class TrainingStats:
     def term_maxima(self) -> dict[str, float]:
         return {}
 
-    def means(self) -> dict[str, float]:
-        return update_figures(
-            self.term_sums(), self.term_maxima(), self.samples, self.optimizer_steps, self.terms, self.grad_norm
-        )
-
 
 def update_figures(
     sums: dict[str, float], maxima: dict[str, float], samples: float, optimizer_steps: float, terms: float, grad: float

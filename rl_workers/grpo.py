@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class UpdateStats(TrainingStats):
-    """Sums over the (sample, denoising step) terms of a GRPO update; `means()` gives the logged figures."""
+    """Sums over the (sample, denoising step) terms of a GRPO update; `update_figures` turns them into the logged
+    figures."""
 
     policy_loss: float = 0.0
     kl: float = 0.0

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from clients.protocol import ScoringResponse, Task
-from clients.tasks import EDIT, GEN, TaskSpec
+from clients.tasks import EDIT, GEN, TaskSpec, task_spec
 from rl_workers.recipes import ALGORITHMS, Recipe
 
 if TYPE_CHECKING:
@@ -179,9 +179,7 @@ FORMER_TASK_NAMES = {"t2i": GEN.name}  # spellings of --task that are still acce
 
 def rollout_task(name: str) -> RolloutTask:
     """The entry of a task by its name, with the known names in the error."""
-    if name not in ROLLOUT_TASKS:
-        raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(ROLLOUT_TASKS)}")
-    return ROLLOUT_TASKS[name]  # type: ignore[index]
+    return ROLLOUT_TASKS[task_spec(name).name]
 
 
 def per_task(describe: Callable[[RolloutTask], object]) -> str:

@@ -175,7 +175,7 @@ class RolloutWorker:
             self.optimizer.step()
             stats.optimizer_steps += 1
             self.optimizer_steps += 1
-            if self.ema is not None and s.ema_decay:
+            if self.ema is not None:  # kept exactly when --ema-decay is set
                 self.ema.blend(self.params, ema_keep(self.optimizer_steps, s.ema_decay))
         return stats
 
