@@ -318,3 +318,11 @@ def test_settings_reach_the_critic_deployments() -> None:
         scaling = deployment._deployment_config.autoscaling_config
         assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 24)
         assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (3, 120)
+
+
+def test_replicas_keep_no_recent_items_ring_unless_asked_for() -> None:
+    """The ingress serves no watch page, so a replica's thumbnails would be work no one can see."""
+    from deploy.ray.settings import RaySettings
+
+    assert RaySettings(server={"tiny": True}).critic_settings().watch_samples == 0
+    assert RaySettings(server={"tiny": True, "watch_samples": 8}).critic_settings("edit").watch_samples == 8

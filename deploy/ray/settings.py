@@ -119,9 +119,11 @@ class RaySettings(BaseSettings):
     def critic_overrides(self, task: str | None = None) -> dict[str, Any]:
         """The server settings a replica is given: every critic, or only `task`'s when the critics are split.
 
-        Only what was given travels; each replica reads its own FIRM_* environment for the rest.
+        Only what was given travels, with the recent-items ring off unless asked for (the ingress serves no
+        watch page); each replica reads its own FIRM_* environment for the rest.
         """
-        overrides = dict(self.server)
+        # no watch page behind the ingress, so no recent-items ring: its signals and metrics still count
+        overrides = {"watch_samples": 0, **self.server}
         if task is not None:
             overrides.update({f"{other}_model": SWITCHED_OFF for other in TASKS if other != task})
         return overrides
