@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from clients.protocol import Task
 from foundation.flags import flag
 from server.audit import AuditLog
@@ -92,6 +94,35 @@ def _check_context(settings: Settings, tasks: list[Task]) -> None:
             )
 
 
+Source = tuple[str, str | None]  # (checkpoint, revision)
+
+
+def engine_groups(sources: dict[Task, Source]) -> dict[Source, list[Task]]:
+    """The tasks of each distinct checkpoint and revision: they share one engine (and so one batch queue)."""
+    groups: dict[Source, list[Task]] = {}
+    for task, source in sources.items():
+        groups.setdefault(source, []).append(task)
+    return groups
+
+
+def engine_for(
+    settings: Settings, engine_name: str, source: Source, tasks: list[Task], registry: CollectorRegistry
+) -> Engine:
+    """The engine of `tasks`' checkpoint, built (not loaded), or a ValueError when the settings ask of it
+    what it cannot do. An engine with figures of its own (vllm's scheduler) reports them on `registry`."""
+    options = engine_options(settings, tasks)
+    engine = create_engine(engine_name, source[0], SCORE_TOKENS, revision=source[1], registry=registry, **options)
+    if settings.structured_outputs and not engine.supports_constraints:
+        raise ValueError(f"--structured-outputs needs an engine that supports it, not {engine.name}")
+    if settings.batch_invariant and not engine.supports_batch_invariance:
+        raise ValueError(
+            f"--batch-invariant needs an engine that can give an item the same score whatever shares its "
+            f"batch (transformers, or vllm where vLLM has the mode), not {engine.name}; a remote server "
+            "decides for itself (start `vllm serve` with VLLM_BATCH_INVARIANT=1) and this setting stays off"
+        )
+    return engine
+
+
 def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     """Engines are created here but load their weights in `ScoringService.start`. The judges' prompts
     are obtained first, so a server that cannot have them refuses to start before loading any weights.
@@ -105,34 +136,19 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     log.info("engine %s (%s)", engine_name, reason)
     if engine_name == "vllm":
         _check_context(settings, list(sources))
-    shared: dict[tuple[str, str | None], tuple[Engine, Runner]] = {}
     models: dict[Task, TaskModel] = {}
-    for task, source in sources.items():
-        if source not in shared:
-            tasks = [t for t, s in sources.items() if s == source]
-            options = engine_options(settings, tasks)
-            # an engine with figures of its own (vllm's scheduler) reports them on the app's registry
-            engine = create_engine(
-                engine_name, source[0], SCORE_TOKENS, revision=source[1], registry=metrics.registry, **options
+    for source, tasks in engine_groups(sources).items():
+        engine = engine_for(settings, engine_name, source, tasks, metrics.registry)
+        runner = _runner(engine, settings, metrics, "+".join(tasks))
+        for task in tasks:
+            models[task] = TaskModel(
+                task=SERVER_TASKS[task],
+                name=settings.served_name(task),
+                engine=engine,
+                runner=runner,
+                judges=judges[task],
+                engine_reason=reason,
             )
-            if settings.structured_outputs and not engine.supports_constraints:
-                raise ValueError(f"--structured-outputs needs an engine that supports it, not {engine.name}")
-            if settings.batch_invariant and not engine.supports_batch_invariance:
-                raise ValueError(
-                    f"--batch-invariant needs an engine that can give an item the same score whatever shares its "
-                    f"batch (transformers, or vllm where vLLM has the mode), not {engine.name}; a remote server "
-                    "decides for itself (start `vllm serve` with VLLM_BATCH_INVARIANT=1) and this setting stays off"
-                )
-            shared[source] = (engine, _runner(engine, settings, metrics, "+".join(tasks)))
-        engine, runner = shared[source]
-        models[task] = TaskModel(
-            task=SERVER_TASKS[task],
-            name=settings.served_name(task),
-            engine=engine,
-            runner=runner,
-            judges=judges[task],
-            engine_reason=reason,
-        )
     service = ScoringService(
         models,
         metrics,

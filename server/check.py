@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from foundation.flags import flag
-from server.assembly import engine_options, model_sources, provisioner
+from server.assembly import engine_for, engine_groups, model_sources, provisioner
 from server.checkpoints.hub import CheckpointUnavailable, cached_snapshot, is_local
 from server.checkpoints.memory import available, gb
 from server.checkpoints.progress import size
 from server.checkpoints.provision import Checkpoint, Provisioner
-from server.engines import create_engine, resolve_engine_name
-from server.judges import SCORE_TOKENS, TemplateError
+from server.engines import resolve_engine_name
+from server.judges import TemplateError
 from server.prompts.release import PromptSourceError
 from server.prompts.serving import released_prompts, task_judges
 from server.security import is_loopback
@@ -67,18 +67,10 @@ def _models(settings: Settings, engine_name: str) -> list[Finding]:
     provisioning = provisioner(settings)
     found: list[Finding] = []
     checkpoints: list[Checkpoint] = []
-    for source in dict.fromkeys(sources.values()):
-        tasks = [t for t, s in sources.items() if s == source]
+    for source, tasks in engine_groups(sources).items():
         label = "+".join(tasks)
         try:
-            engine = create_engine(
-                engine_name,
-                source[0],
-                SCORE_TOKENS,
-                revision=source[1],
-                registry=CollectorRegistry(),
-                **engine_options(settings, tasks),
-            )
+            engine = engine_for(settings, engine_name, source, tasks, CollectorRegistry())
         except (ValueError, ImportError) as exc:
             found.append(Finding(f"{label} model", f"{source[0]}: the {engine_name} engine refuses it: {exc}", False))
             continue

@@ -2,12 +2,13 @@
 
 `--watch-samples N` keeps the last N scored items; 0 keeps none (and no thumbnail is made). A
 sample's thumbnails are small images (at most 128 pixels a side, about 50 KB each in memory), encoded
-as JPEG data URLs only when the page asks for them.
+as JPEG data URLs when the page first asks for them, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,10 +44,16 @@ class Sample:
     flagged: bool
     tags: tuple[str, ...] = field(default=())  # low, high, failed, flagged: what the page filters on
 
+    @functools.cached_property
+    def thumbnail_urls(self) -> list[str]:
+        """The thumbnails as JPEG data URLs, encoded the first time the page asks and kept: the page asks
+        again every few seconds."""
+        return [data_url(image) for image in self.thumbnails]
+
     def view(self) -> dict[str, Any]:
         """The sample as the page reads it, its thumbnails as JPEG data URLs."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return fields | {"thumbnails": [data_url(image) for image in self.thumbnails], "tags": list(self.tags)}
+        return fields | {"thumbnails": self.thumbnail_urls, "tags": list(self.tags)}
 
 
 class SampleRing:
