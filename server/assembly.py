@@ -110,6 +110,8 @@ def engine_for(
 ) -> Engine:
     """The engine of `tasks`' checkpoint, built (not loaded), or a ValueError when the settings ask of it
     what it cannot do. An engine with figures of its own (vllm's scheduler) reports them on `registry`."""
+    if engine_name == "vllm":
+        _check_context(settings, tasks)
     options = engine_options(settings, tasks)
     engine = create_engine(engine_name, source[0], SCORE_TOKENS, revision=source[1], registry=registry, **options)
     if settings.structured_outputs and not engine.supports_constraints:
@@ -134,8 +136,6 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
     judges = {task: task_judges(settings, task, source[0], released) for task, source in sources.items()}
     engine_name, reason = resolve_engine_name(settings.engine)
     log.info("engine %s (%s)", engine_name, reason)
-    if engine_name == "vllm":
-        _check_context(settings, list(sources))
     models: dict[Task, TaskModel] = {}
     for source, tasks in engine_groups(sources).items():
         engine = engine_for(settings, engine_name, source, tasks, metrics.registry)

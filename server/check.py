@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from foundation.flags import flag
-from server.assembly import engine_for, engine_groups, model_sources, provisioner
+from server.assembly import Source, engine_for, engine_groups, model_sources, provisioner
 from server.checkpoints.hub import CheckpointUnavailable, cached_snapshot, is_local
 from server.checkpoints.memory import available, gb
 from server.checkpoints.progress import size
@@ -39,16 +39,17 @@ def findings(settings: Settings) -> list[Finding]:
     """Everything `firm-serve` would decide before serving, in the order it decides it."""
     engine_name, reason = resolve_engine_name(settings.engine)
     found = [Finding("engine", f"{engine_name} ({reason})")]
-    found += _prompts(settings)
-    found += _models(settings, engine_name)
+    sources = model_sources(settings)
+    found += _prompts(settings, sources)
+    found += _models(settings, engine_name, sources)
     found += _access(settings)
     return found
 
 
-def _prompts(settings: Settings) -> list[Finding]:
+def _prompts(settings: Settings, sources: dict[str, Source]) -> list[Finding]:
     released = released_prompts(settings)
     found = []
-    for task, (model, _) in model_sources(settings).items():
+    for task, (model, _) in sources.items():
         try:
             judges = task_judges(settings, task, model, released)
         except (PromptSourceError, TemplateError, OSError) as exc:
@@ -62,8 +63,7 @@ def _prompts(settings: Settings) -> list[Finding]:
     return found
 
 
-def _models(settings: Settings, engine_name: str) -> list[Finding]:
-    sources = model_sources(settings)
+def _models(settings: Settings, engine_name: str, sources: dict[str, Source]) -> list[Finding]:
     provisioning = provisioner(settings)
     found: list[Finding] = []
     checkpoints: list[Checkpoint] = []

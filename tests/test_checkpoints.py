@@ -350,6 +350,10 @@ def test_check_says_what_would_happen_and_exits_by_it(tiny_checkpoint: Path, tmp
     assert "to download from the hub" in listed.stdout and "not cached" in listed.stdout
     assert not any("model.safetensors" in r for r in hub.requests)  # nothing but the config was fetched
 
+    # what firm-serve would refuse at start is a failure here too, not an "ok"
+    refused = _check(tmp_path, "--tiny", "--structured-outputs", "--prompts", "own")
+    assert refused.returncode == 1 and "--structured-outputs needs an engine" in refused.stdout, refused.stdout
+
     invalid = _check(tmp_path, "--port", "-1")
     assert invalid.returncode == 2 and "invalid settings" in invalid.stderr
 
