@@ -121,14 +121,7 @@ class ScoringService:
             return
         task = asyncio.create_task(self.canaries.run(reason), name=f"canaries-{reason}")
         self._canary_tasks.add(task)
-        task.add_done_callback(self._canary_done)
-
-    def _canary_done(self, task: asyncio.Task[None]) -> None:
-        self._canary_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("canary run failed", exc_info=task.exception())
-            for name in self.models:
-                self.metrics.canary_runs.labels(task=name, outcome="failed").inc()
+        task.add_done_callback(self._canary_tasks.discard)  # a run logs and counts its own failure
 
     async def start(self) -> None:
         await self.lifecycle.start()
@@ -141,10 +134,6 @@ class ScoringService:
             except TimeoutError:
                 log.warning("the first canary run took over %.0f s: readiness no longer waits for it",
                             self.admission.request_timeout_s)  # fmt: skip
-            except Exception:  # counted and logged as any canary run's failure; the service still starts
-                log.exception("canary run failed")
-                for name in self.models:
-                    self.metrics.canary_runs.labels(task=name, outcome="failed").inc()
             finally:
                 self._taking_reference = False
         if self.canaries is not None and self.canary_every > 0:

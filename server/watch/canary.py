@@ -194,7 +194,16 @@ class Canaries:
         self.runs = 0
 
     async def run(self, reason: str) -> None:
-        """Score the set of every task whose model can score now; a task asleep or loading is skipped."""
+        """Score the set of every task whose model can score now; a task asleep or loading is skipped. A run
+        that breaks is logged and counted as failed for every task, never raised: canaries are not traffic."""
+        try:
+            await self._run(reason)
+        except Exception:
+            log.exception("canary run after %s failed", reason)
+            for task in self.items:
+                self.metrics.canary_runs.labels(task=task, outcome="failed").inc()
+
+    async def _run(self, reason: str) -> None:
         async with self._lock:
             for task, model in self.lifecycle.models.items():
                 if model.state == ModelState.READY:
@@ -248,9 +257,4 @@ class Canaries:
         still comes."""
         while True:
             await asyncio.sleep(seconds)
-            try:
-                await self.run("schedule")
-            except Exception:
-                log.exception("canary run failed")
-                for task in self.items:
-                    self.metrics.canary_runs.labels(task=task, outcome="failed").inc()
+            await self.run("schedule")
