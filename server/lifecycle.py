@@ -119,11 +119,8 @@ class Lifecycle:
             return await run_in_daemon(
                 functools.partial(self.provisioner.prepare, tasks, first.engine), name=f"prepare {first.engine.model}"
             )
-        except CheckpointUnavailable as exc:
-            self._fail(sharing, exc.describe(flag(f"{first.task.name}_model")))
-        except Exception as exc:  # anything else that stops the checkpoint being read: failed, with the reason
-            log.exception("preparing %s failed", first.engine.model)
-            self._fail(sharing, f"{first.engine.model} could not be prepared: {type(exc).__name__}: {exc}"[:500])
+        except Exception as exc:  # noqa: BLE001 - logged and shown in /readyz by _fail_by
+            self._fail_by(sharing, f"{first.engine.model} could not be prepared", exc)
         return None
 
     async def _bring_up(self, sharing: list[TaskModel], checkpoint: Checkpoint | None) -> None:
@@ -134,12 +131,8 @@ class Lifecycle:
                 folder = await run_in_daemon(
                     functools.partial(self.provisioner.download, checkpoint), name=f"download {checkpoint.model}"
                 )
-            except CheckpointUnavailable as exc:
-                self._fail(sharing, exc.describe(flag(f"{first.task.name}_model")))
-                return
-            except Exception as exc:  # not the hub's: the cache folder, the disk; failed, with the reason
-                log.exception("download of %s failed", checkpoint.model)
-                self._fail(sharing, f"{checkpoint.model} could not be downloaded: {type(exc).__name__}: {exc}"[:500])
+            except Exception as exc:  # noqa: BLE001 - the hub, the cache, the disk: logged and shown by _fail_by
+                self._fail_by(sharing, f"{checkpoint.model} could not be downloaded", exc)
                 return
             except BaseException:  # cancelled: the server is stopping
                 log.warning("download of %s abandoned (the next start resumes it)", checkpoint.model)
@@ -155,25 +148,35 @@ class Lifecycle:
             loaded = time.monotonic()
             if await first.engine.warm_up():
                 log.info("%s critic %s: warm-up took %.1f s", label, first.name, time.monotonic() - loaded)
-        except Exception as exc:  # any engine's failure to load: shown by /readyz, the process keeps serving
-            log.exception("failed to load %s", first.name)
-            self._fail(sharing, f"{first.name} failed to load: {type(exc).__name__}: {exc}".splitlines()[0][:500])
+        except Exception as exc:  # noqa: BLE001 - a failed load: logged, shown by /readyz, the process serves on
+            self._fail_by(sharing, f"{first.name} failed to load", exc)
             return
         except BaseException:
             log.warning("loading %s abandoned", first.name)
             self.abandoned.append(f"load of {first.name}")
             raise
         self._set(sharing, ModelState.READY)
+        plan = first.engine.memory_plan()
+        where = plan.device if plan is not None else "its server"
         for model in sharing:
             log.info(
                 "%s model %s is ready (engine %s): load to %s took %.1f s, %.1f s in all",
                 model.task.name,
                 model.name,
                 model.engine.name,
-                plan.device if (plan := model.engine.memory_plan()) else "its server",
+                where,
                 loaded - phase,
                 time.monotonic() - began,
             )
+
+    def _fail_by(self, sharing: list[TaskModel], what: str, exc: Exception) -> None:
+        """Failed by `exc`: a checkpoint that cannot be had says why in its own words (with what to do), any
+        other error is logged with its traceback and named in the reason's first line."""
+        if isinstance(exc, CheckpointUnavailable):
+            self._fail(sharing, exc.describe(flag(f"{sharing[0].task.name}_model")))
+            return
+        log.error("%s", what, exc_info=exc)
+        self._fail(sharing, f"{what}: {type(exc).__name__}: {exc}".splitlines()[0][:500])
 
     def _fail(self, sharing: list[TaskModel], reason: str) -> None:
         for model in sharing:
