@@ -99,8 +99,9 @@ class _ScoringOptions(_Message):
         le=MAX_TIMEOUT_S,
         allow_inf_nan=False,
         description="The caller's deadline in seconds, from when the server has read and checked the request. "
-        "Items whose judge calls have not finished by then fail with the error 'deadline' (their work is dropped) and the rest are answered; the "
-        "server's own deadline (a 504 for the whole request) applies when it is the smaller.",
+        "Items whose judge calls have not finished by then fail with the error 'deadline' (their work is dropped) "
+        "and the rest are answered; the server's own deadline (a 504 for the whole request) applies when it is "
+        "the smaller.",
     )
 
     def resolve(self, defaults: ScoringDefaults) -> ResolvedOptions:
