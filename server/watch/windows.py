@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCORES = (1, 2, 3, 4, 5)
@@ -71,20 +71,9 @@ class Tally:
     def merge(self, other: Tally) -> None:
         for name, tally in other.dimensions.items():
             self.dimensions[name].merge(tally)
-        for name in (
-            "items",
-            "rewards",
-            "reward_sum",
-            "reward_squares",
-            "parse_failures",
-            "engine_errors",
-            "failures",
-            "groups",
-            "zero_spread",
-            "unchanged",
-            "flagged",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for counter in fields(self):  # every count, a new one included
+            if counter.name != "dimensions":
+                setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
 
     def add_reward(self, reward: float) -> None:
         self.rewards += 1
