@@ -147,16 +147,7 @@ class Authentication:
         if path.startswith("/v1/admin/"):
             if self.keys.admin is None:
                 return 404, "admin_off", "admin routes are off on this server; start it with --admin-key to use them"
-            if token is None:
-                return 401, "unauthorized", "admin routes need 'Authorization: Bearer <admin key>'"
-            name, is_admin = self.keys.identify(token)
-            if is_admin:
-                return None
-            return (
-                (403, "forbidden", "this key may score but not administer")
-                if name
-                else (401, "unauthorized", "unknown key")
-            )
+            return self._admin_refusal(token, "admin routes need 'Authorization: Bearer <admin key>'", "administer")
         if path == "/metrics" and not self.keys.protect_metrics:
             return None
         if not self.keys.enabled:
@@ -179,9 +170,17 @@ class Authentication:
                     return None
                 return 403, "forbidden", "without keys the watch page is shown on this machine only; set --admin-key"
             return 404, "admin_off", "the watch page needs the admin key; start the server with --admin-key"
+        missing = "the watch page needs the admin key (as a Bearer token or a Basic password)"
+        return self._admin_refusal(token, missing, "watch")
+
+    def _admin_refusal(self, token: str | None, missing: str, verb: str) -> tuple[int, str, str] | None:
+        """A route for the admin key alone: 401 without a key (`missing` says how to send it) or with an unknown
+        one, 403 with a scoring key, which may score but not `verb`."""
         if token is None:
-            return 401, "unauthorized", "the watch page needs the admin key (as a Bearer token or a Basic password)"
+            return 401, "unauthorized", missing
         name, is_admin = self.keys.identify(token)
         if is_admin:
             return None
-        return (403, "forbidden", "this key may score but not watch") if name else (401, "unauthorized", "unknown key")
+        return (
+            (403, "forbidden", f"this key may score but not {verb}") if name else (401, "unauthorized", "unknown key")
+        )
