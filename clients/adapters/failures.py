@@ -21,11 +21,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 OnFailure = Literal["nan", "group_mean"] | float
+
+
+Failures = list[tuple[int, str]]  # (index in the call, reason)
+
+
+def unscored(results: Sequence[Any], failed: np.ndarray) -> tuple[Failures, str]:
+    """The call's failed items as (index, reason), their reason the result's error, and the first reason
+    (empty when none failed), which the log and `fill_failures` name."""
+    errors = [(i, str(r.error or "no reward")) for i, r in enumerate(results) if failed[i]]
+    return errors, errors[0][1] if errors else ""
 
 
 class RewardsUnavailable(RuntimeError):

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
+from clients.adapters.failures import Failures, OnFailure, check_on_failure, fill_failures, unscored
 from clients.adapters.inputs import INPUTS, Batch, TaskInputs, task_inputs
 from clients.adapters.stat_tracking import BanningPerPromptStatTracker, PerPromptStatTracker
 from clients.client import RewardClient
@@ -56,8 +56,6 @@ __all__ = [
     "multi_score",
     "reward_columns",
 ]
-
-Failures = list[tuple[int, str]]  # (index in the call, reason)
 
 
 def _per_item(metadata: Any, n: int) -> list[Mapping[str, Any]]:
@@ -153,16 +151,15 @@ class FirmRewardFn:
         values = reward_columns(reply, self.inputs)
         avg = sum(weight * values[name] for name, weight in self.weights.items())
         failed = np.isnan(np.asarray(avg, dtype=np.float64))
-        errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
+        errors, reason = unscored(reply.results, failed)
         if errors:
             logger.warning(
                 "%d of %d items were not scored (%s); on_failure=%r",
                 len(errors),
                 len(groups),
-                errors[0][1],
+                reason,
                 self.on_failure,
             )
-        reason = errors[0][1] if errors else ""
         out = {"avg": fill_failures(avg, groups, self.on_failure, reason)}
         out.update({name: fill_failures(v, groups, self.on_failure, reason) for name, v in values.items()})
         out["failed"] = failed.astype(np.float64)

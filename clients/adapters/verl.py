@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.adapters.failures import OnFailure, check_on_failure, fill_failures
+from clients.adapters.failures import OnFailure, check_on_failure, fill_failures, unscored
 from clients.adapters.flow_grpo import reward_columns
 from clients.adapters.inputs import Batch, one_image_each, task_inputs
 from clients.client import RewardClient
@@ -96,8 +96,7 @@ class VerlComputeScore:
         values = reward_columns(reply, inputs)
         reward = inputs.spec.reward_term
         failed = np.isnan(values[reward])
-        errors = [(i, str(r.error or "no reward")) for i, r in enumerate(reply.results) if failed[i]]
-        reason = errors[0][1] if errors else ""
+        errors, reason = unscored(reply.results, failed)
         if errors:  # to the log only: the results are floats, and the function keeps nothing of a call
             logger.warning("%d of %d items were not scored (%s)", len(errors), len(infos), reason)
         filled = {name: fill_failures(v, texts, self.on_failure, reason) for name, v in values.items()}
