@@ -221,7 +221,7 @@ class AsyncRewardClient:
             self._http.build_request("POST", path, json=body),
             self.config.retry,
             timeout_s=timeout_s,
-            can_fail_over=lambda: bool(self._replicas.awake()),
+            can_fail_over=self._replicas.can_fail_over,
         )
         try:
             answer = response.json()

@@ -111,6 +111,11 @@ class FailoverTransport(httpx.AsyncBaseTransport):
         now = self._clock()
         return [r for r in self.replicas if r.resting_until <= now]
 
+    def can_fail_over(self) -> bool:
+        """Another replica can take the next attempt: there are several, and one is awake. A lone server is
+        never sent its retry at once."""
+        return len(self.replicas) > 1 and bool(self.awake())
+
     def rest(self, replica: Replica, why: str) -> None:
         """Keep requests away from `replica` for the cool-down; its readiness is checked after."""
         replica.resting_until = self._clock() + self.cooldown_s

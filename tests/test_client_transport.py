@@ -92,7 +92,7 @@ def _post(
         async with httpx.AsyncClient(base_url=ORIGIN, transport=transport) as http:
             request = http.build_request("POST", "/v1/gen/score", json={"items": []})
             return await send_with_retries(
-                http, request, policy, timeout_s=timeout_s, can_fail_over=lambda: bool(transport.awake()), sleep=sleep
+                http, request, policy, timeout_s=timeout_s, can_fail_over=transport.can_fail_over, sleep=sleep
             )
 
     try:
@@ -124,6 +124,14 @@ def test_a_passing_fault_is_retried_and_only_502_503_rest_the_replica(status: in
     assert waits == [wait]
     assert replicas.hosts() == (["a", "b"] if rests else ["a", "a"])
     assert transport.replicas[0].check_ready is rests
+
+
+def test_a_lone_server_answering_504_gets_its_retry_after_a_wait() -> None:
+    """With no other replica to fail over to, a 504 is not followed by an attempt at once on the same server."""
+    replicas = Replicas(a=[_error(504), OK])
+    answer, waits = _post(_transport(replicas))
+    assert isinstance(answer, httpx.Response) and answer.status_code == 200
+    assert waits == [0.5] and replicas.hosts() == ["a", "a"]
 
 
 @pytest.mark.parametrize(
