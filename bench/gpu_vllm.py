@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -113,7 +117,7 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
 
 
 async def _drive(
-    url: str, work: list[Any], concurrency: int, send: Callable[[httpx.AsyncClient, Any], Awaitable[bool]]
+    work: list[Any], concurrency: int, send: Callable[[Any], Awaitable[bool]]
 ) -> tuple[float, list[float], int]:
     """`concurrency` clients take the work in turn; (seconds, each unit's latency, failed units)."""
     latencies: list[float] = []
@@ -121,27 +125,24 @@ async def _drive(
     queue: asyncio.Queue[Any] = asyncio.Queue()
     for unit in work:
         queue.put_nowait(unit)
+
+    async def worker() -> None:
+        nonlocal failures
+        while not queue.empty():
+            unit = queue.get_nowait()
+            started = time.perf_counter()
+            ok = await send(unit)
+            latencies.append(time.perf_counter() - started)
+            failures += 0 if ok else 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, failures
+
+
+def _limits(concurrency: int) -> httpx.Limits:
     # a pooled connection is dropped before uvicorn's 5 s keep-alive ends, not reused as the server closes it
-    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=4.0)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-
-        async def worker() -> None:
-            nonlocal failures
-            while not queue.empty():
-                unit = queue.get_nowait()
-                started = time.perf_counter()
-                ok = await send(client, unit)
-                latencies.append(time.perf_counter() - started)
-                failures += 0 if ok else 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - started, latencies, failures
-
-
-async def _score(client: httpx.AsyncClient, body: dict) -> bool:
-    response = await client.post("/v1/edit/score", json=body)
-    return response.status_code == 200 and all(r["reward"] is not None for r in response.json()["results"])
+    return httpx.Limits(max_connections=concurrency, keepalive_expiry=4.0)
 
 
 def _figures(args: argparse.Namespace, elapsed: float, latencies: list[float], failures: int) -> dict[str, float]:
@@ -155,21 +156,35 @@ def _figures(args: argparse.Namespace, elapsed: float, latencies: list[float], f
 
 
 def http(args: argparse.Namespace) -> dict[str, float]:
-    """The same calls through firm-serve --engine vllm, one item (two calls) per request."""
+    """The same calls through firm-serve --engine vllm, sent by the project's own client as a trainer sends
+    them: one item (two calls) per request, its images encoded in the clock."""
+    from clients.client import AsyncRewardClient
+    from clients.config import ClientConfig
     from tests.support import running_server
 
     items = _items(args.items + 4, args.side)
-    bodies = [{"items": [{"source": encode(s), "edited": encode(e), "instruction": text}]} for s, e, text in items]
     flags = ["--engine", "vllm", "--edit-model", args.model, "--gen-model", "none", "--prompts", "own"]
     flags += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     flags += ["--edit-gpu-memory-utilization", str(args.gpu_memory_utilization)]
     # a pixel budget that leaves the bench's images as drawn and fits their context in --max-model-len
     flags += ["--image-pixel-budget", str(max(args.side * args.side, 256 * 256))]
     flags += ["--enforce-eager"] if args.cpu else []
+
+    async def run(url: str) -> tuple[float, list[float], int]:
+        config = ClientConfig(base_urls=(url,), timeout_s=600.0, chunk_size=1, max_in_flight=args.concurrency)
+        transport = httpx.AsyncHTTPTransport(limits=_limits(args.concurrency))
+        async with AsyncRewardClient(config=config, http_transport=transport) as client:
+
+            async def score(item: tuple[Any, Any, str]) -> bool:
+                reply = await client.score_edits(*item)
+                return all(r.reward is not None for r in reply.results)
+
+            await _drive(items[:4], 4, score)  # warm-up, on items of its own
+            return await _drive(items[4:], args.concurrency, score)
+
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
-        asyncio.run(_drive(url, bodies[:4], 4, _score))  # warm-up, on items of its own
         cpu = time.process_time()
-        elapsed, latencies, failures = asyncio.run(_drive(url, bodies[4:], args.concurrency, _score))
+        elapsed, latencies, failures = asyncio.run(run(url))
         cpu = time.process_time() - cpu  # the clients' own CPU time, taken from the cores the server runs on
     return {"client_cpu_s": cpu, **_figures(args, elapsed, latencies, failures)}
 
@@ -189,54 +204,80 @@ def _serve_command(args: argparse.Namespace, port: int) -> list[str]:
     return [*cmd, "--disable-log-stats", "--disable-uvicorn-access-log"]
 
 
-def _chat_bodies(items: list[tuple[Any, Any, str]]) -> list[list[dict]]:
-    """Each item's judge calls as chat-completion bodies: the judges' own prompts, images as data URLs."""
-    from server.engines.tokens import chat_content
-
-    judges = load_judges()
-    work = []
-    for source, edited, instruction in items:
-        urls = [f"data:image/png;base64,{encode(image)}" for image in (source, edited)]
-        calls = []
-        for name in EDIT_JUDGES:
-            content, _ = chat_content(judges[name].prompt((source, edited), instruction=instruction))
-            pictures = iter(urls)
-            content = [
-                {"type": "image_url", "image_url": {"url": next(pictures)}} if c["type"] == "image" else c
-                for c in content
-            ]
-            calls.append(
-                {
-                    "model": SERVED,
-                    "messages": [{"role": "user", "content": content}],
-                    "max_tokens": judges[name].max_new_tokens,
-                    "temperature": 0.0,
-                    "seed": 0,
-                    "logprobs": True,
-                    "top_logprobs": 5,
-                }
-            )
-        work.append(calls)
-    return work
+def _data_url(image: Any) -> str:
+    """An image as the release's own chat-completions reward client sends it: PNG, base64, in a data URL."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def _chat(client: httpx.AsyncClient, calls: list[dict]) -> bool:
-    """One item: its judge calls sent together, as firm-serve sends them to its engine."""
-    responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=c) for c in calls))
-    return all(r.status_code == 200 and r.json()["choices"][0]["message"]["content"] for r in responses)
+def _expected(choice: Any) -> float | None:
+    """The score a user reads from a chat completion: the written digit after "score", weighted by the
+    top-5 log-probs of the token that wrote it."""
+    text = choice.message.content or ""
+    found = re.search(r'"score"\s*:\s*\[?\s*([1-5])', text)
+    if found is None or choice.logprobs is None:
+        return None
+    at = 0
+    for token in choice.logprobs.content:
+        if at <= found.start(1) < at + len(token.token):
+            tops = ((t.token.strip(), t.logprob) for t in token.top_logprobs)
+            probs = {digit: math.exp(logprob) for digit, logprob in tops if digit in SCORE_TOKENS}
+            total = sum(probs.values())
+            return sum(int(k) * v for k, v in probs.items()) / total if total else None
+        at += len(token.token)
+    return None
 
 
 def serve(args: argparse.Namespace) -> dict[str, float]:
-    """The same calls through `vllm serve`, each to /v1/chat/completions."""
+    """The same calls through `vllm serve`, sent as the release's own reward client sends its calls to a
+    chat-completions server (`unifiedreward_score_sglang` in its flow_grpo/rewards.py): `openai.AsyncOpenAI`,
+    one call per judge, each call's images encoded as PNG data URLs in the clock, an item's calls gathered;
+    with top-5 log-probs, so the expected score can be read as firm-serve reads it."""
+    from openai import AsyncOpenAI
+
+    from server.engines.tokens import chat_content
     from tests.support import free_port, running_process
 
-    work = _chat_bodies(_items(args.items + 4, args.side))
+    judges = load_judges()
+    items = _items(args.items + 4, args.side)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = args.cache_dir / f"vllm-serve-{port}.log"
+
+    async def run() -> tuple[float, list[float], int]:
+        http_client = httpx.AsyncClient(limits=_limits(args.concurrency), timeout=600)
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", http_client=http_client) as client:
+
+            async def call(name: str, item: tuple[Any, Any, str]) -> bool:
+                source, edited, instruction = item
+                content, _ = chat_content(judges[name].prompt((source, edited), instruction=instruction))
+                pictures = iter((source, edited))
+                content = [
+                    {"type": "image_url", "image_url": {"url": _data_url(next(pictures))}}
+                    if c["type"] == "image"
+                    else c
+                    for c in content
+                ]
+                reply = await client.chat.completions.create(
+                    model=SERVED,
+                    messages=[{"role": "user", "content": content}],
+                    max_tokens=judges[name].max_new_tokens,
+                    temperature=0.0,
+                    seed=0,
+                    logprobs=True,
+                    top_logprobs=5,
+                )
+                return _expected(reply.choices[0]) is not None  # a call whose score can't be read is not scored
+
+            async def score(item: tuple[Any, Any, str]) -> bool:
+                return all(await asyncio.gather(*(call(name, item) for name in EDIT_JUDGES)))
+
+            await _drive(items[:4], 4, score)  # warm-up, on items of its own
+            return await _drive(items[4:], args.concurrency, score)
+
     with running_process("vllm serve", _serve_command(args, port), log_path, f"{url}/v1/models", timeout=600):
-        asyncio.run(_drive(url, work[:4], 4, _chat))  # warm-up, on items of its own
-        elapsed, latencies, failures = asyncio.run(_drive(url, work[4:], args.concurrency, _chat))
+        elapsed, latencies, failures = asyncio.run(run())
     return _figures(args, elapsed, latencies, failures)
 
 
@@ -270,16 +311,25 @@ def groups(args: argparse.Namespace, prefill: bool) -> dict[str, float]:
     flags += ["--enforce-eager"] if args.cpu else []
     flags += ["--group-prefill" if prefill else "--no-group-prefill"]
 
-    async def score_group(client: httpx.AsyncClient, body: dict) -> bool:
-        response = await client.post("/v1/edit/score_group", json=body)
-        return response.status_code == 200 and len(response.json()["results"]) == args.group_size
+    async def run(url: str) -> tuple[tuple[float, list[float], int], list[float], list[float]]:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=_limits(args.group_concurrency)) as client:
+
+            async def score_group(body: dict) -> bool:
+                response = await client.post("/v1/edit/score_group", json=body)
+                return response.status_code == 200 and len(response.json()["results"]) == args.group_size
+
+            async def counters() -> list[float]:
+                text = (await client.get("/metrics")).text
+                return [metric_value(text, n) for n in names]
+
+            await _drive(bodies[:1], 1, score_group)  # warm-up, on a group of its own
+            before = await counters()
+            done = await _drive(bodies[1:], args.group_concurrency, score_group)
+            return done, before, await counters()
 
     names = ("firm_vllm_prefix_cache_hits_total", "firm_vllm_prefix_cache_queries_total")
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
-        asyncio.run(_drive(url, bodies[:1], 1, score_group))  # warm-up, on a group of its own
-        before = [metric_value(httpx.get(f"{url}/metrics").text, n) for n in names]
-        elapsed, latencies, failures = asyncio.run(_drive(url, bodies[1:], args.group_concurrency, score_group))
-        after = [metric_value(httpx.get(f"{url}/metrics").text, n) for n in names]
+        (elapsed, latencies, failures), before, after = asyncio.run(run(url))
     hits, queries = (a - b for a, b in zip(after, before, strict=True))
     return {
         "calls_per_s": 2 * args.group_size * (args.groups - failures) / elapsed,

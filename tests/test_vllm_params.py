@@ -170,3 +170,34 @@ def test_calls_sharing_an_opening_are_submitted_after_its_prefill(fake_vllm: Any
     # the first call streams, and only once it is prefilled do the others go
     assert order[:2] == ["submitted call 0", "prefilled call 0"]
     assert sum(e == "submitted" for e, _ in llm.log) == 6
+
+
+def test_decoded_images_reach_vllm_keyed_by_the_bytes_they_came_from(fake_vllm: Any, tokenizer: Any) -> None:
+    """vLLM skips hashing an image's pixels when given its key: the same bytes share one, other bytes differ,
+    and an image made in-process is left for vLLM to hash."""
+    from server.images import ImageLimits, decode_image
+    from tests.support import b64
+
+    engine = _engine(tokenizer)
+    sent: list[dict[str, Any]] = []
+
+    async def generate(inputs: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[Any]:
+        sent.append(inputs)
+        yield FakeLLM(tokenizer)._output(FakeLLM(tokenizer).ids, "stop")
+
+    engine._llm = types.SimpleNamespace(generate=generate)
+    engine._processor = types.SimpleNamespace(apply_chat_template=lambda *_, **__: "prompt")
+    red, blue = b64("red"), b64("blue")
+    limits = ImageLimits()
+    again = decode_image(red, "edited", limits)
+    calls = [
+        (decode_image(red, "source", limits), decode_image(blue, "edited", limits), "Judge."),
+        (again, again, "Judge."),
+        (Image.new("RGB", (64, 64), "green"), "Judge."),
+    ]
+    results = asyncio.run(engine.generate([GenerationRequest(parts, 64) for parts in calls]))
+    assert all(r.text == ANSWER for r in results)
+    keys = [inputs["multi_modal_uuids"]["image"] for inputs in sent]
+    (red_key, blue_key), (red_again, red_once_more), (made,) = keys
+    assert red_key == red_again == red_once_more and red_key != blue_key
+    assert isinstance(red_key, str) and made is None

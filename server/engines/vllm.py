@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from foundation.daemon import run_in_daemon
@@ -51,6 +52,7 @@ from server.engines.base import (
 )
 from server.engines.prefill_order import image_tokens, prefill_leaders
 from server.engines.tokens import chat_content, single_token_ids, watched_steps
+from server.images import DIGEST_KEY
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +344,7 @@ class VLLMEngine(Engine):
         inputs: dict[str, Any] = {"prompt": prompt}
         if images:
             inputs["multi_modal_data"] = {"image": images}
+            inputs["multi_modal_uuids"] = {"image": image_identities(images)}
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineGenerateError
 
@@ -370,6 +373,14 @@ class VLLMEngine(Engine):
         if finish_reason == "abort":  # stopped before the end: not an answer to judge
             return EngineError("vllm aborted the request")
         return answer(self._tokenizer, ids, steps, finish_reason, self._watch_ids, self.watch_tokens)
+
+
+def image_identities(images: Sequence[Image.Image]) -> list[str | None]:
+    """vLLM's key for each image in its caches: the digest of the bytes the server decoded it from, so vLLM
+    need not hash the pixels of every call (for a 512-pixel image that costs more than decoding it); None,
+    for an image made in-process, leaves vLLM to hash it. Within one process the same bytes always decode
+    to the same pixels (the pixel budget is the process's own), which is what vLLM asks of the key."""
+    return [image.info.get(DIGEST_KEY) for image in images]
 
 
 def answer(
