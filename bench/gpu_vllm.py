@@ -1,14 +1,16 @@
 """Serving overhead of the vllm engine: judge calls/s through firm-serve's HTTP route against
 offline `vllm.LLM.generate` on the same calls, with the same engine arguments, and against
-`vllm serve` with those arguments and a client that sends each judge call to its
-`/v1/chat/completions` with top-5 log-probs, as a user without this project would.
+`vllm serve` with those arguments, called as the release's own chat-completions reward client
+calls its server (`openai.AsyncOpenAI`, one call per judge, images as PNG data URLs), with top-5
+log-probs: what a user without this project would run.
 
-Both sides score the same edit items on both edit judges (execution + consistency): the same
+All three score the same edit items on both edit judges (execution + consistency): the same
 prompts, rendered the same way, greedy, with the score digits' log-probs. The offline side takes
-`VLLMEngine`'s own engine arguments and sampling parameters, so the only difference is the serving
-layer (HTTP, JSON, image decoding, the judges' parsing). Each instruction is new, so the server's
-cache of identical calls answers nothing. Each phase runs in a process of its own, with a time
-limit, so one frees the device before the other starts.
+`VLLMEngine`'s own engine arguments and sampling parameters and hands vLLM decoded images. Both
+HTTP sides encode their images in the clock, as a trainer does: firm-serve's through the project's
+own `AsyncRewardClient`, one item per request. Each instruction is new, so the server's cache of
+identical calls answers nothing. Each phase runs in a process of its own, with a time limit, so
+one frees the device before the other starts.
 
 With `--groups N`, N GRPO edit groups of `--group-size` candidates at `--group-side` pixels are
 then scored through firm-serve with group prefill on and off (on the tiny critic, through a copy
