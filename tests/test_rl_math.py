@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from clients.tasks import TASKS
 from foundation.flags import parse_settings
@@ -23,16 +22,15 @@ from rl_workers import grpo
 from rl_workers.advantages import group_advantages, step_advantages
 from rl_workers.cli import build_parser
 from rl_workers.distributed import Ranks
-from rl_workers.generators import load_generator
 from rl_workers.generators.base import Condition, Generator
 from rl_workers.generators.qwen_edit import edit_size
 from rl_workers.observability import MetricsLog
-from rl_workers.rewards import GroupRewards
 from rl_workers.sampling import kl_to_reference, sample, sde_step, sigma_cap_of
 from rl_workers.settings import RolloutSettings
 from rl_workers.tasks import ROLLOUT_TASKS
 from rl_workers.tiny import ensure_tiny_pipeline
-from rl_workers.worker import RolloutWorker, Timings
+from rl_workers.worker import Timings
+from tests.fixed_rewards import fixed_reward_worker
 from tests.support import picture
 
 G = 4
@@ -52,25 +50,6 @@ def settings_for(task: str, cache_dir: Path, tmp_path: Path, **extra: Any) -> Ro
     )
 
 
-class FixedRewards:
-    """Stands in for the reward server: every group gets the same rewards."""
-
-    def __init__(self, rewards: list[float | None]) -> None:
-        self.rewards = rewards
-
-    def submit(self, condition: Condition, images: list[Image.Image], source: Image.Image | None = None) -> Any:
-        self.images = images
-        rewards = GroupRewards(list(self.rewards), {})
-        return type("Done", (), {"result": lambda _: rewards})()
-
-
-def _worker(settings: RolloutSettings, rewards: list[float | None] | None = None) -> RolloutWorker:
-    generator = load_generator(settings, CPU)
-    condition = Condition("a red square", picture("blue") if settings.task == "edit" else None, id="c")
-    critic = FixedRewards(rewards or [0.0, 0.25, 0.5, 1.0])
-    return RolloutWorker(settings, generator, critic, iter([condition] * 100))  # type: ignore[arg-type]
-
-
 def test_timestep_fraction_trains_the_first_int_fraction_steps(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,7 +61,7 @@ def test_timestep_fraction_trains_the_first_int_fraction_steps(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(grpo, "step_log_prob", spy)
-    worker = _worker(settings_for("gen", cache_dir, tmp_path, kl_beta=0.0, group_size=2), [0.0, 1.0])
+    worker = fixed_reward_worker(settings_for("gen", cache_dir, tmp_path, kl_beta=0.0, group_size=2), [0.0, 1.0])
     for fraction, trained in ((0.99, [0, 1]), (1.0, [0, 1, 2]), (0.34, [0])):
         worker.settings = worker.settings.model_copy(update={"timestep_fraction": fraction})
         seen.clear()
@@ -92,7 +71,7 @@ def test_timestep_fraction_trains_the_first_int_fraction_steps(
 
 
 def test_kl_form_scales_each_step_by_its_size(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("gen", cache_dir, tmp_path))
+    worker = fixed_reward_worker(settings_for("gen", cache_dir, tmp_path))
     sigmas, _ = worker.generator.schedule(10, torch.zeros(1, 4, 8, 8))
     x, v, ref_v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ratios = []
@@ -117,7 +96,7 @@ def _velocity_gradients(generator: Generator, conditioning: Any, latents: torch.
 
 @pytest.mark.parametrize("task", ["gen", "edit"])
 def test_cfg_grad_cond_detaches_the_unconditional_branch(task: str, cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for(task, cache_dir, tmp_path))
+    worker = fixed_reward_worker(settings_for(task, cache_dir, tmp_path))
     generator, params = worker.generator, worker.params
     with torch.no_grad():
         for p in params:
@@ -159,7 +138,7 @@ def test_adv_clip_bounds_an_outlier() -> None:
 
 
 def test_trajectory_latents_are_float32_and_the_model_gets_its_dtype(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("gen", cache_dir, tmp_path))
+    worker = fixed_reward_worker(settings_for("gen", cache_dir, tmp_path))
     generator = worker.generator
     generator.transformer.to(torch.bfloat16)
     generator.dtype = torch.bfloat16
@@ -177,7 +156,7 @@ def test_trajectory_latents_are_float32_and_the_model_gets_its_dtype(cache_dir: 
 def test_gradient_checkpointing_is_a_setting_that_keeps_the_gradients(cache_dir: Path, tmp_path: Path) -> None:
     grads = {}
     for on in (False, True):
-        worker = _worker(settings_for("gen", cache_dir, tmp_path, gradient_checkpointing=on))
+        worker = fixed_reward_worker(settings_for("gen", cache_dir, tmp_path, gradient_checkpointing=on))
         assert worker.generator.transformer.is_gradient_checkpointing is on
         with torch.no_grad():
             for p in worker.params:
@@ -227,7 +206,7 @@ def test_the_former_task_name_t2i_still_works_with_a_warning(
 
 
 def test_prompts_are_embedded_once(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("edit", cache_dir, tmp_path, prompt_cache=1))
+    worker = fixed_reward_worker(settings_for("edit", cache_dir, tmp_path, prompt_cache=1))
     generator = worker.generator
     condition = next(worker.conditions)
     first, _ = generator.prepare(condition, 2, torch.Generator().manual_seed(0))
@@ -243,7 +222,7 @@ def test_prompts_are_embedded_once(cache_dir: Path, tmp_path: Path) -> None:
 def test_the_same_instruction_on_another_source_is_embedded_anew(cache_dir: Path, tmp_path: Path) -> None:
     """Qwen's encoder sees the source image, so a cached embedding is never reused for another image,
     even under the same id and instruction."""
-    generator = _worker(settings_for("edit", cache_dir, tmp_path)).generator
+    generator = fixed_reward_worker(settings_for("edit", cache_dir, tmp_path)).generator
     red, blue = Condition("Make it green.", picture("red")), Condition("Make it green.", picture("blue"))
     first, _ = generator.prepare(red, 1, torch.Generator())
     second, _ = generator.prepare(blue, 1, torch.Generator())
@@ -252,7 +231,7 @@ def test_the_same_instruction_on_another_source_is_embedded_anew(cache_dir: Path
 
 
 def test_qwen_edit_source_is_vae_encoded_and_seen_at_their_own_sizes(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("edit", cache_dir, tmp_path, source_vae_side=128, source_vl_side=32))
+    worker = fixed_reward_worker(settings_for("edit", cache_dir, tmp_path, source_vae_side=128, source_vl_side=32))
     generator = worker.generator
     seen: list[tuple[int, int]] = []
     encode = generator.pipeline.encode_prompt
@@ -320,7 +299,7 @@ def test_text_encoders_are_on_the_gpu_only_while_they_embed() -> None:
 
 
 def test_decode_batch_bounds_how_many_images_decode_at_once(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(settings_for("gen", cache_dir, tmp_path, decode_batch=3))
+    worker = fixed_reward_worker(settings_for("gen", cache_dir, tmp_path, decode_batch=3))
     generator, sizes = worker.generator, []
     decode = generator.decode
     generator.decode = lambda latents, c: sizes.append(len(latents)) or decode(latents, c)  # type: ignore[method-assign]

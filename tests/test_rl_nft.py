@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
 from rl_workers.advantages import GroupAdvantages
 from rl_workers.dpm_solver import sample_dpm2
@@ -21,11 +20,12 @@ from rl_workers.generators import load_generator
 from rl_workers.generators.base import Condition
 from rl_workers.nft import OLD_DECAY_SCHEDULES, NFTStats, nft_loss, old_decay
 from rl_workers.prompts import endless
-from rl_workers.rewards import GroupRewards, RemoteCritic
+from rl_workers.rewards import RemoteCritic
 from rl_workers.settings import RolloutSettings
 from rl_workers.tasks import ROLLOUT_TASKS
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
+from tests.fixed_rewards import fixed_reward_worker
 from tests.support import picture
 
 G = 4
@@ -43,24 +43,6 @@ def _settings(task: str, cache_dir: Path, tmp_path: Path, **extra: Any) -> Rollo
     return RolloutSettings(
         task=task, tiny=True, cache_dir=cache_dir, prompts=prompts, output_dir=tmp_path / "out", **(SMALL | extra)
     )
-
-
-class FixedRewards:
-    """Stands in for the reward server: every group gets the same rewards."""
-
-    def __init__(self, rewards: list[float | None]) -> None:
-        self.rewards = rewards
-
-    def submit(self, condition: Condition, images: list[Image.Image], source: Image.Image | None = None) -> Any:
-        rewards = GroupRewards(list(self.rewards), {})
-        return type("Done", (), {"result": lambda _: rewards})()
-
-
-def _worker(settings: RolloutSettings, rewards: list[float | None] | None = None) -> RolloutWorker:
-    condition = Condition("a red square", picture("blue") if settings.task == "edit" else None, id="c")
-    critic = FixedRewards(rewards or [0.0, 0.25, 0.5, 1.0])
-    generator = load_generator(settings, CPU)
-    return RolloutWorker(settings, generator, critic, iter([condition] * 100))  # type: ignore[arg-type]
 
 
 def test_the_recipes_are_the_releases(tmp_path: Path) -> None:
@@ -92,7 +74,7 @@ def test_dpm2_lands_on_the_clean_estimate_and_is_deterministic(cache_dir: Path, 
     trajectory = sample_dpm2(Straight(), None, noise, steps=5)  # type: ignore[arg-type]
     assert trajectory.latents.shape[:2] == (2, 6) and not trajectory.log_probs.any()
     assert torch.allclose(trajectory.latents[:, -1], target, atol=1e-5)
-    worker = _worker(_settings("gen", cache_dir, tmp_path))
+    worker = fixed_reward_worker(_settings("gen", cache_dir, tmp_path))
     conditioning, latents = worker.generator.prepare(next(worker.conditions), 2, torch.Generator().manual_seed(0))
     runs = [worker.algorithm.sample(worker.settings, conditioning, latents, torch.Generator()) for _ in range(2)]
     assert torch.equal(runs[0].latents, runs[1].latents)
@@ -133,7 +115,7 @@ def _x0_error(worker: RolloutWorker, rollout: Any, seed: int, rows: slice) -> fl
 
 def test_a_high_advantage_pulls_toward_its_sample_and_a_low_one_pushes_away(cache_dir: Path, tmp_path: Path) -> None:
     settings = _settings("gen", cache_dir, tmp_path, timestep_fraction=0.34, kl_beta=0.0, learning_rate=1e-3)
-    worker = _worker(settings)
+    worker = fixed_reward_worker(settings)
     (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
     start = [p.detach().clone() for p in worker.params]
     moved = {}
@@ -151,7 +133,7 @@ def test_a_high_advantage_pulls_toward_its_sample_and_a_low_one_pushes_away(cach
 
 
 def test_repeated_steps_on_a_fixed_batch_lower_the_policy_loss(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(_settings("gen", cache_dir, tmp_path, kl_beta=0.0, learning_rate=3e-3))
+    worker = fixed_reward_worker(_settings("gen", cache_dir, tmp_path, kl_beta=0.0, learning_rate=3e-3))
     rollouts = worker.sample_groups([next(worker.conditions)], Timings())
     losses = []
     for _ in range(4):
@@ -172,7 +154,7 @@ def _gradients(worker: RolloutWorker, rollouts: list) -> list[torch.Tensor]:
 
 
 def test_masked_samples_change_no_gradient(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(_settings("gen", cache_dir, tmp_path, kl_beta=1.0), [0.0, None, 0.5, 1.0])
+    worker = fixed_reward_worker(_settings("gen", cache_dir, tmp_path, kl_beta=1.0), [0.0, None, 0.5, 1.0])
     (rollout,) = worker.sample_groups([next(worker.conditions)], Timings())
     assert rollout.advantages is not None and rollout.advantages.mask.tolist() == [True, False, True, True]
     with torch.no_grad():  # a trained adapter away from the old one and the reference: no gradient is trivially 0
@@ -188,10 +170,10 @@ def test_masked_samples_change_no_gradient(cache_dir: Path, tmp_path: Path) -> N
 
 
 def test_tied_groups_train_with_advantage_zero(cache_dir: Path, tmp_path: Path) -> None:
-    worker = _worker(_settings("gen", cache_dir, tmp_path), [0.5, 0.5, 0.5, None])
+    worker = fixed_reward_worker(_settings("gen", cache_dir, tmp_path), [0.5, 0.5, 0.5, None])
     result = worker.step()
     assert result.figures["groups/zero_spread"] == 1 and result.update.samples == 3  # the unscored one never trains
-    grpo = _worker(_settings("gen", cache_dir, tmp_path, algorithm="grpo"), [0.5, 0.5, 0.5, None])
+    grpo = fixed_reward_worker(_settings("gen", cache_dir, tmp_path, algorithm="grpo"), [0.5, 0.5, 0.5, None])
     assert grpo.step().update.samples == 0
 
 
@@ -199,7 +181,7 @@ def test_the_old_adapter_samples_and_follows_the_schedule(cache_dir: Path, tmp_p
     assert [old_decay(n, 1) for n in (0, 1, 250, 500, 10_000)] == [0.0, 0.001, 0.25, 0.5, 0.5]
     assert [old_decay(n, 2) for n in (0, 74, 75, 175, 10_000)] == [0.0, 0.0, 0.0, 0.75, 0.999]
     assert [old_decay(n, 0) for n in (0, 10_000)] == [0.0, 0.0]
-    worker = _worker(_settings("gen", cache_dir, tmp_path, learning_rate=0.05))
+    worker = fixed_reward_worker(_settings("gen", cache_dir, tmp_path, learning_rate=0.05))
     nft = worker.algorithm
     assert all(torch.equal(o, p) for o, p in zip(nft.old.weights, worker.params, strict=True))  # starts as trained
     worker.step()  # one optimizer step: d = 0.001, so the old adapter nearly caught up
@@ -222,8 +204,8 @@ def test_the_old_adapter_samples_and_follows_the_schedule(cache_dir: Path, tmp_p
 
 def test_the_ema_differs_from_the_trained_weights_and_is_what_reloads(cache_dir: Path, tmp_path: Path) -> None:
     settings = _settings("gen", cache_dir, tmp_path, learning_rate=0.05, lora_rank=4, lora_alpha=8, eval_steps=2)
-    assert _worker(_settings("gen", cache_dir, tmp_path, algorithm="grpo")).ema is None  # off for GRPO
-    worker = _worker(settings)
+    assert fixed_reward_worker(_settings("gen", cache_dir, tmp_path, algorithm="grpo")).ema is None  # off for GRPO
+    worker = fixed_reward_worker(settings)
     for _ in range(2):
         worker.step()
     assert worker.ema is not None
