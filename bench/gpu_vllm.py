@@ -142,6 +142,25 @@ async def _drive(
     return time.perf_counter() - started, latencies, failures
 
 
+async def _timed(
+    args: argparse.Namespace,
+    items: list[Any],
+    score: Callable[[Any], Awaitable[bool]],
+    score_all: Callable[[list[Any]], Awaitable[int]],
+) -> tuple[float, list[float], int]:
+    """Warm up on the first 4 items, then score the rest as `--shape` says: `clients` (`--concurrency`
+    clients, one item each in turn, each item's latency) or `batch` (one call over them all, as a trainer
+    scores its batch; the batch's time is its one latency). (seconds, latencies, failed items)."""
+    if args.shape == "clients":
+        await _drive(items[:4], 4, score)
+        return await _drive(items[4:], args.concurrency, score)
+    await score_all(items[:4])
+    started = time.perf_counter()
+    failures = await score_all(items[4:])
+    elapsed = time.perf_counter() - started
+    return elapsed, [elapsed], failures
+
+
 def _limits(concurrency: int) -> httpx.Limits:
     # a pooled connection is dropped before uvicorn's 5 s keep-alive ends, not reused as the server closes it
     return httpx.Limits(max_connections=concurrency, keepalive_expiry=4.0)
@@ -153,7 +172,7 @@ def _figures(args: argparse.Namespace, elapsed: float, latencies: list[float], f
         "seconds": elapsed,
         "p50_ms": 1000 * percentile(latencies, 0.5),
         "p99_ms": 1000 * percentile(latencies, 0.99),
-        "failed_requests": failures,
+        "failed_items": failures,
     }
 
 
@@ -173,16 +192,23 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     flags += ["--enforce-eager"] if args.cpu else []
 
     async def run(url: str) -> tuple[float, list[float], int]:
-        config = ClientConfig(base_urls=(url,), timeout_s=600.0, chunk_size=1, max_in_flight=args.concurrency)
-        transport = httpx.AsyncHTTPTransport(limits=_limits(args.concurrency))
+        if args.shape == "clients":  # one item per request, as many requests as clients
+            config = ClientConfig(base_urls=(url,), timeout_s=600.0, chunk_size=1, max_in_flight=args.concurrency)
+            transport = httpx.AsyncHTTPTransport(limits=_limits(args.concurrency))
+        else:  # the client's own chunking and in-flight defaults
+            config, transport = ClientConfig(base_urls=(url,), timeout_s=600.0), None
         async with AsyncRewardClient(config=config, http_transport=transport) as client:
 
             async def score(item: tuple[Any, Any, str]) -> bool:
                 reply = await client.score_edits(*item)
                 return all(r.reward is not None for r in reply.results)
 
-            await _drive(items[:4], 4, score)  # warm-up, on items of its own
-            return await _drive(items[4:], args.concurrency, score)
+            async def score_all(batch: list[tuple[Any, Any, str]]) -> int:
+                sources, edited, instructions = (list(column) for column in zip(*batch, strict=True))
+                reply = await client.score_edits(sources, edited, instructions)
+                return sum(r.reward is None for r in reply.results)
+
+            return await _timed(args, items, score, score_all)
 
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
         cpu = time.process_time()
@@ -248,8 +274,11 @@ def serve(args: argparse.Namespace) -> dict[str, float]:
     log_path = args.cache_dir / f"vllm-serve-{port}.log"
 
     async def run() -> tuple[float, list[float], int]:
-        http_client = httpx.AsyncClient(limits=_limits(args.concurrency), timeout=600)
-        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", http_client=http_client) as client:
+        # `batch`: the OpenAI client's own connection limits, as the release's client has them
+        http_client = (
+            httpx.AsyncClient(limits=_limits(args.concurrency), timeout=600) if args.shape == "clients" else None
+        )
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", http_client=http_client, timeout=600) as client:
 
             async def call(name: str, item: tuple[Any, Any, str]) -> bool:
                 source, edited, instruction = item
@@ -275,8 +304,11 @@ def serve(args: argparse.Namespace) -> dict[str, float]:
             async def score(item: tuple[Any, Any, str]) -> bool:
                 return all(await asyncio.gather(*(call(name, item) for name in EDIT_JUDGES)))
 
-            await _drive(items[:4], 4, score)  # warm-up, on items of its own
-            return await _drive(items[4:], args.concurrency, score)
+            async def score_all(batch: list[tuple[Any, Any, str]]) -> int:
+                """Every call of the batch at once, as the release's client sends its batch."""
+                return (await asyncio.gather(*(score(item) for item in batch))).count(False)
+
+            return await _timed(args, items, score, score_all)
 
     with running_process("vllm serve", _serve_command(args, port), log_path, f"{url}/v1/models", timeout=600):
         elapsed, latencies, failures = asyncio.run(run())
@@ -343,7 +375,8 @@ def groups(args: argparse.Namespace, prefill: bool) -> dict[str, float]:
 
 def _phase(name: str, args: argparse.Namespace, python: str) -> dict[str, float]:
     cmd = [python, __file__, "--phase", name, "--model", args.model, "--items", str(args.items)]
-    cmd += ["--concurrency", str(args.concurrency), "--side", str(args.side), "--dtype", args.dtype]
+    cmd += ["--concurrency", str(args.concurrency), "--shape", args.shape, "--side", str(args.side)]
+    cmd += ["--dtype", args.dtype]
     cmd += ["--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     cmd += ["--cache-dir", str(args.cache_dir), "--phase-timeout", str(args.phase_timeout)]
     cmd += ["--groups", str(args.groups), "--group-size", str(args.group_size), "--group-side", str(args.group_side)]
@@ -365,6 +398,14 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint to serve (default: the tiny critic shaped for vLLM)")
     parser.add_argument("--cpu", action="store_true", help="vLLM's CPU build, from its own environment")
     parser.add_argument("--items", type=int, default=128, help="edit items, each judged on 2 dimensions")
+    parser.add_argument(
+        "--shape",
+        choices=("clients", "batch"),
+        default="clients",
+        help="clients: --concurrency clients, one item each in turn; batch: each side's client scores every "
+        "item in one call, as a trainer scores its batch (firm-serve's client chunks it by its defaults, the "
+        "release's chat-completions client sends every call at once)",
+    )
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP clients, 1 item per request")
     parser.add_argument("--side", type=int, default=IMAGE_SIDE, help="image side in pixels (the tiny critic's)")
     parser.add_argument("--dtype", default=None, help="default: float32 with --cpu, else auto")
@@ -415,20 +456,21 @@ def main() -> None:
         args.model = str(ensure_tiny_checkpoint(args.cache_dir, shape="vllm"))
         args.group_model = str(widen_images(Path(args.model), args.cache_dir, args.group_side))
     where = "CPU build" if args.cpu else "GPU"
-    print(f"vLLM {where}, model={args.model} items={args.items} concurrency={args.concurrency} side={args.side}px")
+    shape = f"concurrency={args.concurrency}" if args.shape == "clients" else "one batch"
+    print(f"vLLM {where}, model={args.model} items={args.items} {shape} side={args.side}px")
     off = _phase("offline", args, python)
     print(f"offline LLM.generate : {off['calls_per_s']:8.1f} judge calls/s ({off['seconds']:.1f} s)", flush=True)
     web = _phase("http", args, python)
     print(
         f"HTTP firm-serve      : {web['calls_per_s']:8.1f} judge calls/s ({web['seconds']:.1f} s), "
-        f"p50 {web['p50_ms']:.0f} ms, p99 {web['p99_ms']:.0f} ms, failed requests {web['failed_requests']:.0f}, "
+        f"p50 {web['p50_ms']:.0f} ms, p99 {web['p99_ms']:.0f} ms, failed items {web['failed_items']:.0f}, "
         f"HTTP clients' CPU {web['client_cpu_s']:.1f} s",
         flush=True,
     )
     peer = _phase("serve", args, python)
     print(
         f"vllm serve + client  : {peer['calls_per_s']:8.1f} judge calls/s ({peer['seconds']:.1f} s), "
-        f"p50 {peer['p50_ms']:.0f} ms, p99 {peer['p99_ms']:.0f} ms, failed items {peer['failed_requests']:.0f}"
+        f"p50 {peer['p50_ms']:.0f} ms, p99 {peer['p99_ms']:.0f} ms, failed items {peer['failed_items']:.0f}"
     )
     print(f"firm-serve / offline : {web['calls_per_s'] / off['calls_per_s']:8.2f}")
     print(f"firm-serve / vllm serve: {web['calls_per_s'] / peer['calls_per_s']:6.2f}", flush=True)
