@@ -177,8 +177,8 @@ def _figures(args: argparse.Namespace, elapsed: float, latencies: list[float], f
 
 
 def http(args: argparse.Namespace) -> dict[str, float]:
-    """The same calls through firm-serve --engine vllm, sent by the project's own client as a trainer sends
-    them: one item (two calls) per request, its images encoded in the clock."""
+    """The same calls through firm-serve --engine vllm, sent by the project's own client, its images encoded
+    in the clock: one item (two calls) per request, or with `--shape batch` the client's own chunks."""
     from clients.client import AsyncRewardClient
     from clients.config import ClientConfig
     from tests.support import running_server
@@ -260,8 +260,9 @@ def _expected(choice: Any) -> float | None:
 def serve(args: argparse.Namespace) -> dict[str, float]:
     """The same calls through `vllm serve`, sent as the release's own reward client sends its calls to a
     chat-completions server (`unifiedreward_score_sglang` in its flow_grpo/rewards.py): `openai.AsyncOpenAI`,
-    one call per judge, each call's images encoded as PNG data URLs in the clock, an item's calls gathered;
-    with top-5 log-probs, so the expected score can be read as firm-serve reads it."""
+    one call per judge, each call's images encoded as PNG data URLs in the clock, an item's calls gathered
+    (with `--shape batch`, every call of the batch); with top-5 log-probs, so the expected score can be read
+    as firm-serve reads it."""
     from openai import AsyncOpenAI
 
     from server.engines.tokens import chat_content
