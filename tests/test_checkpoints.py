@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -29,6 +30,10 @@ from server.checkpoints.memory import Available, Need, judge
 from server.engines.base import MemoryPlan
 from tests.hub_standin import HubStandIn
 from tests.support import free_port
+
+if TYPE_CHECKING:
+    from server.checkpoints.provision import Provisioner
+    from server.lifecycle import Lifecycle
 
 GB = 1000**3
 
@@ -388,34 +393,41 @@ def test_a_config_no_model_class_reads_gets_no_estimate_and_the_load_decides(
     assert any("no estimate for" in r.getMessage() and "no_such_model" in r.getMessage() for r in caplog.records)
 
 
-def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_loading(tiny_checkpoint: Path) -> None:
+def _started(provisioner: Provisioner, tiny_checkpoint: Path, name: str) -> Lifecycle:
+    """A lifecycle of one critic on the tiny checkpoint, started with `provisioner` in the hub's place."""
     import asyncio
 
-    from server.checkpoints.provision import Provisioner
     from server.engines.transformers import TransformersEngine
-    from server.lifecycle import Lifecycle, ModelState, TaskModel
+    from server.lifecycle import Lifecycle, TaskModel
+    from server.tasks import SERVER_TASKS
+
+    task = next(iter(SERVER_TASKS.values()))
+    engine = TransformersEngine(str(tiny_checkpoint), ["1"], device="cpu")
+    model = TaskModel(task=task, name=name, engine=engine, runner=None, judges=())  # type: ignore[arg-type]
+    lifecycle = Lifecycle({task.name: model}, provisioner)
+    asyncio.run(lifecycle.start())
+    return lifecycle
+
+
+def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_loading(tiny_checkpoint: Path) -> None:
+    from server.checkpoints.provision import Provisioner
+    from server.lifecycle import ModelState
     from server.tasks import SERVER_TASKS
 
     class Broken(Provisioner):
         def prepare(self, tasks: object, engine: object) -> object:  # type: ignore[override]
             raise RuntimeError("the cache folder is unreadable")
 
-    task = next(iter(SERVER_TASKS.values()))
-    engine = TransformersEngine(str(tiny_checkpoint), ["1"], device="cpu")
-    model = TaskModel(task=task, name="tiny", engine=engine, runner=None, judges=())  # type: ignore[arg-type]
-    lifecycle = Lifecycle({task.name: model}, Broken(HubAccess()))
-    asyncio.run(lifecycle.start())
-    assert lifecycle.state(task.name) == ModelState.FAILED
-    assert "the cache folder is unreadable" in lifecycle.failures()[task.name]
+    task = next(iter(SERVER_TASKS))
+    lifecycle = _started(Broken(HubAccess()), tiny_checkpoint, "tiny")
+    assert lifecycle.state(task) == ModelState.FAILED
+    assert "the cache folder is unreadable" in lifecycle.failures()[task]
 
 
 def test_a_download_that_breaks_off_the_hub_fails_the_critic_with_the_reason(tiny_checkpoint: Path) -> None:
-    import asyncio
-
     from server.checkpoints.hub import Listing
     from server.checkpoints.provision import Checkpoint, Provisioner
-    from server.engines.transformers import TransformersEngine
-    from server.lifecycle import Lifecycle, ModelState, TaskModel
+    from server.lifecycle import ModelState
     from server.tasks import SERVER_TASKS
 
     class UnwritableCache(Provisioner):
@@ -425,10 +437,7 @@ def test_a_download_that_breaks_off_the_hub_fails_the_critic_with_the_reason(tin
         def download(self, checkpoint: Checkpoint) -> Path | None:
             raise PermissionError(13, "Permission denied", "/cache/models--org--x")
 
-    task = next(iter(SERVER_TASKS.values()))
-    engine = TransformersEngine(str(tiny_checkpoint), ["1"], device="cpu")
-    model = TaskModel(task=task, name="org/x", engine=engine, runner=None, judges=())  # type: ignore[arg-type]
-    lifecycle = Lifecycle({task.name: model}, UnwritableCache(HubAccess()))
-    asyncio.run(lifecycle.start())
-    assert lifecycle.state(task.name) == ModelState.FAILED
-    assert "Permission denied" in lifecycle.failures()[task.name] and not lifecycle.abandoned
+    task = next(iter(SERVER_TASKS))
+    lifecycle = _started(UnwritableCache(HubAccess()), tiny_checkpoint, "org/x")
+    assert lifecycle.state(task) == ModelState.FAILED
+    assert "Permission denied" in lifecycle.failures()[task] and not lifecycle.abandoned
