@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rl_workers.advantages import GroupAdvantages
-from rl_workers.dpm_solver import sample_dpm2
+from rl_workers.dpm_solver import dpm2_step, sample_dpm2
 from rl_workers.generators import load_generator
 from rl_workers.generators.base import Condition
 from rl_workers.nft import OLD_DECAY_SCHEDULES, NFTStats, nft_loss, old_decay
@@ -55,6 +55,21 @@ def test_the_recipes_are_the_releases(tmp_path: Path) -> None:
     assert (grpo.algorithm, grpo.group_size, grpo.guidance, grpo.kl_beta, grpo.ema_decay) == ("grpo", 16, 4.5, 0.04, 0)
     assert RolloutSettings(task="gen", algorithm="nft", prompts=prompts, group_size=8).group_size == 8  # flags win
     assert OLD_DECAY_SCHEDULES[1] == (0, 0.001, 0.5)
+
+
+def test_dpm2_step_is_dpm_solver_pp_2m_when_the_clean_estimate_moves() -> None:
+    """The second-order term, written out from DPM-Solver++(2M): x' = (s'/s) x - a' (e^-h - 1) (x0 + (x0 - x0p) / 2r),
+    with lambda = log(a / s), h = lambda' - lambda and r the previous step's h over this one's."""
+    x, x0, previous = torch.tensor([0.3, -1.2]), torch.tensor([0.8, 0.1]), torch.tensor([0.2, 0.5])
+    sigma_prev, sigma, sigma_next = 0.9, 0.6, 0.3
+
+    def lam(s: float) -> float:
+        return math.log((1 - s) / s)
+
+    h, h_prev = lam(sigma_next) - lam(sigma), lam(sigma) - lam(sigma_prev)
+    corrected = x0 + (x0 - previous) / (2 * h_prev / h)
+    expected = (sigma_next / sigma) * x - (1 - sigma_next) * math.expm1(-h) * corrected
+    assert torch.allclose(dpm2_step(x, x0, previous, (sigma_prev, sigma, sigma_next)), expected)
 
 
 def test_dpm2_lands_on_the_clean_estimate_and_is_deterministic(cache_dir: Path, tmp_path: Path) -> None:
