@@ -99,7 +99,8 @@ class Lifecycle:
                 self.provisioner.check(list(checkpoints.values()))
             except MemoryRefusal as exc:
                 for sharing in groups:
-                    if id(sharing[0].engine) in checkpoints:
+                    checkpoint = checkpoints.get(id(sharing[0].engine))
+                    if checkpoint is not None and checkpoint.label in exc.labels:
                         self._fail(sharing, f"refused by the memory check: {exc}")
             except Exception:  # the device's memory could not be read (a CUDA fault, a device not there)
                 log.exception("memory check skipped: the device's memory could not be read")
@@ -195,7 +196,7 @@ class Lifecycle:
             except BaseException:
                 self._set(sharing, ModelState.READY)  # the weights stayed: keep scoring rather than refuse until a wake
                 raise
-            log.info("%s is asleep", "+".join(m.task.name for m in sharing))
+            log.info("%s is asleep", self._label(sharing))
         return self.states()
 
     async def wake(self) -> dict[str, str]:
@@ -205,7 +206,7 @@ class Lifecycle:
                 continue
             await sharing[0].engine.wake()
             self._set(sharing, ModelState.READY)
-            log.info("%s is awake", "+".join(m.task.name for m in sharing))
+            log.info("%s is awake", self._label(sharing))
         return self.states()
 
     def _check_sleep_support(self) -> None:

@@ -141,13 +141,15 @@ def test_force_loads_what_the_check_refuses_and_a_large_cpu_critic_is_warned_of_
 def test_a_vllm_critic_is_held_to_its_share_of_the_gpu() -> None:
     gpu = {"cuda": Available("cuda", 80 * GB, 80 * GB)}
 
-    def on_gpu(share: float) -> Need:
+    def on_gpu(share: float, label: str = "edit") -> Need:
         plan = MemoryPlan("cuda", "bfloat16", 256, share=share)
-        return Need("edit", "org/edit", 8_800_000_000, plan, 147_456, largest_call=41_000, typical_call=5_000)
+        return Need(label, f"org/{label}", 8_800_000_000, plan, 147_456, largest_call=41_000, typical_call=5_000)
 
     verdict = judge([on_gpu(0.2)], offered=gpu)
     assert verdict.refuse is not None and "gpu-memory-utilization" in verdict.refuse
     assert judge([on_gpu(0.42)], offered=gpu).refuse is None
+    # only the critic over its own share is refused; the one beside it that fits loads
+    assert judge([on_gpu(0.2), on_gpu(0.42, "gen")], offered=gpu).refused == {"edit"}
 
 
 # ----------------------------------------------------------------------------------------- a real server

@@ -27,7 +27,12 @@ SLOW_ON_CPU_PARAMETERS = 1_000_000_000  # past this, a CPU takes minutes per jud
 
 
 class MemoryRefusal(RuntimeError):
-    """The critics would not fit in their device's memory; `str()` gives both figures and the options."""
+    """The critics would not fit in their device's memory; `str()` gives both figures and the options,
+    `labels` the critics refused (a critic that fits, or was not estimated, is not among them)."""
+
+    def __init__(self, reason: str, labels: frozenset[str]) -> None:
+        super().__init__(reason)
+        self.labels = labels
 
 
 @dataclass(frozen=True)
@@ -164,12 +169,14 @@ class Verdict:
 
     lines: list[str]
     refuse: str | None  # the refusal, when the critics cannot fit
+    refused: frozenset[str] = frozenset()  # the labels of the critics that cannot
 
 
 def judge(needs: Sequence[Need], *, offered: dict[str, Available]) -> Verdict:
     """Each device's critics against its memory, `offered[device]`. A vLLM engine is held to its share."""
     lines: list[str] = []
     refusals: list[str] = []
+    refused: set[str] = set()
     for device in dict.fromkeys(n.plan.device for n in needs):
         here = [n for n in needs if n.plan.device == device]
         has = offered[device]
@@ -184,10 +191,12 @@ def judge(needs: Sequence[Need], *, offered: dict[str, Available]) -> Verdict:
             if need.plan.share is not None:  # vLLM: its own share of the device, the rest its cache
                 budget = need.plan.share * has.total
                 if need.least > budget:
+                    refused.add(need.label)
                     refusals.append(
                         _too_big([need], device, budget, f"its --{need.label}-gpu-memory-utilization share")
                     )
         if shared and least > has.free:
+            refused.update(n.label for n in shared)
             refusals.append(_too_big(shared, device, has.free, "available"))
         elif shared:
             lines.append(
@@ -195,7 +204,7 @@ def judge(needs: Sequence[Need], *, offered: dict[str, Available]) -> Verdict:
             )
             if sum(n.at_batch for n in shared) > has.free:
                 lines.append(_batch_warning(shared, has.free - least))
-    return Verdict(lines=lines, refuse="; ".join(refusals) or None)
+    return Verdict(lines=lines, refuse="; ".join(refusals) or None, refused=frozenset(refused))
 
 
 def _too_big(needs: Sequence[Need], device: str, room: float, what: str) -> str:

@@ -100,7 +100,7 @@ class Provisioner:
             log.info("memory: %s", line)
         if verdict.refuse is not None:
             if not self.force:
-                raise MemoryRefusal(verdict.refuse)
+                raise MemoryRefusal(verdict.refuse, verdict.refused)
             log.warning("--force: loading although %s", verdict.refuse)
         slow = [n for n in needs if n.plan.device == "cpu" and n.parameters > SLOW_ON_CPU_PARAMETERS]
         if slow and not self._warned_cpu:
