@@ -301,6 +301,42 @@ def test_without_keys_the_watch_is_shown_on_this_machine_only() -> None:
     assert asyncio.run(status("10.1.2.3")) == 403
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_canaries_ask_the_judges_as_traffic_does(structured: bool) -> None:
+    import asyncio
+
+    from server.engines.base import GenerationResult
+    from server.lifecycle import Lifecycle, TaskModel
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.canary import Canaries
+
+    class Recording:
+        """An engine that answers every judge a 4 and keeps the constraint of every request."""
+
+        name, batches_itself, supports_constraints = "recording", True, True
+
+        def __init__(self) -> None:
+            self.constraints: list[object] = []
+
+        async def generate(self, requests: list[object]) -> list[object]:
+            self.constraints += [request.constraint for request in requests]  # type: ignore[attr-defined]
+            return [GenerationResult(text='{"reasoning": "fine", "score": 4}') for _ in requests]
+
+    from server.batching import DirectRunner
+    from server.judges import load_judges
+
+    task = next(iter(SERVER_TASKS.values()))
+    engine, metrics = Recording(), Metrics()
+    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
+    judges = tuple(load_judges(names=task.judges).values())
+    model = TaskModel(task=task, name="recording", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
+    canaries = Canaries(Lifecycle({task.name: model}), metrics, tolerance=0.05, structured_outputs=structured)
+    asyncio.run(canaries.run("start"))
+    assert engine.constraints, "the canaries asked nothing"
+    assert all((constraint is not None) == structured for constraint in engine.constraints), engine.constraints
+
+
 def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> None:
     import asyncio
 
