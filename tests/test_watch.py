@@ -337,6 +337,49 @@ def test_canaries_ask_the_judges_as_traffic_does(structured: bool) -> None:
     assert all((constraint is not None) == structured for constraint in engine.constraints), engine.constraints
 
 
+def test_a_slow_first_canary_run_goes_on_after_readiness_stops_waiting_and_close_ends_it() -> None:
+    import asyncio
+
+    from server.images import ImageLimits
+    from server.metrics import Metrics
+    from server.scoring import ScoringService
+    from server.settings import Settings
+
+    class Hanging:
+        """A canary set whose runs hang until cancelled, noting how they began and how they ended."""
+
+        def __init__(self) -> None:
+            self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+        async def run(self, reason: str) -> None:
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+    async def scenario() -> None:
+        service = ScoringService(
+            {},
+            Metrics(),
+            limits=ImageLimits(),
+            max_items=8,
+            defaults=Settings().scoring_defaults(),
+            request_timeout_s=0.05,
+        )
+        canaries = Hanging()
+        service.add_canaries(canaries, every=0)  # type: ignore[arg-type]
+        await asyncio.wait_for(service.start(), timeout=10)
+        # readiness stopped waiting, the run goes on
+        assert canaries.started.is_set() and not canaries.cancelled.is_set()
+        assert not service._taking_reference
+        await asyncio.wait_for(service.close(), timeout=10)
+        assert canaries.cancelled.is_set()  # shutdown ends it
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> None:
     import asyncio
 
