@@ -91,6 +91,19 @@ def test_a_ring_of_zero_keeps_nothing_and_no_thumbnail_is_made() -> None:
     assert looks.thumbnails == () and looks.unchanged  # the signal is still computed
 
 
+def test_only_the_items_the_ring_can_hold_get_thumbnails_while_every_edit_gets_its_distance() -> None:
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.watch import Watch
+
+    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
+    watch = Watch([task], Metrics(), samples=2, window_s=60, baseline_s=600)
+    images = [tuple(Image.new("RGB", (64, 64), (n, 0, 0)) for _ in range(2)) for n in range(5)]
+    looks = watch.look(task, [*images, None])
+    assert [bool(look.thumbnails) for look in looks] == [False, False, False, False, True, False]
+    assert all(look.unchanged for look in looks[:5])  # the signal is still computed for every item
+
+
 def test_windows_keep_the_first_stretch_as_baseline_and_forget_old_buckets() -> None:
     windows = Windows(("a", "b"), started=0.0, window_s=100.0, baseline_s=50.0)
     for now, score in [(1.0, 5), (20.0, 5), (60.0, 3), (300.0, 1)]:
