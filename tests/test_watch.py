@@ -120,6 +120,32 @@ def test_windows_keep_the_first_stretch_as_baseline_and_forget_old_buckets() -> 
     assert windows.view(305.0)["baseline_kind"] == "pinned" and not windows.in_baseline(306.0)
 
 
+def test_the_saturation_and_disagreement_gauges_read_nan_once_the_window_holds_no_score() -> None:
+    import math
+
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.watch import Watch
+
+    task = next(iter(SERVER_TASKS.values()))
+    now = [1000.0]
+    metrics = Metrics()
+    watch = Watch([task], metrics, samples=0, window_s=60, baseline_s=0, clock=lambda: now[0])
+    dimension = task.spec.dimensions[0]
+    watch.windows[task.name].bucket(now[0]).dimensions[dimension].add(5, 4.0)
+    labels = {"task": task.name, "dimension": dimension, "window": "last"}
+
+    def gauges() -> tuple[float | None, float | None]:
+        get = metrics.registry.get_sample_value
+        return get("firm_max_score_share", labels), get("firm_score_disagreement", labels)
+
+    watch.view()
+    assert gauges() == (1.0, 1.0)
+    now[0] += 10 * 60  # traffic stopped: the window has moved past every score
+    watch.view()
+    assert all(value is not None and math.isnan(value) for value in gauges()), gauges()
+
+
 def test_a_degraded_model_is_ready_unless_told_otherwise() -> None:
     states = {"edit": ModelState.DEGRADED, "gen": ModelState.DISABLED}
     assert readiness(states).ready

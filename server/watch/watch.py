@@ -14,6 +14,7 @@ The signals:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -197,10 +198,12 @@ class Watch:
                 for dimension, dim in tally.dimensions.items():
                     view = dim.view()
                     labels = {"task": name, "dimension": dimension, "window": which}
-                    if view["max_share"] is not None:
-                        self.metrics.max_score_share.labels(**labels).set(view["max_share"])
-                    if view["disagreement"] is not None:
-                        self.metrics.score_disagreement.labels(**labels).set(view["disagreement"])
+                    # a window with no scores reads NaN, not the last value it had while traffic flowed
+                    share, disagreement = view["max_share"], view["disagreement"]
+                    self.metrics.max_score_share.labels(**labels).set(math.nan if share is None else share)
+                    self.metrics.score_disagreement.labels(**labels).set(
+                        math.nan if disagreement is None else disagreement
+                    )
 
     def pin_baseline(self) -> None:
         now = self.clock()
