@@ -26,7 +26,7 @@ from rl_workers.dpm_solver import sample_dpm2
 from rl_workers.generators.base import Conditioning, Generator
 from rl_workers.grpo import training_steps
 from rl_workers.lora import reference_policy
-from rl_workers.sampling import Trajectory
+from rl_workers.sampling import Trajectory, per_row_mean
 from rl_workers.shadow_weights import ShadowWeights
 
 if TYPE_CHECKING:
@@ -64,17 +64,13 @@ class NFTTerms:
     old_deviation: torch.Tensor  # mean (v - v_old)^2: how far the trained prediction is from the sampler's
 
 
-def _per_row_mean(values: torch.Tensor) -> torch.Tensor:
-    return values.flatten(1).mean(dim=1)
-
-
 def _weighted_error(x0_estimate: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Squared error over its own detached mean absolute error (per sample): every sample's error counts
     about alike, however noisy its timestep."""
     with torch.no_grad():
-        weight = _per_row_mean((x0_estimate.double() - x0.double()).abs()).clamp(min=WEIGHT_FLOOR)
+        weight = per_row_mean((x0_estimate.double() - x0.double()).abs()).clamp(min=WEIGHT_FLOOR)
     shape = (-1,) + (1,) * (x0.ndim - 1)
-    return _per_row_mean((x0_estimate - x0) ** 2 / weight.view(shape).to(x0.dtype))
+    return per_row_mean((x0_estimate - x0) ** 2 / weight.view(shape).to(x0.dtype))
 
 
 def nft_loss(
@@ -102,9 +98,9 @@ def nft_loss(
     negative = _weighted_error(x_t - sigma * ((1.0 + beta) * old - beta * v), x0)
     r = ((advantages.clamp(-adv_clip, adv_clip) / adv_clip) / 2.0 + 0.5).clamp(0.0, 1.0)
     policy = (r * positive / beta + (1.0 - r) * negative / beta) * adv_clip
-    kl = _per_row_mean((v - v_ref.detach()) ** 2) if v_ref is not None else torch.zeros_like(policy)
+    kl = per_row_mean((v - v_ref.detach()) ** 2) if v_ref is not None else torch.zeros_like(policy)
     with torch.no_grad():
-        deviation = _per_row_mean((v - old) ** 2)
+        deviation = per_row_mean((v - old) ** 2)
     return NFTTerms(policy + kl_beta * kl, policy, positive.detach(), negative.detach(), kl.detach(), deviation)
 
 

@@ -33,7 +33,8 @@ class Transition:
     std: float  # the SDE's noise level at this step, before the step size (Flow-GRPO's std_dev_t)
 
 
-def _per_row_mean(values: torch.Tensor) -> torch.Tensor:
+def per_row_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over every dimension but the first: one value per sample of a batch."""
     return values.flatten(1).mean(dim=1)
 
 
@@ -72,7 +73,7 @@ def sde_step(
         next_latents = mean + scale * noise
     sample = next_latents.detach().float()
     log_density = -((sample - mean) ** 2) / (2.0 * scale**2) - math.log(scale) - 0.5 * math.log(2.0 * math.pi)
-    return Transition(sample, _per_row_mean(log_density), mean, scale, std)
+    return Transition(sample, per_row_mean(log_density), mean, scale, std)
 
 
 def kl_to_reference(step: Transition, reference: Transition, form: str) -> torch.Tensor:
@@ -89,7 +90,7 @@ def kl_to_reference(step: Transition, reference: Transition, form: str) -> torch
     """
     if form not in ("exact", "flow_grpo"):
         raise ValueError(f"unknown KL form {form!r}")
-    squared = _per_row_mean((step.mean - reference.mean) ** 2)
+    squared = per_row_mean((step.mean - reference.mean) ** 2)
     return squared / (2.0 * (step.scale if form == "exact" else step.std) ** 2)
 
 

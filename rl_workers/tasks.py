@@ -97,6 +97,36 @@ def _edit_group(
     return client.submit_edit_group(source, condition.prompt, list(images), **options)
 
 
+def _flow_grpo(guidance: float) -> Recipe:
+    """Flow-GRPO's defaults (its SD3.5 config), which only the task's guidance scale changes."""
+    return Recipe(
+        group_size=16,
+        sample_steps=10,
+        eval_steps=40,
+        guidance=guidance,
+        learning_rate=3e-4,
+        kl_beta=0.04,
+        updates_per_step=2,
+        ema_decay=0.0,
+        train_tied_groups=False,
+    )
+
+
+def _release_nft(*, group_size: int, sample_steps: int, eval_steps: int, learning_rate: float) -> Recipe:
+    """The FIRM release's DiffusionNFT configs: what both share, with each config's own values given."""
+    return Recipe(
+        group_size=group_size,
+        sample_steps=sample_steps,
+        eval_steps=eval_steps,
+        guidance=1.0,  # no classifier-free guidance
+        learning_rate=learning_rate,
+        kl_beta=1e-4,
+        updates_per_step=1,
+        ema_decay=0.9,
+        train_tied_groups=True,
+    )
+
+
 ROLLOUT_TASKS: dict[Task, RolloutTask] = {
     entry.spec.name: entry
     for entry in (
@@ -106,30 +136,9 @@ ROLLOUT_TASKS: dict[Task, RolloutTask] = {
             generator_title="Stable Diffusion 3.5",
             model="stabilityai/stable-diffusion-3.5-medium",
             recipes={
-                # Flow-GRPO's SD3.5 defaults
-                "grpo": Recipe(
-                    group_size=16,
-                    sample_steps=10,
-                    eval_steps=40,
-                    guidance=4.5,
-                    learning_rate=3e-4,
-                    kl_beta=0.04,
-                    updates_per_step=2,
-                    ema_decay=0.0,
-                    train_tied_groups=False,
-                ),
+                "grpo": _flow_grpo(guidance=4.5),  # Flow-GRPO's SD3.5 defaults
                 # the release's generation/config/nft.py, sd3_sharegpt_qwenvl (FIRM-SD3.5)
-                "nft": Recipe(
-                    group_size=24,
-                    sample_steps=10,
-                    eval_steps=40,
-                    guidance=1.0,
-                    learning_rate=3e-4,
-                    kl_beta=1e-4,
-                    updates_per_step=1,
-                    ema_decay=0.9,
-                    train_tied_groups=True,
-                ),
+                "nft": _release_nft(group_size=24, sample_steps=10, eval_steps=40, learning_rate=3e-4),
             },
             train_batch=4,
             prompt_file='one text prompt per line, or JSONL of {"prompt"}',
@@ -142,29 +151,9 @@ ROLLOUT_TASKS: dict[Task, RolloutTask] = {
             generator_title="Qwen-Image-Edit",
             model="Qwen/Qwen-Image-Edit",
             recipes={
-                "grpo": Recipe(
-                    group_size=16,
-                    sample_steps=10,
-                    eval_steps=40,
-                    guidance=4.0,
-                    learning_rate=3e-4,
-                    kl_beta=0.04,
-                    updates_per_step=2,
-                    ema_decay=0.0,
-                    train_tied_groups=False,
-                ),
+                "grpo": _flow_grpo(guidance=4.0),  # Flow-GRPO's defaults
                 # the release's editing/config/qwen_image_edit_nft.py (FIRM-Qwen-Edit)
-                "nft": Recipe(
-                    group_size=12,
-                    sample_steps=6,
-                    eval_steps=15,
-                    guidance=1.0,
-                    learning_rate=1.5e-3,
-                    kl_beta=1e-4,
-                    updates_per_step=1,
-                    ema_decay=0.9,
-                    train_tied_groups=True,
-                ),
+                "nft": _release_nft(group_size=12, sample_steps=6, eval_steps=15, learning_rate=1.5e-3),
             },
             train_batch=1,  # Qwen-Image-Edit's 20B transformer with true CFG fits one
             prompt_file='JSONL of {"source": an image path relative to the file, "instruction"}',

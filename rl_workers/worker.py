@@ -89,13 +89,15 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ sampling and rewards
 
-    def sample_groups(self, conditions: list[Condition], timings: Timings, *, sde: bool = True) -> list[Rollout]:
+    def sample_groups(self, conditions: list[Condition], timings: Timings, *, training: bool = True) -> list[Rollout]:
+        """Sample a group per condition and start its scoring: with the algorithm's training sampler (for NFT a
+        deterministic one), or, for evaluation, the ODE sampler."""
         s = self.settings
         rollouts = []
         for condition in conditions:
             started = time.perf_counter()
             conditioning, latents = self.generator.prepare(condition, s.group_size, self.noise_rng)
-            if sde:  # training: the algorithm's sampler
+            if training:
                 trajectory = self.algorithm.sample(s, conditioning, latents, self.noise_rng)
             else:
                 trajectory = sample(
@@ -199,7 +201,7 @@ class RolloutWorker:
         """Mean reward, over all ranks, of one group per rank sampled with the deterministic ODE sampler
         from the evaluation prompts (nothing trains)."""
         with torch.no_grad(), self._kept_weights():
-            rollouts = self.sample_groups([next(self.eval_conditions)], Timings(), sde=False)
+            rollouts = self.sample_groups([next(self.eval_conditions)], Timings(), training=False)
         rewards = [r for ro in rollouts if ro.rewards for r in ro.rewards.rewards if r is not None]
         totals = sum_across({"sum": sum(rewards), "n": len(rewards)}, self.ranks, self.generator.device)
         return totals["sum"] / totals["n"] if totals["n"] else math.nan

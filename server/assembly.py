@@ -176,6 +176,7 @@ def build_service(settings: Settings, metrics: Metrics) -> ScoringService:
             tolerance=settings.canary_tolerance,
             reference=settings.canary_reference,
             user_set=settings.canary_set,
+            structured_outputs=settings.structured_outputs,
         )
         service.add_canaries(canaries, settings.canary_every)
     return service

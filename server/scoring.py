@@ -115,25 +115,26 @@ class ScoringService:
         """Score `canaries` at start, after every wake and, when `every` is over 0, every `every` seconds."""
         self.canaries, self.canary_every = canaries, every
 
-    def _canary_run(self, reason: str) -> None:
+    def _canary_run(self, reason: str) -> asyncio.Task[None] | None:
         """A canary run in the background: a wake answers at once, the page and /readyz tell the outcome."""
         if self.canaries is None:
-            return
+            return None
         task = asyncio.create_task(self.canaries.run(reason), name=f"canaries-{reason}")
         self._canary_tasks.add(task)
         task.add_done_callback(self._canary_tasks.discard)  # a run logs and counts its own failure
+        return task
 
     async def start(self) -> None:
         await self.lifecycle.start()
-        if self.canaries is not None:
+        first = self._canary_run("start")
+        if first is not None:
             # the first answers become the reference: taken before traffic, with /readyz saying 'loading' meanwhile
             self._taking_reference = True
-            try:  # bounded as a request is: a hung engine call does not hold readiness
-                async with asyncio.timeout(self.admission.request_timeout_s):
-                    await self.canaries.run("start")
-            except TimeoutError:
-                log.warning("the first canary run took over %.0f s: readiness no longer waits for it",
-                            self.admission.request_timeout_s)  # fmt: skip
+            try:  # bounded as a request is: a hung engine call does not hold readiness; the run goes on
+                done, _ = await asyncio.wait({first}, timeout=self.admission.request_timeout_s)
+                if not done:
+                    log.warning("the first canary run took over %.0f s: readiness no longer waits for it",
+                                self.admission.request_timeout_s)  # fmt: skip
             finally:
                 self._taking_reference = False
         if self.canaries is not None and self.canary_every > 0:

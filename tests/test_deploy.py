@@ -186,8 +186,10 @@ def test_alert_rules_watch_parse_failures_drift_unchanged_edits_and_saturation()
     series = _exported_series()
     watched = {name for rule in rules for name in _SERIES.findall(rule["expr"])}
     assert watched <= series.keys(), sorted(watched - series.keys())
-    for needed in ("firm_parse_failures_total", "firm_canary_drift", "firm_unchanged_items_total"):
+    for needed in ("firm_items_total", "firm_canary_drift", "firm_unchanged_items_total"):
         assert needed in watched, needed
+    # parse failures as a share of items (an item counts once, however many judge answers it has)
+    assert any('firm_items_total{outcome="parse_error"}' in rule["expr"] for rule in rules)
     assert "firm_max_score_share" in watched  # saturation
     for rule in rules:
         known = set().union(*(series[name] for name in _SERIES.findall(rule["expr"])))

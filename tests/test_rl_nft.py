@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
 from tests.fixed_rewards import fixed_reward_worker
 from tests.support import picture
+from tests.torchrun_rollout import torchrun_gen_step
 
 G = 4
 CPU = torch.device("cpu")
@@ -268,20 +267,10 @@ def test_one_nft_step_against_the_server(task: str, server_url: str, cache_dir: 
 
 
 def test_torchrun_nft_workers_log_figures_of_both_ranks(server_url: str, cache_dir: Path, tmp_path: Path) -> None:
-    ensure_tiny_pipeline(cache_dir, "sd3")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square on a grey background\na blue square on a grey background\n")
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rl_workers.cli", "--tiny",
-        "--algorithm", "nft", "--task", "gen", "--cache-dir", str(cache_dir), "--prompts", str(prompts),
-        "--reward-url", server_url, "--output-dir", str(out), "--resolution", "64", "--group-size", str(G),
-        "--groups-per-step", "1", "--sample-steps", "2", "--max-sequence-length", "16", "--score-mode", "expected",
-        "--steps", "1", "--no-progress", "--no-tensorboard",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    line = torchrun_gen_step(server_url, cache_dir, prompts, out, group_size=G, flags=("--algorithm", "nft"))
     # every sample of both ranks' groups was scored and trained (NFT trains tied groups too)
     assert line["groups/total"] == 2 and line["reward/scored"] == 2 * G and line["train/samples"] == 2 * G
     for name in ("positive_loss", "negative_loss", "kl", "old_deviation", "old_adapter_distance"):

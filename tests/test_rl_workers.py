@@ -28,6 +28,7 @@ from rl_workers.tasks import ROLLOUT_TASKS
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
 from tests.support import picture
+from tests.torchrun_rollout import torchrun_gen_step
 
 G = 4
 SMALL = {
@@ -276,18 +277,7 @@ def test_torchrun_workers_share_the_step_figures(
     server_url: str, cache_dir: Path, prompt_files: dict, tmp_path: Path
 ) -> None:
     """Two ranks under torchrun (gloo on CPU): each samples its own group, the logged figures cover both."""
-    ensure_tiny_pipeline(cache_dir, "sd3")
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rl_workers.cli", "--tiny",
-        "--task", "gen", "--cache-dir", str(cache_dir), "--prompts", str(prompt_files["gen"]),
-        "--reward-url", server_url, "--output-dir", str(out), "--resolution", "64", "--group-size", "4",
-        "--groups-per-step", "1", "--sample-steps", "2", "--max-sequence-length", "16", "--score-mode", "expected",
-        "--steps", "1", "--no-progress", "--no-tensorboard",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    line = torchrun_gen_step(server_url, cache_dir, prompt_files["gen"], tmp_path / "ddp", group_size=4)
     assert line["groups/total"] == 2 and line["train/samples"] == 8
 
 

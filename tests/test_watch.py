@@ -91,6 +91,19 @@ def test_a_ring_of_zero_keeps_nothing_and_no_thumbnail_is_made() -> None:
     assert looks.thumbnails == () and looks.unchanged  # the signal is still computed
 
 
+def test_only_the_items_the_ring_can_hold_get_thumbnails_while_every_edit_gets_its_distance() -> None:
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.watch import Watch
+
+    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
+    watch = Watch([task], Metrics(), samples=2, window_s=60, baseline_s=600)
+    images = [tuple(Image.new("RGB", (64, 64), (n, 0, 0)) for _ in range(2)) for n in range(5)]
+    looks = watch.look(task, [*images, None])
+    assert [bool(look.thumbnails) for look in looks] == [False, False, False, False, True, False]
+    assert all(look.unchanged for look in looks[:5])  # the signal is still computed for every item
+
+
 def test_windows_keep_the_first_stretch_as_baseline_and_forget_old_buckets() -> None:
     windows = Windows(("a", "b"), started=0.0, window_s=100.0, baseline_s=50.0)
     for now, score in [(1.0, 5), (20.0, 5), (60.0, 3), (300.0, 1)]:
@@ -105,6 +118,32 @@ def test_windows_keep_the_first_stretch_as_baseline_and_forget_old_buckets() -> 
     assert last["histogram"] == [1, 0, 0, 0, 0] and last["disagreement"] == 0.5
     windows.pin(305.0)
     assert windows.view(305.0)["baseline_kind"] == "pinned" and not windows.in_baseline(306.0)
+
+
+def test_the_saturation_and_disagreement_gauges_read_nan_once_the_window_holds_no_score() -> None:
+    import math
+
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.watch import Watch
+
+    task = next(iter(SERVER_TASKS.values()))
+    now = [1000.0]
+    metrics = Metrics()
+    watch = Watch([task], metrics, samples=0, window_s=60, baseline_s=0, clock=lambda: now[0])
+    dimension = task.spec.dimensions[0]
+    watch.windows[task.name].bucket(now[0]).dimensions[dimension].add(5, 4.0)
+    labels = {"task": task.name, "dimension": dimension, "window": "last"}
+
+    def gauges() -> tuple[float | None, float | None]:
+        get = metrics.registry.get_sample_value
+        return get("firm_max_score_share", labels), get("firm_score_disagreement", labels)
+
+    watch.view()
+    assert gauges() == (1.0, 1.0)
+    now[0] += 10 * 60  # traffic stopped: the window has moved past every score
+    watch.view()
+    assert all(value is not None and math.isnan(value) for value in gauges()), gauges()
 
 
 def test_a_degraded_model_is_ready_unless_told_otherwise() -> None:
@@ -299,6 +338,85 @@ def test_without_keys_the_watch_is_shown_on_this_machine_only() -> None:
 
     assert asyncio.run(status("127.0.0.1")) == 200
     assert asyncio.run(status("10.1.2.3")) == 403
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_canaries_ask_the_judges_as_traffic_does(structured: bool) -> None:
+    import asyncio
+
+    from server.engines.base import GenerationResult
+    from server.lifecycle import Lifecycle, TaskModel
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.canary import Canaries
+
+    class Recording:
+        """An engine that answers every judge a 4 and keeps the constraint of every request."""
+
+        name, batches_itself, supports_constraints = "recording", True, True
+
+        def __init__(self) -> None:
+            self.constraints: list[object] = []
+
+        async def generate(self, requests: list[object]) -> list[object]:
+            self.constraints += [request.constraint for request in requests]  # type: ignore[attr-defined]
+            return [GenerationResult(text='{"reasoning": "fine", "score": 4}') for _ in requests]
+
+    from server.batching import DirectRunner
+    from server.judges import load_judges
+
+    task = next(iter(SERVER_TASKS.values()))
+    engine, metrics = Recording(), Metrics()
+    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
+    judges = tuple(load_judges(names=task.judges).values())
+    model = TaskModel(task=task, name="recording", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
+    canaries = Canaries(Lifecycle({task.name: model}), metrics, tolerance=0.05, structured_outputs=structured)
+    asyncio.run(canaries.run("start"))
+    assert engine.constraints, "the canaries asked nothing"
+    assert all((constraint is not None) == structured for constraint in engine.constraints), engine.constraints
+
+
+def test_a_slow_first_canary_run_goes_on_after_readiness_stops_waiting_and_close_ends_it() -> None:
+    import asyncio
+
+    from server.images import ImageLimits
+    from server.metrics import Metrics
+    from server.scoring import ScoringService
+    from server.settings import Settings
+
+    class Hanging:
+        """A canary set whose runs hang until cancelled, noting how they began and how they ended."""
+
+        def __init__(self) -> None:
+            self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+        async def run(self, reason: str) -> None:
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+    async def scenario() -> None:
+        service = ScoringService(
+            {},
+            Metrics(),
+            limits=ImageLimits(),
+            max_items=8,
+            defaults=Settings().scoring_defaults(),
+            request_timeout_s=0.05,
+        )
+        canaries = Hanging()
+        service.add_canaries(canaries, every=0)  # type: ignore[arg-type]
+        await asyncio.wait_for(service.start(), timeout=10)
+        # readiness stopped waiting, the run goes on
+        assert canaries.started.is_set() and not canaries.cancelled.is_set()
+        assert not service._taking_reference
+        await asyncio.wait_for(service.close(), timeout=10)
+        assert canaries.cancelled.is_set()  # shutdown ends it
+
+    asyncio.run(scenario())
 
 
 def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> None:

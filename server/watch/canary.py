@@ -171,6 +171,7 @@ class Canaries:
         tolerance: float,
         reference: Path | None = None,
         user_set: Path | None = None,
+        structured_outputs: bool = False,
     ) -> None:
         self.lifecycle, self.metrics, self.tolerance = lifecycle, metrics, tolerance
         tasks = list(lifecycle.models)
@@ -188,8 +189,9 @@ class Canaries:
                         name: {"score": score} for name, score in item.expected.items()
                     }
         self.report: dict[str, dict[str, Any]] = {task: {"status": "pending"} for task in self.items}
-        # judging of its own: no cache, and figures on a registry no one scrapes (canaries are not traffic)
-        self.judging = Judging(Metrics(), CallSharing(0))
+        # judging of its own: no cache, and figures on a registry no one scrapes (canaries are not traffic);
+        # asked as traffic asks, so a canary tests the decoding path that traffic uses
+        self.judging = Judging(Metrics(), CallSharing(0), structured_outputs=structured_outputs)
         self._lock = asyncio.Lock()
         self.runs = 0
 

@@ -88,9 +88,12 @@ class LookMaker:
     def __init__(self, thumbnails: bool) -> None:
         self.thumbnails = thumbnails
 
-    def make(self, images: Sequence[Image.Image], pair: tuple[int, int] | None, seen: dict[int, Any]) -> Looks:
+    def make(
+        self, images: Sequence[Image.Image], pair: tuple[int, int] | None, seen: dict[int, Any], *, kept: bool = True
+    ) -> Looks:
+        """`kept` False for an item the ring will not hold: its distance is made, its thumbnails are not."""
         thumbs: tuple[Image.Image, ...] = ()
-        if self.thumbnails:
+        if self.thumbnails and kept:
             thumbs = tuple(self._small(image, seen) for image in images)
         moved = None
         if pair is not None:

@@ -61,7 +61,7 @@ class SampleRing:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._samples: deque[Sample] = deque(maxlen=max(size, 1))
+        self._samples: deque[Sample] = deque(maxlen=size)  # a deque of 0 keeps nothing
         self._seq = itertools.count(1)
 
     @property
@@ -72,15 +72,12 @@ class SampleRing:
         return next(self._seq)
 
     def add(self, sample: Sample) -> None:
-        if self.enabled:
-            self._samples.append(sample)
+        self._samples.append(sample)
 
     def __len__(self) -> int:
-        return len(self._samples) if self.enabled else 0
+        return len(self._samples)
 
     def latest(self, limit: int | None = None, tag: str | None = None) -> list[Sample]:
         """Newest first, only those tagged `tag` when given."""
-        if not self.enabled:
-            return []
         chosen = [s for s in reversed(self._samples) if tag is None or tag in s.tags]
         return chosen if limit is None else chosen[:limit]

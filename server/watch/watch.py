@@ -2,7 +2,8 @@
 
 `observe` runs on the event loop after each scoring request, on what the request already made: the
 results, and the `Looks` the decoding thread made of its images. It only adds to counters and, when
-the ring is on, appends one sample per item; the windows' gauges are refreshed at most once a second.
+the ring is on, appends one sample per item it can hold (a request's last `size` items); the windows'
+gauges are refreshed at most once a second.
 
 The signals:
 - an unchanged edit: the output is within `UNCHANGED_DISTANCE` of its input (`server.watch.looks`);
@@ -13,6 +14,7 @@ The signals:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,9 +75,13 @@ class Watch:
 
     def look(self, task: ServerTask, images: Sequence[Any]) -> list[Looks]:
         """Looks of each item (its decoded images, or None for an item that failed to decode); for the
-        decoding thread."""
+        decoding thread. Only the last items, those the ring can hold, get thumbnails."""
         seen: dict[Any, Any] = {}
-        return [Looks() if item is None else self.looks.make(item, task.unchanged_pair, seen) for item in images]
+        kept_from = len(images) - self.ring.size
+        return [
+            Looks() if item is None else self.looks.make(item, task.unchanged_pair, seen, kept=index >= kept_from)
+            for index, item in enumerate(images)
+        ]
 
     def observe(
         self,
@@ -93,8 +99,9 @@ class Watch:
         if windows.in_baseline(now):
             tallies.append(windows.baseline)
         results = response.results  # type: ignore[attr-defined]
-        for item, look, verdicts, result in zip(inputs, looks, judged, results, strict=True):
-            self._item(task, item, look, result, tallies, now, verdicts)
+        kept_from = len(results) - self.ring.size  # the ring holds the last items only: no sample for the others
+        for index, (item, look, verdicts, result) in enumerate(zip(inputs, looks, judged, results, strict=True)):
+            self._item(task, item, look, result, tallies, now, verdicts, kept=index >= kept_from)
         group = getattr(response, "group", None)
         if group is not None:
             zero = group.scored >= 2 and group.std == 0
@@ -116,6 +123,8 @@ class Watch:
         tallies: list[Tally],
         now: float,
         verdicts: Judged,
+        *,
+        kept: bool,
     ) -> None:
         spec = task.spec
         dims = _dimensions(result, spec.dimensions)
@@ -138,37 +147,50 @@ class Watch:
             self.metrics.unchanged_items.labels(task=task.name).inc()
         if flagged:
             self.metrics.fooled_items.labels(task=task.name).inc()
-        if self.ring.enabled:
-            reasons = {
-                name: outcome.reasoning
-                for name, judge in zip(spec.dimensions, task.judges, strict=True)
-                if (outcome := verdicts.outcomes.get(judge)) is not None
-            }
-            self.ring.add(
-                Sample(
-                    seq=self.ring.next_seq(),
-                    time=now,
-                    task=task.name,
-                    item=item.id,
-                    text=clipped(item.fields.get(task.text_field, ""), MAX_TEXT_CHARS) or "",
-                    thumbnails=look.thumbnails,
-                    scores={
-                        name: {
-                            "score": dim.score,
-                            "expected": dim.expected,
-                            "reasoning": clipped(reasons.get(name), MAX_REASONING_CHARS),
-                        }
-                        for name, dim in dims.items()
-                        if dim is not None
-                    },
-                    reward=result.reward,
-                    error=None if result.error is None else f"{result.error.code}: {result.error.message}",
-                    distance=look.distance,
-                    unchanged=look.unchanged,
-                    flagged=flagged,
-                    tags=_tags(dims, error, flagged),
-                )
-            )
+        if kept:
+            self.ring.add(self._sample(task, item, result, dims, verdicts, now, look, flagged, error))
+
+    def _sample(
+        self,
+        task: ServerTask,
+        item: ItemInputs,
+        result: Any,
+        dims: Mapping[str, DimensionScore | None],
+        verdicts: Judged,
+        now: float,
+        look: Looks,
+        flagged: bool,
+        error: str | None,
+    ) -> Sample:
+        """What the page shows of one item: its text, thumbnails, scores with their reasoning, and signals."""
+        reasons = {
+            name: outcome.reasoning
+            for name, judge in zip(task.spec.dimensions, task.judges, strict=True)
+            if (outcome := verdicts.outcomes.get(judge)) is not None
+        }
+        return Sample(
+            seq=self.ring.next_seq(),
+            time=now,
+            task=task.name,
+            item=item.id,
+            text=clipped(item.fields.get(task.text_field, ""), MAX_TEXT_CHARS) or "",
+            thumbnails=look.thumbnails,
+            scores={
+                name: {
+                    "score": dim.score,
+                    "expected": dim.expected,
+                    "reasoning": clipped(reasons.get(name), MAX_REASONING_CHARS),
+                }
+                for name, dim in dims.items()
+                if dim is not None
+            },
+            reward=result.reward,
+            error=None if result.error is None else f"{result.error.code}: {result.error.message}",
+            distance=look.distance,
+            unchanged=look.unchanged,
+            flagged=flagged,
+            tags=_tags(dims, error, flagged),
+        )
 
     def _refresh_gauges(self, now: float) -> None:
         for name, windows in self.windows.items():
@@ -176,10 +198,12 @@ class Watch:
                 for dimension, dim in tally.dimensions.items():
                     view = dim.view()
                     labels = {"task": name, "dimension": dimension, "window": which}
-                    if view["max_share"] is not None:
-                        self.metrics.max_score_share.labels(**labels).set(view["max_share"])
-                    if view["disagreement"] is not None:
-                        self.metrics.score_disagreement.labels(**labels).set(view["disagreement"])
+                    # a window with no scores reads NaN, not the last value it had while traffic flowed
+                    share, disagreement = view["max_share"], view["disagreement"]
+                    self.metrics.max_score_share.labels(**labels).set(math.nan if share is None else share)
+                    self.metrics.score_disagreement.labels(**labels).set(
+                        math.nan if disagreement is None else disagreement
+                    )
 
     def pin_baseline(self) -> None:
         now = self.clock()
