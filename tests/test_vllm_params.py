@@ -201,3 +201,19 @@ def test_decoded_images_reach_vllm_keyed_by_the_bytes_they_came_from(fake_vllm: 
     (red_key, blue_key), (red_again, red_once_more), (made,) = keys
     assert red_key == red_again == red_once_more and red_key != blue_key
     assert isinstance(red_key, str) and made is None
+
+
+def test_an_answer_whose_log_probs_miss_a_token_is_an_engine_error_not_a_score(fake_vllm: Any, tokenizer: Any) -> None:
+    from server.engines.base import EngineError
+
+    engine = _engine(tokenizer)
+    ids = FakeLLM(tokenizer).ids
+
+    async def generate(inputs: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[Any]:
+        completion = types.SimpleNamespace(token_ids=ids, logprobs=[{} for _ in ids[1:]], finish_reason="stop")
+        yield types.SimpleNamespace(outputs=[completion])
+
+    engine._llm = types.SimpleNamespace(generate=generate)
+    engine._processor = types.SimpleNamespace(apply_chat_template=lambda *_, **__: "prompt")
+    (result,) = asyncio.run(engine.generate([GenerationRequest(("Judge this.",), 64)]))
+    assert isinstance(result, EngineError) and "log-probs for" in str(result)

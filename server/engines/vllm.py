@@ -372,6 +372,8 @@ class VLLMEngine(Engine):
             return EngineError("vllm returned no output")
         if finish_reason == "abort":  # stopped before the end: not an answer to judge
             return EngineError("vllm aborted the request")
+        if len(steps) != len(ids):  # misaligned log-probs would read the score's probabilities off another token
+            return EngineError(f"vllm gave log-probs for {len(steps)} of {len(ids)} tokens")
         return answer(self._tokenizer, ids, steps, finish_reason, self._watch_ids, self.watch_tokens)
 
 
