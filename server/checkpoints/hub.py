@@ -81,12 +81,12 @@ def remedies(cause: Cause, model_flag: str) -> list[str]:
 class CheckpointUnavailable(RuntimeError):
     """A checkpoint cannot be had, for `cause`; `str()` is the one line the log and `/readyz` give."""
 
-    def __init__(self, model: str, cause: Cause, detail: str, *, model_flag: str = "the model setting") -> None:
-        self.model, self.cause, self.detail, self.model_flag = model, cause, detail, model_flag
+    def __init__(self, model: str, cause: Cause, detail: str) -> None:
+        self.model, self.cause, self.detail = model, cause, detail
         super().__init__(self.describe())
 
-    def describe(self, model_flag: str | None = None) -> str:
-        todo = "; ".join(remedies(self.cause, model_flag or self.model_flag))
+    def describe(self, model_flag: str = "the model setting") -> str:
+        todo = "; ".join(remedies(self.cause, model_flag))
         return f"{self.model} cannot be had: {self.cause} ({self.detail}). What to do: {todo}"
 
 
@@ -190,10 +190,6 @@ class Listing:
     commit: str | None
     files: dict[str, int]
     revision: str | None = None  # as asked for (a branch, a tag, a commit; None: the default branch)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.files.values())
 
 
 def list_files(model: str, revision: str | None, access: HubAccess) -> Listing:

@@ -9,7 +9,6 @@ holds, plus a margin for the framework itself.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from server.engines.base import MemoryPlan
-
-log = logging.getLogger(__name__)
 
 GB = 1000**3
 RUNTIME_BYTES = 1 * GB  # per engine: the framework's own memory (allocator, CUDA context, Python)

@@ -45,7 +45,7 @@ class Provisioner:
     access: HubAccess
     force: bool = False
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
-    _warned_cpu: bool = False
+    _warned_cpu: bool = field(default=False, init=False)  # the slow-CPU warning is said once
 
     def prepare(self, tasks: Sequence[str], engine: Engine) -> Checkpoint:
         """List the files and read the config (blocking: run off the event loop)."""
