@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_VARS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 EDIT_JUDGES = ("edit_execution", "edit_consistency")
 SERVED = "critic"
+LIMITS = ("max_num_seqs", "max_num_batched_tokens")  # vLLM's step limits, the same on every side
 
 
 def _items(n: int, side: int) -> list[tuple[Any, Any, str]]:
@@ -82,7 +84,14 @@ def _engine(args: argparse.Namespace) -> Any:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.cpu,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
+
+
+def _limits_of(scheduler: Any) -> dict[str, float]:
+    """The step limits an engine resolved: every side runs with the same ones."""
+    return {"max_num_seqs": scheduler.max_num_seqs, "max_num_batched_tokens": scheduler.max_num_batched_tokens}
 
 
 def offline(args: argparse.Namespace) -> dict[str, float]:
@@ -115,20 +124,22 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - started
-    return {"calls_per_s": len(prompts) / elapsed, "seconds": elapsed}
+    limits = _limits_of(llm.llm_engine.vllm_config.scheduler_config)
+    return {"calls_per_s": len(prompts) / elapsed, "seconds": elapsed, **limits}
 
 
 async def _drive(
-    work: list[Any], concurrency: int, send: Callable[[Any], Awaitable[bool]]
+    work: list[Any], senders: Sequence[Callable[[Any], Awaitable[bool]]]
 ) -> tuple[float, list[float], int]:
-    """`concurrency` clients take the work in turn; (seconds, each unit's latency, failed units)."""
+    """One client per sender, each taking the next unit of work when its last is done; (seconds, each
+    unit's latency, failed units)."""
     latencies: list[float] = []
     failures = 0
     queue: asyncio.Queue[Any] = asyncio.Queue()
     for unit in work:
         queue.put_nowait(unit)
 
-    async def worker() -> None:
+    async def worker(send: Callable[[Any], Awaitable[bool]]) -> None:
         nonlocal failures
         while not queue.empty():
             unit = queue.get_nowait()
@@ -138,22 +149,22 @@ async def _drive(
             failures += 0 if ok else 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(send) for send in senders))
     return time.perf_counter() - started, latencies, failures
 
 
 async def _timed(
     args: argparse.Namespace,
     items: list[Any],
-    score: Callable[[Any], Awaitable[bool]],
+    scorers: Sequence[Callable[[Any], Awaitable[bool]]],
     score_all: Callable[[list[Any]], Awaitable[int]],
 ) -> tuple[float, list[float], int]:
-    """Warm up on the first 4 items, then score the rest as `--shape` says: `clients` (`--concurrency`
-    clients, one item each in turn, each item's latency) or `batch` (one call over them all, as a trainer
+    """Warm up on the first 4 items, then score the rest as `--shape` says: `clients` (one client per
+    scorer, one item each in turn, each item's latency) or `batch` (one call over them all, as a trainer
     scores its batch; the batch's time is its one latency). (seconds, latencies, failed items)."""
     if args.shape == "clients":
-        await _drive(items[:4], 4, score)
-        return await _drive(items[4:], args.concurrency, score)
+        await _drive(items[:4], scorers[:4])
+        return await _drive(items[4:], scorers)
     await score_all(items[:4])
     started = time.perf_counter()
     failures = await score_all(items[4:])
@@ -181,7 +192,7 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     in the clock: one item (two calls) per request, or with `--shape batch` the client's own chunks."""
     from clients.client import AsyncRewardClient
     from clients.config import ClientConfig
-    from tests.support import running_server
+    from tests.support import metric_value, running_server
 
     items = _items(args.items + 4, args.side)
     flags = ["--engine", "vllm", "--edit-model", args.model, "--gen-model", "none", "--prompts", "own"]
@@ -190,31 +201,52 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     # a pixel budget that leaves the bench's images as drawn and fits their context in --max-model-len
     flags += ["--image-pixel-budget", str(max(args.side * args.side, 256 * 256))]
     flags += ["--enforce-eager"] if args.cpu else []
+    flags += _limit_flags(args)
 
     async def run(url: str) -> tuple[float, list[float], int]:
-        if args.shape == "clients":  # one item per request, as many requests as clients
-            config = ClientConfig(base_urls=(url,), timeout_s=600.0, chunk_size=1, max_in_flight=args.concurrency)
-            transport = httpx.AsyncHTTPTransport(limits=_limits(args.concurrency))
-        else:  # the client's own chunking and in-flight defaults
-            config, transport = ClientConfig(base_urls=(url,), timeout_s=600.0), None
-        async with AsyncRewardClient(config=config, http_transport=transport) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            if args.shape == "clients":  # each client its own connection, one item per request, as trainers have
+                config = ClientConfig(base_urls=(url,), timeout_s=600.0, chunk_size=1, max_in_flight=1)
+                clients = [
+                    await stack.enter_async_context(
+                        AsyncRewardClient(config=config, http_transport=httpx.AsyncHTTPTransport(limits=_limits(1)))
+                    )
+                    for _ in range(args.concurrency)
+                ]
+            else:  # one client, its own chunking and in-flight defaults
+                config = ClientConfig(base_urls=(url,), timeout_s=600.0)
+                clients = [await stack.enter_async_context(AsyncRewardClient(config=config))]
 
-            async def score(item: tuple[Any, Any, str]) -> bool:
-                reply = await client.score_edits(*item)
-                return all(r.reward is not None for r in reply.results)
+            def scorer(client: AsyncRewardClient) -> Callable[[tuple[Any, Any, str]], Awaitable[bool]]:
+                async def score(item: tuple[Any, Any, str]) -> bool:
+                    reply = await client.score_edits(*item)
+                    return all(r.reward is not None for r in reply.results)
+
+                return score
 
             async def score_all(batch: list[tuple[Any, Any, str]]) -> int:
                 sources, edited, instructions = (list(column) for column in zip(*batch, strict=True))
-                reply = await client.score_edits(sources, edited, instructions)
+                reply = await clients[0].score_edits(sources, edited, instructions)
                 return sum(r.reward is None for r in reply.results)
 
-            return await _timed(args, items, score, score_all)
+            return await _timed(args, items, [scorer(c) for c in clients], score_all)
 
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
         cpu = time.process_time()
         elapsed, latencies, failures = asyncio.run(run(url))
         cpu = time.process_time() - cpu  # the clients' own CPU time, taken from the cores the server runs on
-    return {"client_cpu_s": cpu, **_figures(args, elapsed, latencies, failures)}
+        page = httpx.get(f"{url}/metrics").text
+    limits = {name: metric_value(page, f"firm_vllm_{name}", model=args.model) for name in LIMITS}
+    return {"client_cpu_s": cpu, **limits, **_figures(args, elapsed, latencies, failures)}
+
+
+def _limit_flags(args: argparse.Namespace) -> list[str]:
+    """The step limits given to this bench, as firm-serve and `vllm serve` take them."""
+    flags = []
+    for name in LIMITS:
+        if (value := getattr(args, name)) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
 
 
 def _serve_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -228,6 +260,7 @@ def _serve_command(args: argparse.Namespace, port: int) -> list[str]:
     cmd += ["--limit-mm-per-prompt", json.dumps(engine["limit_mm_per_prompt"])]
     cmd += ["--enable-prefix-caching" if engine["enable_prefix_caching"] else "--no-enable-prefix-caching"]
     cmd += ["--enforce-eager"] if engine["enforce_eager"] else []
+    cmd += _limit_flags(args)  # firm-serve's own, which would otherwise differ: `vllm serve` has online defaults
     # no per-step statistics and no access log, as firm-serve runs (its --log-level warning)
     return [*cmd, "--disable-log-stats", "--disable-uvicorn-access-log"]
 
@@ -275,13 +308,25 @@ def serve(args: argparse.Namespace) -> dict[str, float]:
     log_path = args.cache_dir / f"vllm-serve-{port}.log"
 
     async def run() -> tuple[float, list[float], int]:
-        # `batch`: the OpenAI client's own connection limits, as the release's client has them
-        http_client = (
-            httpx.AsyncClient(limits=_limits(args.concurrency), timeout=600) if args.shape == "clients" else None
-        )
-        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", http_client=http_client, timeout=600) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            if args.shape == "clients":  # each client its own connections, one item's two calls at a time
+                clients = [
+                    await stack.enter_async_context(
+                        AsyncOpenAI(
+                            base_url=f"{url}/v1",
+                            api_key="bench",
+                            http_client=httpx.AsyncClient(limits=_limits(len(EDIT_JUDGES)), timeout=600),
+                            timeout=600,
+                        )
+                    )
+                    for _ in range(args.concurrency)
+                ]
+            else:  # one client, the OpenAI client's own connection limits, as the release's client has them
+                clients = [
+                    await stack.enter_async_context(AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", timeout=600))
+                ]
 
-            async def call(name: str, item: tuple[Any, Any, str]) -> bool:
+            async def call(client: AsyncOpenAI, name: str, item: tuple[Any, Any, str]) -> bool:
                 source, edited, instruction = item
                 content, _ = chat_content(judges[name].prompt((source, edited), instruction=instruction))
                 pictures = iter((source, edited))
@@ -302,18 +347,24 @@ def serve(args: argparse.Namespace) -> dict[str, float]:
                 )
                 return _expected(reply.choices[0]) is not None  # a call whose score can't be read is not scored
 
-            async def score(item: tuple[Any, Any, str]) -> bool:
-                return all(await asyncio.gather(*(call(name, item) for name in EDIT_JUDGES)))
+            def scorer(client: AsyncOpenAI) -> Callable[[tuple[Any, Any, str]], Awaitable[bool]]:
+                async def score(item: tuple[Any, Any, str]) -> bool:
+                    return all(await asyncio.gather(*(call(client, name, item) for name in EDIT_JUDGES)))
+
+                return score
 
             async def score_all(batch: list[tuple[Any, Any, str]]) -> int:
                 """Every call of the batch at once, as the release's client sends its batch."""
+                score = scorer(clients[0])
                 return (await asyncio.gather(*(score(item) for item in batch))).count(False)
 
-            return await _timed(args, items, score, score_all)
+            return await _timed(args, items, [scorer(c) for c in clients], score_all)
 
     with running_process("vllm serve", _serve_command(args, port), log_path, f"{url}/v1/models", timeout=600):
+        cpu = time.process_time()
         elapsed, latencies, failures = asyncio.run(run())
-    return _figures(args, elapsed, latencies, failures)
+        cpu = time.process_time() - cpu  # as for firm-serve's clients: CPU taken from the server's cores
+    return {"client_cpu_s": cpu, **_figures(args, elapsed, latencies, failures)}
 
 
 def _group_bodies(args: argparse.Namespace) -> list[dict]:
@@ -357,9 +408,9 @@ def groups(args: argparse.Namespace, prefill: bool) -> dict[str, float]:
                 text = (await client.get("/metrics")).text
                 return [metric_value(text, n) for n in names]
 
-            await _drive(bodies[:1], 1, score_group)  # warm-up, on a group of its own
+            await _drive(bodies[:1], [score_group])  # warm-up, on a group of its own
             before = await counters()
-            done = await _drive(bodies[1:], args.group_concurrency, score_group)
+            done = await _drive(bodies[1:], [score_group] * args.group_concurrency)
             return done, before, await counters()
 
     names = ("firm_vllm_prefix_cache_hits_total", "firm_vllm_prefix_cache_queries_total")
@@ -382,6 +433,7 @@ def _phase(name: str, args: argparse.Namespace, python: str) -> dict[str, float]
     cmd += ["--cache-dir", str(args.cache_dir), "--phase-timeout", str(args.phase_timeout)]
     cmd += ["--groups", str(args.groups), "--group-size", str(args.group_size), "--group-side", str(args.group_side)]
     cmd += ["--group-concurrency", str(args.group_concurrency), "--group-model", str(args.group_model)]
+    cmd += _limit_flags(args)
     cmd += ["--cpu"] if args.cpu else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(CPU_VARS if args.cpu else {})}
     try:
@@ -413,6 +465,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     parser.add_argument("--phase-timeout", type=float, default=600.0, help="seconds each phase may take")
+    parser.add_argument(
+        "--max-num-seqs", type=int, help="vLLM's requests per step on every side (default: firm-serve's, resolved)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, help="vLLM's tokens per step on every side (default: firm-serve's)"
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -468,10 +526,16 @@ def main() -> None:
         f"HTTP clients' CPU {web['client_cpu_s']:.1f} s",
         flush=True,
     )
+    for name in LIMITS:  # `vllm serve` gets the step limits firm-serve resolved, which offline resolves alike
+        setattr(args, name, getattr(args, name) or int(web[name]))
+        if off[name] != web[name]:
+            print(f"warning: offline ran with {name} {off[name]:.0f}, firm-serve with {web[name]:.0f}")
+    print(f"step limits          : {args.max_num_seqs} requests, {args.max_num_batched_tokens} tokens on every side")
     peer = _phase("serve", args, python)
     print(
         f"vllm serve + client  : {peer['calls_per_s']:8.1f} judge calls/s ({peer['seconds']:.1f} s), "
-        f"p50 {peer['p50_ms']:.0f} ms, p99 {peer['p99_ms']:.0f} ms, failed items {peer['failed_items']:.0f}"
+        f"p50 {peer['p50_ms']:.0f} ms, p99 {peer['p99_ms']:.0f} ms, failed items {peer['failed_items']:.0f}, "
+        f"HTTP clients' CPU {peer['client_cpu_s']:.1f} s"
     )
     print(f"firm-serve / offline : {web['calls_per_s'] / off['calls_per_s']:8.2f}")
     print(f"firm-serve / vllm serve: {web['calls_per_s'] / peer['calls_per_s']:6.2f}", flush=True)

@@ -70,6 +70,8 @@ def engine_options(settings: Settings, tasks: list[Task]) -> dict[str, Any]:
         "group_prefill": settings.group_prefill,
         "sleep_mode": settings.sleep_mode,
         "enforce_eager": settings.enforce_eager,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
         "batch_invariant": settings.batch_invariant,
         "max_batch_size": settings.max_batch_size,
         "base_urls": settings.base_urls(),

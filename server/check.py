@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from foundation.flags import flag
 from server.assembly import Source, engine_for, engine_groups, model_sources, provisioner
 from server.checkpoints.hub import CheckpointUnavailable, cached_snapshot, is_local
-from server.checkpoints.memory import available, gb
+from server.checkpoints.memory import Available, available, gb
 from server.checkpoints.progress import size
 from server.checkpoints.provision import Checkpoint, Provisioner
 from server.engines import resolve_engine_name
@@ -67,6 +67,7 @@ def _models(settings: Settings, engine_name: str, sources: dict[str, Source]) ->
     provisioning = provisioner(settings)
     found: list[Finding] = []
     checkpoints: list[Checkpoint] = []
+    devices: dict[str, Available | str] = {}  # each device read once: its memory, or why it could not be read
     for source, tasks in engine_groups(sources).items():
         label = "+".join(tasks)
         try:
@@ -89,13 +90,17 @@ def _models(settings: Settings, engine_name: str, sources: dict[str, Source]) ->
         checkpoints.append(checkpoint)
         found.append(Finding(f"{label} model", f"{source[0]}: {where}{_to_fetch(provisioning, checkpoint)}"))
         if (plan := engine.memory_plan()) is not None:
-            try:
-                has = available(plan.device)
-            except (RuntimeError, AssertionError, ValueError) as exc:  # a CUDA device not there, or not usable
-                found.append(Finding(f"{label} device", f"{plan.device}: {type(exc).__name__}: {exc}", ok=False))
-                return found
-            found.append(Finding(f"{label} device", f"{plan.device}, {gb(has.free)} free of {gb(has.total)}"))
-    found += _memory(settings, provisioning, checkpoints)
+            if plan.device not in devices:
+                try:
+                    devices[plan.device] = available(plan.device)
+                except (RuntimeError, AssertionError, ValueError) as exc:  # a CUDA device not there, or not usable
+                    devices[plan.device] = f"{type(exc).__name__}: {exc}"
+            has = devices[plan.device]
+            if isinstance(has, str):
+                found.append(Finding(f"{label} device", f"{plan.device}: {has}", ok=False))
+            else:
+                found.append(Finding(f"{label} device", f"{plan.device}, {gb(has.free)} free of {gb(has.total)}"))
+    found += _memory(settings, provisioning, checkpoints, devices)
     return found
 
 
@@ -115,8 +120,14 @@ def _to_fetch(provisioning: Provisioner, checkpoint: Checkpoint) -> str:
     return f" ({size(sum(missing.values()))} in {len(missing)} files to download from the hub)"
 
 
-def _memory(settings: Settings, provisioning: Provisioner, checkpoints: list[Checkpoint]) -> list[Finding]:
-    verdict = provisioning.verdict(checkpoints)
+def _memory(
+    settings: Settings, provisioning: Provisioner, checkpoints: list[Checkpoint], devices: dict[str, Available | str]
+) -> list[Finding]:
+    unread = sorted(device for device, has in devices.items() if isinstance(has, str))
+    if unread:
+        return [Finding("memory", f"no estimate (the memory of {', '.join(unread)} could not be read)")]
+    read = {device: has for device, has in devices.items() if isinstance(has, Available)}
+    verdict = provisioning.verdict(checkpoints, offered=read)
     if verdict is None:
         return [Finding("memory", "no estimate (no critic whose weights are held here could be read)")]
     found = [Finding("memory", line) for line in verdict.lines]

@@ -72,6 +72,8 @@ class Lifecycle:
         self.draining = False
         self.abandoned: list[str] = []  # downloads and loads cut short by shutdown, whose threads run on
         self.degraded: set[Task] = set()  # tasks whose canaries drifted (`server.watch.canary`)
+        # the first canary run is taking its reference: loaded models say `loading` and take no traffic yet
+        self.taking_reference = False
 
     def _engine_groups(self) -> list[list[TaskModel]]:
         """The task models grouped by engine: a shared engine is started, put to sleep and closed once."""
@@ -224,7 +226,9 @@ class Lifecycle:
         if model is None:
             return ModelState.DISABLED
         state = model.state
-        if state == ModelState.READY and not model.runner.healthy:
+        if state == ModelState.READY and self.taking_reference:
+            state = ModelState.LOADING  # the canaries' reference comes before any traffic
+        elif state == ModelState.READY and not model.runner.healthy:
             state = ModelState.UNHEALTHY  # still scoring, so a success can bring it back
         elif state == ModelState.READY and task in self.degraded:
             state = ModelState.DEGRADED  # still scoring: the watch page and /readyz say so
@@ -258,4 +262,9 @@ class Lifecycle:
         if model.state != ModelState.READY:
             why = f": {model.failure}" if model.failure else ""
             raise NotReady(f"the {task.name} model is {model.state}{why}", retry_after=model.state.retry_after)
+        if self.taking_reference:
+            raise NotReady(
+                f"the {task.name} model is loading: its canaries are taking their reference answers",
+                retry_after=ModelState.LOADING.retry_after,
+            )
         return model

@@ -36,7 +36,7 @@ from server.errors import Overloaded, TooLarge
 from server.images import ALLOWED_FORMATS, ImageLimits, InvalidImage, decode_image
 from server.judge_cache import CallSharing
 from server.judging import Judging, Prepared
-from server.lifecycle import Lifecycle, ModelState, TaskModel
+from server.lifecycle import Lifecycle, TaskModel
 from server.logs import request_id
 from server.metrics import Metrics
 from server.results import Judged, task_results, without_reasoning
@@ -99,7 +99,6 @@ class ScoringService:
         self.canaries: Canaries | None = None
         self.canary_every = 0.0
         self._canary_tasks: set[asyncio.Task[None]] = set()
-        self._taking_reference = False  # the first canary run is on: readiness waits for it
 
     # ------------------------------------------------------------------ lifecycle and status
 
@@ -129,14 +128,14 @@ class ScoringService:
         first = self._canary_run("start")
         if first is not None:
             # the first answers become the reference: taken before traffic, with /readyz saying 'loading' meanwhile
-            self._taking_reference = True
+            self.lifecycle.taking_reference = True
             try:  # bounded as a request is: a hung engine call does not hold readiness; the run goes on
                 done, _ = await asyncio.wait({first}, timeout=self.admission.request_timeout_s)
                 if not done:
                     log.warning("the first canary run took over %.0f s: readiness no longer waits for it",
                                 self.admission.request_timeout_s)  # fmt: skip
             finally:
-                self._taking_reference = False
+                self.lifecycle.taking_reference = False
         if self.canaries is not None and self.canary_every > 0:
             loop = asyncio.create_task(self.canaries.every(self.canary_every), name="canaries-schedule")
             self._canary_tasks.add(loop)
@@ -156,10 +155,7 @@ class ScoringService:
         await self.lifecycle.close()
 
     def states(self) -> dict[str, str]:
-        states = self.lifecycle.states()
-        if self._taking_reference:
-            return {t: ModelState.LOADING if s == ModelState.READY else s for t, s in states.items()}
-        return states
+        return self.lifecycle.states()
 
     def failures(self) -> dict[str, str]:
         return self.lifecycle.failures()

@@ -365,6 +365,48 @@ def test_check_says_what_would_happen_and_exits_by_it(tiny_checkpoint: Path, tmp
     assert invalid.returncode == 2 and "invalid settings" in invalid.stderr
 
 
+def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_the_report(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.check as check
+    from server.settings import Settings
+
+    gen = tmp_path / "gen-critic"  # a second critic, so two engines ask for the same device
+    shutil.copytree(tiny_checkpoint, gen)
+    settings = Settings(
+        engine="transformers", edit_model=str(tiny_checkpoint), gen_model=str(gen), prompts="own", cache_dir=tmp_path
+    )
+    reads: list[str] = []
+
+    def plenty(device: str) -> Available:
+        reads.append(device)
+        return Available(device, free=64 << 30, total=64 << 30)
+
+    monkeypatch.setattr(check, "available", plenty)
+    found = check.findings(settings)
+    assert reads == ["cpu"], "each device's memory is read once"
+    assert [f.ok for f in found if f.topic.endswith("device")] == [True, True]
+    from server.checkpoints.memory import gb
+
+    # the estimate weighs the critics against the memory read once, not a second reading
+    assert any(f.topic == "memory" and f"of {gb(64 << 30)} available" in f.text for f in found), found
+
+    def unreadable(device: str) -> Available:
+        reads.append(device)
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    reads.clear()
+    monkeypatch.setattr(check, "available", unreadable)
+    found = check.findings(settings)
+    assert reads == ["cpu"]
+    topics = {f.topic: f for f in found}
+    assert topics["edit model"].ok and topics["gen model"].ok  # both critics still reported
+    devices = [f for f in found if f.topic.endswith("device")]
+    assert len(devices) == 2 and not any(f.ok for f in devices) and "no CUDA-capable device" in devices[1].text
+    assert "could not be read" in topics["memory"].text
+    assert {"keys", "bind"} <= set(topics)  # what follows the models is still said
+
+
 def test_a_progress_line_is_a_bar_in_text_and_fields_in_json() -> None:
     import logging
 

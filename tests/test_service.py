@@ -118,3 +118,46 @@ def test_the_model_cards_say_how_images_are_taken(tiny_checkpoint: Path, cache_d
         assert card.images is not None
         assert card.images.formats == ["JPEG", "PNG", "WEBP"] and card.images.reencoded is False
         assert (card.images.pixel_budget, card.images.max_image_bytes) == (512 * 512, 4096)
+
+
+def test_while_the_first_canary_run_takes_its_reference_every_view_says_loading_and_scoring_waits(
+    tiny_checkpoint: Path, cache_dir: Path
+) -> None:
+    from server.errors import NotReady
+
+    service = build_service(Settings(tiny=True, cache_dir=cache_dir, gen_model="none"), Metrics())
+    canaries, release, taking = service.canaries, asyncio.Event(), asyncio.Event()
+    assert canaries is not None, "the tiny service has canaries by default"
+
+    class Held:
+        """The real canary set, its first run held until the test has looked."""
+
+        async def run(self, reason: str) -> None:
+            taking.set()
+            await release.wait()
+            await canaries.run(reason)
+
+    service.add_canaries(Held(), every=0)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        starting = asyncio.create_task(service.start())
+        try:
+            await asyncio.wait_for(taking.wait(), timeout=120)
+            during = [service.states()["edit"], *(card.state for card in service.cards())]
+            with pytest.raises(NotReady, match="taking their reference") as refused:
+                await service.score(_edit_request())
+            assert refused.value.retry_after > 0
+            release.set()
+            await asyncio.wait_for(starting, timeout=120)
+            after = [service.states()["edit"], *(card.state for card in service.cards())]
+            response = await service.score(_edit_request())
+            assert all(result.reward is not None for result in response.results)
+            return during, after
+        finally:
+            release.set()
+            await service.close()
+
+    during, after = asyncio.run(scenario())
+    assert during == ["loading", "loading"]  # /readyz and /v1/models agree
+    assert after == ["ready", "ready"]
+    assert canaries.runs == 1  # the held run was the real one, and it took the reference

@@ -217,3 +217,14 @@ def test_an_answer_whose_log_probs_miss_a_token_is_an_engine_error_not_a_score(f
     engine._processor = types.SimpleNamespace(apply_chat_template=lambda *_, **__: "prompt")
     (result,) = asyncio.run(engine.generate([GenerationRequest(("Judge this.",), 64)]))
     assert isinstance(result, EngineError) and "log-probs for" in str(result)
+
+
+def test_step_limits_reach_vllm_only_when_set() -> None:
+    from server.assembly import engine_options
+    from server.settings import Settings
+
+    unset = VLLMEngine("tiny", SCORE_TOKENS, **engine_options(Settings(), ["edit"]))
+    assert "max_num_seqs" not in unset.engine_args and "max_num_batched_tokens" not in unset.engine_args
+    settings = Settings(max_num_seqs=48, max_num_batched_tokens=6144)
+    chosen = VLLMEngine("tiny", SCORE_TOKENS, **engine_options(settings, ["edit"]))
+    assert (chosen.engine_args["max_num_seqs"], chosen.engine_args["max_num_batched_tokens"]) == (48, 6144)

@@ -412,7 +412,7 @@ def test_a_slow_first_canary_run_goes_on_after_readiness_stops_waiting_and_close
         await asyncio.wait_for(service.start(), timeout=10)
         # readiness stopped waiting, the run goes on
         assert canaries.started.is_set() and not canaries.cancelled.is_set()
-        assert not service._taking_reference
+        assert not service.lifecycle.taking_reference
         await asyncio.wait_for(service.close(), timeout=10)
         assert canaries.cancelled.is_set()  # shutdown ends it
 
@@ -460,3 +460,52 @@ def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> 
     asyncio.run(canaries.run("timer"))
     assert canaries.report[task.name]["status"] == "clean", canaries.report[task.name]
     assert task.name not in lifecycle.degraded and canaries.reference[task.name]
+
+
+def test_a_call_the_engine_fails_is_no_drift_but_an_answer_that_no_longer_parses_is() -> None:
+    import asyncio
+
+    from server.batching import DirectRunner
+    from server.engines.base import EngineError, GenerationResult
+    from server.judges import load_judges
+    from server.lifecycle import Lifecycle, ModelState, TaskModel
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.canary import Canaries
+
+    class Patchy:
+        """Answers every judge a 4, except as `mode` says: its first call fails, or every answer is garbled."""
+
+        name, batches_itself, supports_constraints = "patchy", True, False
+        mode = "fine"
+
+        async def generate(self, requests: list[object]) -> list[object]:
+            fine = GenerationResult(text='{"reasoning": "fine", "score": 4}')
+            if self.mode == "garbled":
+                return [GenerationResult(text="I would rather not say.") for _ in requests]
+            if self.mode == "first fails":
+                return [EngineError("one call lost"), *(fine for _ in requests[1:])]
+            return [fine for _ in requests]
+
+    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
+    engine, metrics = Patchy(), Metrics()
+    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
+    judges = tuple(load_judges(names=task.judges).values())
+    model = TaskModel(task=task, name="patchy", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
+    lifecycle = Lifecycle({task.name: model})
+    canaries = Canaries(lifecycle, metrics, tolerance=0.05)
+    asyncio.run(canaries.run("start"))
+    assert canaries.report[task.name]["status"] == "clean"
+
+    engine.mode = "first fails"
+    asyncio.run(canaries.run("timer"))
+    report = canaries.report[task.name]
+    assert report["status"] == "clean" and not report["differences"], report
+    assert len(report["unanswered"]) == 1 and report["items"] > 1
+    assert task.name not in lifecycle.degraded
+
+    engine.mode = "garbled"
+    asyncio.run(canaries.run("timer"))
+    report = canaries.report[task.name]
+    assert report["status"] == "drift" and len(report["differences"]) == report["items"], report
+    assert not report["unanswered"] and task.name in lifecycle.degraded

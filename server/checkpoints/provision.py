@@ -4,13 +4,14 @@ config first (seconds), then the memory check over all of them, then the weights
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.checkpoints.hub import HubAccess, Listing, cached_snapshot, fetch, is_local, list_files, repo_cache
 from server.checkpoints.memory import (
     SLOW_ON_CPU_PARAMETERS,
+    Available,
     MemoryRefusal,
     Need,
     Verdict,
@@ -82,13 +83,17 @@ class Provisioner:
         sizes = [self.tokens.get(t, (0, 0)) for t in tasks]
         return max(s[0] for s in sizes), max(s[1] for s in sizes)
 
-    def verdict(self, checkpoints: Sequence[Checkpoint]) -> Verdict | None:
-        """What the memory check finds for these critics on their devices; None when none can be estimated."""
+    def verdict(
+        self, checkpoints: Sequence[Checkpoint], offered: Mapping[str, Available] | None = None
+    ) -> Verdict | None:
+        """What the memory check finds for these critics on their devices (`offered`: the devices' memory
+        when already read); None when none can be estimated."""
         needs = [c.need for c in checkpoints if c.need is not None]
         if not needs:
             return None
-        offered = {d: available(d) for d in dict.fromkeys(n.plan.device for n in needs)}
-        return judge(needs, offered=offered)
+        devices = dict.fromkeys(n.plan.device for n in needs)
+        read = {d: offered[d] if offered is not None and d in offered else available(d) for d in devices}
+        return judge(needs, offered=read)
 
     def check(self, checkpoints: Sequence[Checkpoint]) -> None:
         """Refuse (MemoryRefusal) when the critics cannot fit their devices, unless forced."""

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from PIL import Image
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from foundation.daemon import run_in_daemon
 from server.engines.base import (
@@ -56,7 +56,7 @@ from server.images import DIGEST_KEY
 
 log = logging.getLogger(__name__)
 
-_RUNNING_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_RUNNING_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class _Series:
     running: Histogram
     prefix_queries: Counter
     prefix_hits: Counter
+    max_num_seqs: Gauge
+    max_num_batched_tokens: Gauge
 
 
 _SERIES: weakref.WeakKeyDictionary[CollectorRegistry, _Series] = weakref.WeakKeyDictionary()
@@ -88,6 +90,18 @@ def _series(registry: CollectorRegistry) -> _Series:
             ),
             Counter(
                 "firm_vllm_prefix_cache_hits", "Prompt tokens vLLM's prefix cache served.", ["model"], registry=registry
+            ),
+            Gauge(
+                "firm_vllm_max_num_seqs",
+                "The most requests vLLM runs in one engine step (--max-num-seqs, as the engine resolved it).",
+                ["model"],
+                registry=registry,
+            ),
+            Gauge(
+                "firm_vllm_max_num_batched_tokens",
+                "The most tokens vLLM computes in one engine step (--max-num-batched-tokens, as resolved).",
+                ["model"],
+                registry=registry,
             ),
         )
     return _SERIES[registry]
@@ -169,6 +183,8 @@ class VLLMEngine(Engine):
         group_prefill: bool = False,
         sleep_mode: bool = False,
         enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         registry: CollectorRegistry | None = None,
         **options: Any,
     ) -> None:
@@ -195,6 +211,9 @@ class VLLMEngine(Engine):
             "enforce_eager": enforce_eager,
             "disable_log_stats": True,
         }
+        # unset, vLLM's defaults for offline batches (`LLM`), which `start` asks for: scoring is batch work
+        limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+        self.engine_args.update({k: v for k, v in limits.items() if v is not None})
         self.supports_sleep = sleep_mode  # without it vLLM refuses to sleep: answer 409, not 500
         if sleep_mode:
             # The multimodal processor cache can hand back stale entries after a wake-up, which
@@ -228,6 +247,7 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         from transformers import AutoProcessor
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # daemon threads: a process told to stop mid-load exits without waiting for the load
@@ -242,6 +262,9 @@ class VLLMEngine(Engine):
             functools.partial(
                 AsyncLLM.from_engine_args,
                 AsyncEngineArgs(**self.engine_args),
+                # The step limits `LLM.generate` gets (on an H100: 1024 requests, 16384 tokens a step), not
+                # the engine context's (128 requests, 2048 tokens): a reward server scores batches, as offline.
+                usage_context=UsageContext.LLM_CLASS,
                 stat_loggers=[_stat_logger(self._series, self.checkpoint)],
             ),
             name=f"load {self.checkpoint}",
@@ -254,6 +277,13 @@ class VLLMEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         self._watch_ids = single_token_ids(self._tokenizer, self.watch_tokens, self.model)
         self._block_tokens = self._llm.vllm_config.cache_config.block_size
+        scheduler = self._llm.vllm_config.scheduler_config
+        self._series.max_num_seqs.labels(model=self.checkpoint).set(scheduler.max_num_seqs)
+        self._series.max_num_batched_tokens.labels(model=self.checkpoint).set(scheduler.max_num_batched_tokens)
+        log.info(
+            "vLLM for %s runs up to %d requests and %d tokens a step",
+            self.checkpoint, scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
+        )  # fmt: skip
         # Qwen-VL processors: a token per merged patch, up to their pixel limit; another: every image fills a block
         images = getattr(self._processor, "image_processor", None)
         patch, merge = getattr(images, "patch_size", None), getattr(images, "merge_size", None)

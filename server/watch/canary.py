@@ -121,6 +121,10 @@ def user_items(manifest: Path, tasks: Sequence[Task]) -> list[CanaryItem]:
     return items
 
 
+# item error codes of a call the engine did not answer, unlike an answer that did not parse (which is drift)
+UNANSWERED = frozenset({"engine_error", "deadline"})
+
+
 def answer_of(task: ServerTask, judged: Judged) -> Answer:
     if judged.error is not None:
         return {"error": judged.error.code}
@@ -221,14 +225,23 @@ class Canaries:
         for item_id, answer in answers.items():
             if "error" not in answer:  # the first answers are the reference; a failed call is no reference
                 reference.setdefault(item_id, answer)
+        # a call the engine did not answer says nothing of the critic's answers: it is no drift
+        unanswered = {i for i, a in answers.items() if a.get("error") in UNANSWERED}
         drift = {
-            i: d for i, a in answers.items() if i in reference and (d := differences(a, reference[i], self.tolerance))
+            i: d
+            for i, a in answers.items()
+            if i not in unanswered and i in reference and (d := differences(a, reference[i], self.tolerance))
         }
-        failed = all("error" in a for a in answers.values())
+        failed = len(unanswered) == len(answers)
         outcome = "failed" if failed else "drift" if drift else "clean"
         self.metrics.canary_runs.labels(task=task, outcome=outcome).inc()
         if failed:  # no answer to compare (the engine failed, or went to sleep mid-run): the state stays as it was
             log.warning("canary run of %s after %s failed: no call was answered", task, reason)
+        elif unanswered:
+            log.warning(
+                "canary run of %s after %s: %d of %d items unanswered (%s), compared on the rest",
+                task, reason, len(unanswered), len(answers), ", ".join(sorted(unanswered)),
+            )  # fmt: skip
         else:
             self.metrics.canary_drift.labels(task=task).set(len(drift))
             self.lifecycle.set_degraded(task, bool(drift))
@@ -241,6 +254,7 @@ class Canaries:
             "reason": reason,
             "time": time.time(),
             "items": len(items),
+            "unanswered": sorted(unanswered),
             "differences": drift,
             "answers": answers,
         }
