@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_VARS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 EDIT_JUDGES = ("edit_execution", "edit_consistency")
 SERVED = "critic"
-LIMITS = ("max_num_seqs", "max_num_batched_tokens")  # vLLM's step limits, the same on every side
+STEP_LIMITS = ("max_num_seqs", "max_num_batched_tokens")  # vLLM's step limits, the same on every side
 
 
 def _items(n: int, side: int) -> list[tuple[Any, Any, str]]:
@@ -89,7 +89,7 @@ def _engine(args: argparse.Namespace) -> Any:
     )
 
 
-def _limits_of(scheduler: Any) -> dict[str, float]:
+def _step_limits(scheduler: Any) -> dict[str, float]:
     """The step limits an engine resolved: every side runs with the same ones."""
     return {"max_num_seqs": scheduler.max_num_seqs, "max_num_batched_tokens": scheduler.max_num_batched_tokens}
 
@@ -124,7 +124,7 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - started
-    limits = _limits_of(llm.llm_engine.vllm_config.scheduler_config)
+    limits = _step_limits(llm.llm_engine.vllm_config.scheduler_config)
     return {"calls_per_s": len(prompts) / elapsed, "seconds": elapsed, **limits}
 
 
@@ -158,18 +158,21 @@ async def _timed(
     items: list[Any],
     scorers: Sequence[Callable[[Any], Awaitable[bool]]],
     score_all: Callable[[list[Any]], Awaitable[int]],
-) -> tuple[float, list[float], int]:
+) -> tuple[float, list[float], int, float]:
     """Warm up on the first 4 items, then score the rest as `--shape` says: `clients` (one client per
     scorer, one item each in turn, each item's latency) or `batch` (one call over them all, as a trainer
-    scores its batch; the batch's time is its one latency). (seconds, latencies, failed items)."""
+    scores its batch; the batch's time is its one latency). (seconds, latencies, failed items, and the
+    CPU seconds the clients took meanwhile from the servers' cores)."""
     if args.shape == "clients":
         await _drive(items[:4], scorers[:4])
-        return await _drive(items[4:], scorers)
+        cpu = time.process_time()
+        elapsed, latencies, failures = await _drive(items[4:], scorers)
+        return elapsed, latencies, failures, time.process_time() - cpu
     await score_all(items[:4])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     failures = await score_all(items[4:])
-    elapsed = time.perf_counter() - started
-    return elapsed, [elapsed], failures
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return elapsed, [elapsed], failures, cpu
 
 
 def _limits(concurrency: int) -> httpx.Limits:
@@ -201,9 +204,9 @@ def http(args: argparse.Namespace) -> dict[str, float]:
     # a pixel budget that leaves the bench's images as drawn and fits their context in --max-model-len
     flags += ["--image-pixel-budget", str(max(args.side * args.side, 256 * 256))]
     flags += ["--enforce-eager"] if args.cpu else []
-    flags += _limit_flags(args)
+    flags += _step_limit_flags(args)
 
-    async def run(url: str) -> tuple[float, list[float], int]:
+    async def run(url: str) -> tuple[float, list[float], int, float]:
         async with contextlib.AsyncExitStack() as stack:
             if args.shape == "clients":  # each client its own connection, one item per request, as trainers have
                 config = ClientConfig(base_urls=(url,), timeout_s=600.0, chunk_size=1, max_in_flight=1)
@@ -232,18 +235,16 @@ def http(args: argparse.Namespace) -> dict[str, float]:
             return await _timed(args, items, [scorer(c) for c in clients], score_all)
 
     with running_server(args.cache_dir, *flags, tiny=False, timeout=args.phase_timeout) as url:
-        cpu = time.process_time()
-        elapsed, latencies, failures = asyncio.run(run(url))
-        cpu = time.process_time() - cpu  # the clients' own CPU time, taken from the cores the server runs on
+        elapsed, latencies, failures, cpu = asyncio.run(run(url))
         page = httpx.get(f"{url}/metrics").text
-    limits = {name: metric_value(page, f"firm_vllm_{name}", model=args.model) for name in LIMITS}
+    limits = {name: metric_value(page, f"firm_vllm_{name}", model=args.model) for name in STEP_LIMITS}
     return {"client_cpu_s": cpu, **limits, **_figures(args, elapsed, latencies, failures)}
 
 
-def _limit_flags(args: argparse.Namespace) -> list[str]:
+def _step_limit_flags(args: argparse.Namespace) -> list[str]:
     """The step limits given to this bench, as firm-serve and `vllm serve` take them."""
     flags = []
-    for name in LIMITS:
+    for name in STEP_LIMITS:
         if (value := getattr(args, name)) is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     return flags
@@ -260,7 +261,7 @@ def _serve_command(args: argparse.Namespace, port: int) -> list[str]:
     cmd += ["--limit-mm-per-prompt", json.dumps(engine["limit_mm_per_prompt"])]
     cmd += ["--enable-prefix-caching" if engine["enable_prefix_caching"] else "--no-enable-prefix-caching"]
     cmd += ["--enforce-eager"] if engine["enforce_eager"] else []
-    cmd += _limit_flags(args)  # firm-serve's own, which would otherwise differ: `vllm serve` has online defaults
+    cmd += _step_limit_flags(args)  # firm-serve's own, which would otherwise differ: `vllm serve` has online defaults
     # no per-step statistics and no access log, as firm-serve runs (its --log-level warning)
     return [*cmd, "--disable-log-stats", "--disable-uvicorn-access-log"]
 
@@ -307,7 +308,7 @@ def serve(args: argparse.Namespace) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}"
     log_path = args.cache_dir / f"vllm-serve-{port}.log"
 
-    async def run() -> tuple[float, list[float], int]:
+    async def run() -> tuple[float, list[float], int, float]:
         async with contextlib.AsyncExitStack() as stack:
             if args.shape == "clients":  # each client its own connections, one item's two calls at a time
                 clients = [
@@ -361,9 +362,7 @@ def serve(args: argparse.Namespace) -> dict[str, float]:
             return await _timed(args, items, [scorer(c) for c in clients], score_all)
 
     with running_process("vllm serve", _serve_command(args, port), log_path, f"{url}/v1/models", timeout=600):
-        cpu = time.process_time()
-        elapsed, latencies, failures = asyncio.run(run())
-        cpu = time.process_time() - cpu  # as for firm-serve's clients: CPU taken from the server's cores
+        elapsed, latencies, failures, cpu = asyncio.run(run())
     return {"client_cpu_s": cpu, **_figures(args, elapsed, latencies, failures)}
 
 
@@ -433,7 +432,7 @@ def _phase(name: str, args: argparse.Namespace, python: str) -> dict[str, float]
     cmd += ["--cache-dir", str(args.cache_dir), "--phase-timeout", str(args.phase_timeout)]
     cmd += ["--groups", str(args.groups), "--group-size", str(args.group_size), "--group-side", str(args.group_side)]
     cmd += ["--group-concurrency", str(args.group_concurrency), "--group-model", str(args.group_model)]
-    cmd += _limit_flags(args)
+    cmd += _step_limit_flags(args)
     cmd += ["--cpu"] if args.cpu else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(CPU_VARS if args.cpu else {})}
     try:
@@ -526,7 +525,9 @@ def main() -> None:
         f"HTTP clients' CPU {web['client_cpu_s']:.1f} s",
         flush=True,
     )
-    for name in LIMITS:  # `vllm serve` gets the step limits firm-serve resolved, which offline resolves alike
+    for name in STEP_LIMITS:  # `vllm serve` gets the step limits firm-serve resolved, which offline resolves alike
+        if not web[name]:
+            raise SystemExit(f"firm-serve's /metrics did not say its {name} (firm_vllm_{name})")
         setattr(args, name, getattr(args, name) or int(web[name]))
         if off[name] != web[name]:
             print(f"warning: offline ran with {name} {off[name]:.0f}, firm-serve with {web[name]:.0f}")

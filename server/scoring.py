@@ -124,18 +124,19 @@ class ScoringService:
         return task
 
     async def start(self) -> None:
-        await self.lifecycle.start()
-        first = self._canary_run("start")
-        if first is not None:
-            # the first answers become the reference: taken before traffic, with /readyz saying 'loading' meanwhile
-            self.lifecycle.taking_reference = True
-            try:  # bounded as a request is: a hung engine call does not hold readiness; the run goes on
+        # the first canary answers become the reference: taken before any traffic, so a critic that loads
+        # before another takes none meanwhile, and /readyz and /v1/models say 'loading' until it is done
+        self.lifecycle.taking_reference = self.canaries is not None
+        try:
+            await self.lifecycle.start()
+            first = self._canary_run("start")
+            if first is not None:  # bounded as a request is: a hung engine call does not hold readiness
                 done, _ = await asyncio.wait({first}, timeout=self.admission.request_timeout_s)
                 if not done:
                     log.warning("the first canary run took over %.0f s: readiness no longer waits for it",
                                 self.admission.request_timeout_s)  # fmt: skip
-            finally:
-                self.lifecycle.taking_reference = False
+        finally:
+            self.lifecycle.taking_reference = False
         if self.canaries is not None and self.canary_every > 0:
             loop = asyncio.create_task(self.canaries.every(self.canary_every), name="canaries-schedule")
             self._canary_tasks.add(loop)

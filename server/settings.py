@@ -231,15 +231,15 @@ class Settings(_TaskSettings):  # type: ignore[misc,valid-type]
     max_num_seqs: int | None = Field(
         None,
         ge=1,
-        description="vllm: the most calls in one engine step. Unset, vLLM's default for offline batches on the "
-        "device (LLM.generate's: 1024 on an H100, 256 on the CPU build), not its online serving one: scoring is "
-        "batch work. /metrics shows the value in use (firm_vllm_max_num_seqs).",
+        description="vllm: the most calls in one engine step. Unset, vLLM's default for offline LLM.generate on the "
+        "device, not the smaller one it gives an embedded engine (docs/operations.md, vLLM); /metrics shows the "
+        "value in use.",
     )
     max_num_batched_tokens: int | None = Field(
         None,
         ge=1,
         description="vllm: the most tokens one engine step computes (prefill chunks included). Unset, vLLM's "
-        "offline default for the device (16384 on an H100, 4096 on the CPU build); /metrics shows it.",
+        "default for offline LLM.generate on the device; /metrics shows the value in use.",
     )
 
     # openai engine

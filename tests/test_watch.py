@@ -481,11 +481,10 @@ def test_a_call_the_engine_fails_is_no_drift_but_an_answer_that_no_longer_parses
 
         async def generate(self, requests: list[object]) -> list[object]:
             fine = GenerationResult(text='{"reasoning": "fine", "score": 4}')
-            if self.mode == "garbled":
-                return [GenerationResult(text="I would rather not say.") for _ in requests]
-            if self.mode == "first fails":
-                return [EngineError("one call lost"), *(fine for _ in requests[1:])]
-            return [fine for _ in requests]
+            answer = GenerationResult(text="I would rather not say.") if "garbled" in self.mode else fine
+            if self.mode.startswith("first fails"):
+                return [EngineError("one call lost"), *(answer for _ in requests[1:])]
+            return [answer for _ in requests]
 
     task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
     engine, metrics = Patchy(), Metrics()
@@ -494,7 +493,11 @@ def test_a_call_the_engine_fails_is_no_drift_but_an_answer_that_no_longer_parses
     model = TaskModel(task=task, name="patchy", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
     lifecycle = Lifecycle({task.name: model})
     canaries = Canaries(lifecycle, metrics, tolerance=0.05)
+    engine.mode = "garbled"  # no answer to take as the reference: failed, not clean
     asyncio.run(canaries.run("start"))
+    assert canaries.report[task.name]["status"] == "failed" and not canaries.reference[task.name]
+    engine.mode = "fine"
+    asyncio.run(canaries.run("timer"))
     assert canaries.report[task.name]["status"] == "clean"
 
     engine.mode = "first fails"
@@ -509,3 +512,12 @@ def test_a_call_the_engine_fails_is_no_drift_but_an_answer_that_no_longer_parses
     report = canaries.report[task.name]
     assert report["status"] == "drift" and len(report["differences"]) == report["items"], report
     assert not report["unanswered"] and task.name in lifecycle.degraded
+
+    engine.mode = "first fails, rest fine"  # a clean run with a call lost clears the drift
+    asyncio.run(canaries.run("timer"))
+    assert canaries.report[task.name]["status"] == "clean" and task.name not in lifecycle.degraded
+
+    engine.mode = "first fails, rest garbled"  # and drift among the answered calls is drift
+    asyncio.run(canaries.run("timer"))
+    report = canaries.report[task.name]
+    assert report["status"] == "drift" and len(report["unanswered"]) == 1 and task.name in lifecycle.degraded

@@ -262,8 +262,8 @@ class VLLMEngine(Engine):
             functools.partial(
                 AsyncLLM.from_engine_args,
                 AsyncEngineArgs(**self.engine_args),
-                # The step limits `LLM.generate` gets (on an H100: 1024 requests, 16384 tokens a step), not
-                # the engine context's (128 requests, 2048 tokens): a reward server scores batches, as offline.
+                # The step limits `LLM.generate` gets, not the smaller ones of an embedded engine: a reward
+                # server scores batches, as offline (docs/operations.md lists them).
                 usage_context=UsageContext.LLM_CLASS,
                 stat_loggers=[_stat_logger(self._series, self.checkpoint)],
             ),

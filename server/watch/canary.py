@@ -121,7 +121,8 @@ def user_items(manifest: Path, tasks: Sequence[Task]) -> list[CanaryItem]:
     return items
 
 
-# item error codes of a call the engine did not answer, unlike an answer that did not parse (which is drift)
+# item error codes of a call the engine did not answer, unlike an answer that did not parse (which is drift);
+# canary runs set no deadline, so "deadline" only guards against one being added
 UNANSWERED = frozenset({"engine_error", "deadline"})
 
 
@@ -227,22 +228,19 @@ class Canaries:
                 reference.setdefault(item_id, answer)
         # a call the engine did not answer says nothing of the critic's answers: it is no drift
         unanswered = {i for i, a in answers.items() if a.get("error") in UNANSWERED}
-        drift = {
-            i: d
-            for i, a in answers.items()
-            if i not in unanswered and i in reference and (d := differences(a, reference[i], self.tolerance))
-        }
-        failed = len(unanswered) == len(answers)
+        compared = [i for i in answers if i not in unanswered and i in reference]
+        drift = {i: d for i in compared if (d := differences(answers[i], reference[i], self.tolerance))}
+        failed = not compared  # nothing answered, or nothing yet to compare an answer with
         outcome = "failed" if failed else "drift" if drift else "clean"
         self.metrics.canary_runs.labels(task=task, outcome=outcome).inc()
-        if failed:  # no answer to compare (the engine failed, or went to sleep mid-run): the state stays as it was
-            log.warning("canary run of %s after %s failed: no call was answered", task, reason)
-        elif unanswered:
-            log.warning(
-                "canary run of %s after %s: %d of %d items unanswered (%s), compared on the rest",
-                task, reason, len(unanswered), len(answers), ", ".join(sorted(unanswered)),
-            )  # fmt: skip
+        if failed:  # the engine failed, or went to sleep mid-run, or no reference yet: the state stays as it was
+            log.warning("canary run of %s after %s failed: no answer to compare with a reference", task, reason)
         else:
+            if unanswered:
+                log.warning(
+                    "canary run of %s after %s: %d of %d items unanswered (%s), compared on the rest",
+                    task, reason, len(unanswered), len(answers), ", ".join(sorted(unanswered)),
+                )  # fmt: skip
             self.metrics.canary_drift.labels(task=task).set(len(drift))
             self.lifecycle.set_degraded(task, bool(drift))
         for item_id, found in drift.items():

@@ -92,22 +92,24 @@ def test_concurrent_requests_are_batched_by_vllm_itself(vllm_url: str) -> None:
     assert steps > 0 and steps - delta("firm_vllm_running_requests_bucket", le="2.0") > 0
 
 
-def test_vllm_steps_take_as_many_calls_as_offline_llm_generate(
+def test_the_engine_resolves_the_step_limits_of_offline_llm_not_an_embedded_engines(
     vllm_url: str, vllm_checkpoint: Path, vllm_python: str, vllm_vars: dict[str, str]
 ) -> None:
-    """A reward server scores batches: its engine gets `LLM`'s step limits, not the engine context's
-    smaller online ones, and /metrics says which it runs with."""
+    """A reward server scores batches: its engine gets `LLM`'s step limits, not the smaller ones vLLM gives an
+    embedded engine, and /metrics says which it runs with. (The fixture's context, 3072 tokens, is below
+    both token budgets, so vLLM clamps neither.)"""
     code = (
-        "from vllm.engine.arg_utils import EngineArgs; from vllm.usage.usage_lib import UsageContext as U; "
-        "t, s = EngineArgs.get_batch_defaults(1); "
-        "print(s[U.LLM_CLASS], t[U.LLM_CLASS], s.get(U.ENGINE_CONTEXT, 128), t.get(U.ENGINE_CONTEXT, 2048))"
+        "from vllm.config import SchedulerConfig as C; from vllm.engine.arg_utils import EngineArgs; "
+        "from vllm.usage.usage_lib import UsageContext as U; t, s = EngineArgs.get_batch_defaults(1); "
+        "print(s[U.LLM_CLASS], t[U.LLM_CLASS], s.get(U.ENGINE_CONTEXT, C.DEFAULT_MAX_NUM_SEQS), "
+        "t.get(U.ENGINE_CONTEXT, C.DEFAULT_MAX_NUM_BATCHED_TOKENS))"
     )
     done = subprocess.run(
         [vllm_python, "-c", code], env={**os.environ, **vllm_vars}, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    seqs, tokens, online_seqs, online_tokens = map(int, done.stdout.split()[-4:])
-    assert (seqs, tokens) != (online_seqs, online_tokens), "vLLM's defaults no longer tell the two apart"
+    seqs, tokens, embedded_seqs, embedded_tokens = map(int, done.stdout.split()[-4:])
+    assert (seqs, tokens) != (embedded_seqs, embedded_tokens), "vLLM's defaults no longer tell the two apart"
     page = httpx.get(f"{vllm_url}/metrics").text
     model = str(vllm_checkpoint)
     assert metric_value(page, "firm_vllm_max_num_seqs", model=model) == seqs
