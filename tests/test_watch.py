@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -340,15 +341,29 @@ def test_without_keys_the_watch_is_shown_on_this_machine_only() -> None:
     assert asyncio.run(status("10.1.2.3")) == 403
 
 
+def _canaries_over(engine: object, *, structured: bool = False) -> tuple[Any, Any, str]:
+    """Canaries, their lifecycle and task name, over one ready edit critic served by `engine`."""
+    from server.batching import DirectRunner
+    from server.judges import load_judges
+    from server.lifecycle import Lifecycle, TaskModel
+    from server.metrics import Metrics
+    from server.tasks import SERVER_TASKS
+    from server.watch.canary import Canaries
+
+    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
+    metrics = Metrics()
+    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
+    judges = tuple(load_judges(names=task.judges).values())
+    model = TaskModel(task=task, name="stand-in", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
+    lifecycle = Lifecycle({task.name: model})
+    return Canaries(lifecycle, metrics, tolerance=0.05, structured_outputs=structured), lifecycle, task.name
+
+
 @pytest.mark.parametrize("structured", [False, True])
 def test_canaries_ask_the_judges_as_traffic_does(structured: bool) -> None:
     import asyncio
 
     from server.engines.base import GenerationResult
-    from server.lifecycle import Lifecycle, TaskModel
-    from server.metrics import Metrics
-    from server.tasks import SERVER_TASKS
-    from server.watch.canary import Canaries
 
     class Recording:
         """An engine that answers every judge a 4 and keeps the constraint of every request."""
@@ -362,15 +377,8 @@ def test_canaries_ask_the_judges_as_traffic_does(structured: bool) -> None:
             self.constraints += [request.constraint for request in requests]  # type: ignore[attr-defined]
             return [GenerationResult(text='{"reasoning": "fine", "score": 4}') for _ in requests]
 
-    from server.batching import DirectRunner
-    from server.judges import load_judges
-
-    task = next(iter(SERVER_TASKS.values()))
-    engine, metrics = Recording(), Metrics()
-    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
-    judges = tuple(load_judges(names=task.judges).values())
-    model = TaskModel(task=task, name="recording", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
-    canaries = Canaries(Lifecycle({task.name: model}), metrics, tolerance=0.05, structured_outputs=structured)
+    engine = Recording()
+    canaries, _, _ = _canaries_over(engine, structured=structured)
     asyncio.run(canaries.run("start"))
     assert engine.constraints, "the canaries asked nothing"
     assert all((constraint is not None) == structured for constraint in engine.constraints), engine.constraints
@@ -423,10 +431,6 @@ def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> 
     import asyncio
 
     from server.engines.base import EngineError
-    from server.lifecycle import Lifecycle, ModelState, TaskModel
-    from server.metrics import Metrics
-    from server.tasks import SERVER_TASKS
-    from server.watch.canary import Canaries
 
     class Flaky:
         """An engine that fails its first batch whole, then answers every judge a 4."""
@@ -444,34 +448,20 @@ def test_a_failed_canary_run_neither_becomes_the_reference_nor_marks_drift() -> 
 
             return [GenerationResult(text='{"reasoning": "fine", "score": 4}') for _ in requests]
 
-    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
-    from server.batching import DirectRunner
-    from server.judges import load_judges
-
-    engine, metrics = Flaky(), Metrics()
-    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
-    judges = tuple(load_judges(names=task.judges).values())
-    model = TaskModel(task=task, name="flaky", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
-    lifecycle = Lifecycle({task.name: model})
-    canaries = Canaries(lifecycle, metrics, tolerance=0.05)
+    engine = Flaky()
+    canaries, lifecycle, task = _canaries_over(engine)
     asyncio.run(canaries.run("start"))
-    assert canaries.report[task.name]["status"] == "failed" and not canaries.reference.get(task.name)
-    assert task.name not in lifecycle.degraded
+    assert canaries.report[task]["status"] == "failed" and not canaries.reference.get(task)
+    assert task not in lifecycle.degraded
     asyncio.run(canaries.run("timer"))
-    assert canaries.report[task.name]["status"] == "clean", canaries.report[task.name]
-    assert task.name not in lifecycle.degraded and canaries.reference[task.name]
+    assert canaries.report[task]["status"] == "clean", canaries.report[task]
+    assert task not in lifecycle.degraded and canaries.reference[task]
 
 
 def test_a_call_the_engine_fails_is_no_drift_but_an_answer_that_no_longer_parses_is() -> None:
     import asyncio
 
-    from server.batching import DirectRunner
     from server.engines.base import EngineError, GenerationResult
-    from server.judges import load_judges
-    from server.lifecycle import Lifecycle, ModelState, TaskModel
-    from server.metrics import Metrics
-    from server.tasks import SERVER_TASKS
-    from server.watch.canary import Canaries
 
     class Patchy:
         """Answers every judge a 4, except as `mode` says: its first call fails, or every answer is garbled."""
@@ -486,38 +476,33 @@ def test_a_call_the_engine_fails_is_no_drift_but_an_answer_that_no_longer_parses
                 return [EngineError("one call lost"), *(answer for _ in requests[1:])]
             return [answer for _ in requests]
 
-    task = next(t for t in SERVER_TASKS.values() if t.unchanged_pair is not None)
-    engine, metrics = Patchy(), Metrics()
-    runner = DirectRunner(engine, metrics, task.name, unhealthy_after=100)  # type: ignore[arg-type]
-    judges = tuple(load_judges(names=task.judges).values())
-    model = TaskModel(task=task, name="patchy", engine=engine, runner=runner, judges=judges, state=ModelState.READY)  # type: ignore[arg-type]
-    lifecycle = Lifecycle({task.name: model})
-    canaries = Canaries(lifecycle, metrics, tolerance=0.05)
+    engine = Patchy()
+    canaries, lifecycle, task = _canaries_over(engine)
     engine.mode = "garbled"  # no answer to take as the reference: failed, not clean
     asyncio.run(canaries.run("start"))
-    assert canaries.report[task.name]["status"] == "failed" and not canaries.reference[task.name]
+    assert canaries.report[task]["status"] == "failed" and not canaries.reference[task]
     engine.mode = "fine"
     asyncio.run(canaries.run("timer"))
-    assert canaries.report[task.name]["status"] == "clean"
+    assert canaries.report[task]["status"] == "clean"
 
     engine.mode = "first fails"
     asyncio.run(canaries.run("timer"))
-    report = canaries.report[task.name]
+    report = canaries.report[task]
     assert report["status"] == "clean" and not report["differences"], report
     assert len(report["unanswered"]) == 1 and report["items"] > 1
-    assert task.name not in lifecycle.degraded
+    assert task not in lifecycle.degraded
 
     engine.mode = "garbled"
     asyncio.run(canaries.run("timer"))
-    report = canaries.report[task.name]
+    report = canaries.report[task]
     assert report["status"] == "drift" and len(report["differences"]) == report["items"], report
-    assert not report["unanswered"] and task.name in lifecycle.degraded
+    assert not report["unanswered"] and task in lifecycle.degraded
 
     engine.mode = "first fails, rest fine"  # a clean run with a call lost clears the drift
     asyncio.run(canaries.run("timer"))
-    assert canaries.report[task.name]["status"] == "clean" and task.name not in lifecycle.degraded
+    assert canaries.report[task]["status"] == "clean" and task not in lifecycle.degraded
 
     engine.mode = "first fails, rest garbled"  # and drift among the answered calls is drift
     asyncio.run(canaries.run("timer"))
-    report = canaries.report[task.name]
-    assert report["status"] == "drift" and len(report["unanswered"]) == 1 and task.name in lifecycle.degraded
+    report = canaries.report[task]
+    assert report["status"] == "drift" and len(report["unanswered"]) == 1 and task in lifecycle.degraded
