@@ -91,8 +91,8 @@ class Provisioner:
         needs = [c.need for c in checkpoints if c.need is not None]
         if not needs:
             return None
-        devices = dict.fromkeys(n.plan.device for n in needs)
-        read = {d: offered[d] if offered is not None and d in offered else available(d) for d in devices}
+        known = offered or {}
+        read = {d: known[d] if d in known else available(d) for d in dict.fromkeys(n.plan.device for n in needs)}
         return judge(needs, offered=read)
 
     def check(self, checkpoints: Sequence[Checkpoint]) -> None:
