@@ -19,7 +19,7 @@ from PIL import Image
 from server.lifecycle import ModelState
 from server.routes import readiness
 from server.watch.canary import SCENES
-from server.watch.looks import THUMBNAIL_SIDE, UNCHANGED_DISTANCE, LookMaker, distance, thumbnail
+from server.watch.looks import THUMBNAIL_SIDE, UNCHANGED_DISTANCE, LookMaker, data_url
 from server.watch.ring import Sample, SampleRing
 from server.watch.windows import Windows
 from tests.support import b64, free_port, metric_value, running_process, running_server
@@ -52,14 +52,21 @@ def data_url_size(url: str) -> tuple[int, int]:
 # --- parts --------------------------------------------------------------------------------------
 
 
+def distance(before: Image.Image, after: Image.Image) -> float | None:
+    """The edit distance the watch records for a source and its edit."""
+    return LookMaker(thumbnails=False).make((before, after), (0, 1), {}).distance
+
+
 def test_thumbnails_never_exceed_128_pixels() -> None:
     for size in [(4000, 300), (300, 4000), (129, 129), (64, 64)]:
-        width, height = data_url_size(thumbnail(Image.new("RGB", size, (10, 20, 30))))
+        (small,) = LookMaker(thumbnails=True).make((Image.new("RGB", size, (10, 20, 30)),), None, {}).thumbnails
+        width, height = data_url_size(data_url(small))
         assert THUMBNAIL_SIDE // 2 <= max(width, height) <= THUMBNAIL_SIDE or max(size) < THUMBNAIL_SIDE
 
 
 def test_unchanged_edit_distance_threshold() -> None:
     grey = Image.new("RGB", (256, 256), (128, 128, 128))
+    assert distance(grey, Image.new("RGB", (256, 256), (255, 128, 128))) == pytest.approx(127 / (3 * 255), abs=1e-3)
     jpeg = io.BytesIO()
     grey.save(jpeg, format="JPEG", quality=75)
     assert distance(grey, Image.open(jpeg)) < UNCHANGED_DISTANCE  # a re-encoded copy is unchanged
@@ -81,12 +88,14 @@ def test_the_ring_is_bounded_and_newest_first() -> None:
     assert len(ring) == 3
     assert [s.seq for s in ring.latest()] == [9, 8, 7]
     assert [s.seq for s in ring.latest(tag="low")] == [9, 7]
+    assert [ring.keeps(index, 5) for index in range(5)] == [False, False, True, True, True]
 
 
 def test_a_ring_of_zero_keeps_nothing_and_no_thumbnail_is_made() -> None:
     ring = SampleRing(0)
     ring.add(_sample(1))
     assert len(ring) == 0 and ring.latest() == [] and not ring.enabled
+    assert not any(ring.keeps(index, 3) for index in range(3))
     image = Image.new("RGB", (64, 64))
     looks = LookMaker(thumbnails=False).make((image, image), (0, 1), {})
     assert looks.thumbnails == () and looks.unchanged  # the signal is still computed

@@ -54,29 +54,12 @@ def data_url(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def thumbnail(image: Image.Image) -> str:
-    """`image` shrunk to at most THUMBNAIL_SIDE pixels a side, as a JPEG data URL."""
-    return data_url(small(image))
-
-
 def _grid(image: Image.Image) -> Image.Image:
     return image.convert("RGB").resize((DISTANCE_SIDE, DISTANCE_SIDE), Image.Resampling.BOX)
 
 
-def distance(before: Image.Image, after: Image.Image) -> float:
-    """Mean absolute pixel difference of the two images at DISTANCE_SIDE pixels a side, 0 (same) to 1.
-
-    >>> grey = Image.new("RGB", (300, 200), (128, 128, 128))
-    >>> distance(grey, grey.copy())
-    0.0
-    >>> round(distance(grey, Image.new("RGB", (300, 200), (255, 128, 128))), 3)
-    0.166
-    """
-    return _grid_distance(_grid(small(before)), _grid(small(after)))
-
-
 def _grid_distance(before: Image.Image, after: Image.Image) -> float:
-    """The distance of two images already on the DISTANCE_SIDE grid: what `distance` and `LookMaker` give."""
+    """Mean absolute pixel difference of two images already on the DISTANCE_SIDE grid, 0 (same) to 1."""
     return sum(ImageStat.Stat(ImageChops.difference(before, after)).mean) / (3 * 255)
 
 

@@ -68,6 +68,11 @@ class SampleRing:
     def enabled(self) -> bool:
         return self.size > 0
 
+    def keeps(self, index: int, count: int) -> bool:
+        """Whether item `index` of `count` added together is still held once all are added: the ring
+        keeps the last `size` only, so no thumbnail or sample is made for the others."""
+        return index >= count - self.size
+
     def next_seq(self) -> int:
         return next(self._seq)
 

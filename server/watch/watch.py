@@ -77,9 +77,10 @@ class Watch:
         """Looks of each item (its decoded images, or None for an item that failed to decode); for the
         decoding thread. Only the last items, those the ring can hold, get thumbnails."""
         seen: dict[Any, Any] = {}
-        kept_from = len(images) - self.ring.size
         return [
-            Looks() if item is None else self.looks.make(item, task.unchanged_pair, seen, kept=index >= kept_from)
+            Looks()
+            if item is None
+            else self.looks.make(item, task.unchanged_pair, seen, kept=self.ring.keeps(index, len(images)))
             for index, item in enumerate(images)
         ]
 
@@ -99,9 +100,8 @@ class Watch:
         if windows.in_baseline(now):
             tallies.append(windows.baseline)
         results = response.results  # type: ignore[attr-defined]
-        kept_from = len(results) - self.ring.size  # the ring holds the last items only: no sample for the others
         for index, (item, look, verdicts, result) in enumerate(zip(inputs, looks, judged, results, strict=True)):
-            self._item(task, item, look, result, tallies, now, verdicts, kept=index >= kept_from)
+            self._item(task, item, look, result, tallies, now, verdicts, kept=self.ring.keeps(index, len(results)))
         group = getattr(response, "group", None)
         if group is not None:
             zero = group.scored >= 2 and group.std == 0
