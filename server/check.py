@@ -123,14 +123,15 @@ def _to_fetch(provisioning: Provisioner, checkpoint: Checkpoint) -> str:
 def _memory(
     settings: Settings, provisioning: Provisioner, checkpoints: list[Checkpoint], devices: dict[str, Available | str]
 ) -> list[Finding]:
+    """The estimate for the critics on each device whose memory was read; a line for each that was not."""
     unread = sorted(device for device, has in devices.items() if isinstance(has, str))
-    if unread:
-        return [Finding("memory", f"no estimate (the memory of {', '.join(unread)} could not be read)")]
+    found = [Finding("memory", f"no estimate for {device} (its memory could not be read)") for device in unread]
     read = {device: has for device, has in devices.items() if isinstance(has, Available)}
-    verdict = provisioning.verdict(checkpoints, offered=read)
+    estimable = [c for c in checkpoints if c.need is None or c.need.plan.device in read]
+    verdict = provisioning.verdict(estimable, offered=read)
     if verdict is None:
-        return [Finding("memory", "no estimate (no critic whose weights are held here could be read)")]
-    found = [Finding("memory", line) for line in verdict.lines]
+        return found or [Finding("memory", "no estimate (no critic whose weights are held here could be read)")]
+    found += [Finding("memory", line) for line in verdict.lines]
     if verdict.refuse is not None:
         if settings.force:
             found.append(Finding("memory", f"{verdict.refuse} (--force: it would load anyway)"))

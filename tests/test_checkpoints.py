@@ -411,6 +411,24 @@ def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_t
     assert "could not be read" in topics["memory"].text
 
 
+def test_a_device_whose_memory_cannot_be_read_leaves_the_estimate_for_the_others() -> None:
+    import server.check as check
+    from server.checkpoints.provision import Checkpoint, Provisioner
+    from server.settings import Settings
+
+    critics = [
+        Checkpoint("edit", "org/edit", None, _need("edit", 1_000_000, device="cpu")),
+        Checkpoint("gen", "org/gen", None, _need("gen", 1_000_000, device="cuda:1")),
+    ]
+    devices = {"cpu": Available("cpu", 8 * GB, 8 * GB), "cuda:1": "RuntimeError: CUDA error: invalid device ordinal"}
+    found = check._memory(Settings(prompts="own"), Provisioner(HubAccess()), critics, devices)
+    said = [f.text for f in found]
+    assert "no estimate for cuda:1 (its memory could not be read)" in said, said
+    assert any(text.startswith("edit critic org/edit") for text in said), said  # the read device is estimated
+    assert not any("org/gen" in text for text in said), said  # nothing made up for the unread one
+    assert all(f.ok for f in found)
+
+
 def test_a_progress_line_is_a_bar_in_text_and_fields_in_json() -> None:
     import logging
 
