@@ -89,7 +89,7 @@ def _engine(args: argparse.Namespace) -> Any:
     )
 
 
-def _step_limits(scheduler: Any) -> dict[str, float]:
+def _step_limits(scheduler: Any) -> dict[str, int]:
     """The step limits an engine resolved: every side runs with the same ones."""
     return {"max_num_seqs": scheduler.max_num_seqs, "max_num_batched_tokens": scheduler.max_num_batched_tokens}
 
@@ -397,19 +397,26 @@ def groups(args: argparse.Namespace, prefill: bool) -> dict[str, float]:
     flags += ["--group-prefill" if prefill else "--no-group-prefill"]
 
     async def run(url: str) -> tuple[tuple[float, list[float], int], list[float], list[float]]:
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=_limits(args.group_concurrency)) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [  # each group in flight its own client and connection, as each trainer has
+                await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=600, limits=_limits(1)))
+                for _ in range(args.group_concurrency)
+            ]
 
-            async def score_group(body: dict) -> bool:
-                response = await client.post("/v1/edit/score_group", json=body)
-                return response.status_code == 200 and len(response.json()["results"]) == args.group_size
+            def sender(client: httpx.AsyncClient) -> Callable[[dict], Awaitable[bool]]:
+                async def score_group(body: dict) -> bool:
+                    response = await client.post("/v1/edit/score_group", json=body)
+                    return response.status_code == 200 and len(response.json()["results"]) == args.group_size
+
+                return score_group
 
             async def counters() -> list[float]:
-                text = (await client.get("/metrics")).text
+                text = (await clients[0].get("/metrics")).text
                 return [metric_value(text, n) for n in names]
 
-            await _drive(bodies[:1], [score_group])  # warm-up, on a group of its own
+            await _drive(bodies[:1], [sender(clients[0])])  # warm-up, on a group of its own
             before = await counters()
-            done = await _drive(bodies[1:], [score_group] * args.group_concurrency)
+            done = await _drive(bodies[1:], [sender(c) for c in clients])
             return done, before, await counters()
 
     names = ("firm_vllm_prefix_cache_hits_total", "firm_vllm_prefix_cache_queries_total")

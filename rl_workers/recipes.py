@@ -22,12 +22,13 @@ ALGORITHM_TITLES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """The defaults one algorithm brings to one task."""
+    """The defaults one algorithm brings to one task: each field is the default of the rollout setting of
+    the same name."""
 
     group_size: int  # samples per prompt (G)
     sample_steps: int  # denoising steps of the training sampler
     eval_steps: int  # denoising steps of the evaluation sampler
-    guidance: float  # classifier-free guidance scale while sampling and training (1: none)
+    guidance_scale: float  # classifier-free guidance scale while sampling and training (1: none)
     learning_rate: float
     kl_beta: float  # weight of the KL to the frozen reference (LoRA off)
     updates_per_step: int  # optimizer steps per training step

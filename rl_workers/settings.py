@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +13,7 @@ from clients.protocol import Task
 from clients.tasks import GEN
 from foundation.cache import default_cache_dir
 from foundation.flags import FORMER_VALUES, renamed
-from rl_workers.recipes import ALGORITHM_TITLES, AlgorithmName
+from rl_workers.recipes import ALGORITHM_TITLES, AlgorithmName, Recipe
 from rl_workers.tasks import FORMER_TASK_NAMES, ROLLOUT_TASKS, per_recipe, per_task
 
 
@@ -90,7 +91,7 @@ class RolloutSettings(BaseSettings):
     eval_every: int = Field(0, ge=0, description="Evaluate (ODE sampling, mean reward) every N steps; 0 = never.")
     noise_level: float = Field(0.7, gt=0, description="SDE noise scale (Flow-GRPO's a); higher explores more.")
     guidance_scale: float | None = Field(
-        None, ge=1.0, description=f"CFG scale (1: none); default {per_recipe(lambda r: r.guidance)}."
+        None, ge=1.0, description=f"CFG scale (1: none); default {per_recipe(lambda r: r.guidance_scale)}."
     )
     max_sequence_length: int = Field(256, ge=8, description="Text tokens given to SD3's T5 encoder.")
     source_vae_side: int | None = Field(
@@ -216,7 +217,7 @@ class RolloutSettings(BaseSettings):
         recipe = ROLLOUT_TASKS[self.task].recipes[self.algorithm]
         for name in RECIPE_SETTINGS:  # unset: the algorithm's default for the task, recorded with the run
             if getattr(self, name) is None:
-                setattr(self, name, getattr(recipe, RECIPE_SETTINGS[name]))
+                setattr(self, name, getattr(recipe, name))
         return self
 
     @property
@@ -241,15 +242,5 @@ class RolloutSettings(BaseSettings):
         return self.guidance_scale
 
 
-# Settings whose default is the recipe's (`rl_workers.recipes.Recipe`), by the recipe field they take.
-RECIPE_SETTINGS = {
-    "group_size": "group_size",
-    "sample_steps": "sample_steps",
-    "eval_steps": "eval_steps",
-    "guidance_scale": "guidance",
-    "learning_rate": "learning_rate",
-    "kl_beta": "kl_beta",
-    "updates_per_step": "updates_per_step",
-    "train_tied_groups": "train_tied_groups",
-    "ema_decay": "ema_decay",
-}
+# Settings whose default is the recipe's (`rl_workers.recipes.Recipe`), each its field of the same name.
+RECIPE_SETTINGS = tuple(field.name for field in dataclasses.fields(Recipe))

@@ -103,7 +103,7 @@ def _flow_grpo(guidance: float) -> Recipe:
         group_size=16,
         sample_steps=10,
         eval_steps=40,
-        guidance=guidance,
+        guidance_scale=guidance,
         learning_rate=3e-4,
         kl_beta=0.04,
         updates_per_step=2,
@@ -118,7 +118,7 @@ def _release_nft(*, group_size: int, sample_steps: int, eval_steps: int, learnin
         group_size=group_size,
         sample_steps=sample_steps,
         eval_steps=eval_steps,
-        guidance=1.0,  # no classifier-free guidance
+        guidance_scale=1.0,  # no classifier-free guidance
         learning_rate=learning_rate,
         kl_beta=1e-4,
         updates_per_step=1,
