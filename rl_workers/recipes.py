@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 AlgorithmName = Literal["grpo", "nft"]
-ALGORITHMS: tuple[str, ...] = get_args(AlgorithmName)
+ALGORITHM_NAMES: tuple[str, ...] = get_args(AlgorithmName)
 
 ALGORITHM_TITLES: dict[str, str] = {
     "grpo": "Flow-GRPO: SDE sampling with recorded log-probabilities and the clipped policy-gradient loss",

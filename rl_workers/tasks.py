@@ -24,7 +24,7 @@ from PIL import Image
 
 from clients.protocol import ScoringResponse, Task
 from clients.tasks import EDIT, GEN, TaskSpec, task_spec
-from rl_workers.recipes import ALGORITHMS, Recipe
+from rl_workers.recipes import ALGORITHM_NAMES, Recipe
 
 if TYPE_CHECKING:
     from clients.client import RewardClient
@@ -179,7 +179,7 @@ def per_task(describe: Callable[[RolloutTask], object]) -> str:
 def per_recipe(describe: Callable[[Recipe], object]) -> str:
     """A recipe setting's values per algorithm and task, for help texts: "grpo: 16; nft: 24 (gen), 12 (edit)"."""
     parts = []
-    for algorithm in ALGORITHMS:
+    for algorithm in ALGORITHM_NAMES:
         values = {name: describe(task.recipes[algorithm]) for name, task in ROLLOUT_TASKS.items()}
         alike = len(set(map(str, values.values()))) == 1
         shown = next(iter(values.values())) if alike else ", ".join(f"{v} ({n})" for n, v in values.items())
