@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -67,6 +67,31 @@ def update_figures(
     figures["train/samples"] = float(samples)
     figures["train/optimizer_steps"] = float(optimizer_steps)
     return figures
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Some trainable samples of one rollout, on its device, with their advantages."""
+
+    rollout: Rollout
+    rows: torch.Tensor
+    advantages: torch.Tensor
+
+
+def micro_batches(
+    rollouts: Sequence[Rollout], rows: Sequence[torch.Tensor], stats: TrainingStats, size: int
+) -> Iterator[MicroBatch]:
+    """Rollout `i`'s samples `rows[i]` in micro-batches of at most `size`, each counted in `stats.samples`
+    as its rollout is reached; a rollout with none is skipped, never forwarded."""
+    for rollout, selected in zip(rollouts, rows, strict=True):
+        if len(selected) == 0:
+            continue
+        assert rollout.advantages is not None
+        device = rollout.trajectory.latents.device
+        selected = selected.to(device)
+        stats.samples += len(selected)
+        for chunk in torch.split(selected, size):
+            yield MicroBatch(rollout, chunk, rollout.advantages.advantages.to(device)[chunk])
 
 
 class Algorithm(ABC):

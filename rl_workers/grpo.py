@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rl_workers.algorithm import Algorithm, Rollout, TrainingStats
+from rl_workers.algorithm import Algorithm, Rollout, TrainingStats, micro_batches
 from rl_workers.generators.base import Conditioning, Generator
 from rl_workers.lora import reference_policy
 from rl_workers.sampling import Trajectory, kl_to_reference, sample, step_log_prob
@@ -87,35 +87,28 @@ def accumulate_gradients(
 ) -> None:
     """Backpropagate the loss of samples `rows[i]` of `rollouts[i]` at `step_indices`, divided by `norm`
     (gradients add up over micro-batches and steps); add the figures to `stats`."""
-    for rollout, selected in zip(rollouts, rows, strict=True):
-        if len(selected) == 0:
-            continue
-        assert rollout.advantages is not None
-        device = rollout.trajectory.latents.device
-        selected = selected.to(device)
-        stats.samples += len(selected)
-        for chunk in torch.split(selected, batch_size):
-            adv = rollout.advantages.advantages.to(device)[chunk]
-            for j in step_indices:
-                step = step_log_prob(model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level)
-                policy, ratio, clipped = clipped_surrogate(
-                    step.log_prob, rollout.trajectory.log_probs[chunk, j], adv, clip_range
-                )
-                kl = torch.zeros_like(policy)
-                if kl_beta > 0:
-                    with torch.no_grad(), reference_policy(model.transformer):
-                        ref = step_log_prob(
-                            model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level
-                        )
-                    kl = kl_to_reference(step, ref, kl_form)
-                loss = policy + kl_beta * kl
-                (loss.sum() / norm).backward()
-                stats.terms += len(chunk)
-                stats.loss += float(loss.detach().sum())
-                stats.policy_loss += float(policy.detach().sum())
-                stats.kl += float(kl.detach().sum())
-                stats.clipped += float(clipped.float().sum())
-                stats.max_ratio_deviation = max(stats.max_ratio_deviation, float((ratio.detach() - 1).abs().max()))
+    for batch in micro_batches(rollouts, rows, stats, batch_size):
+        rollout, chunk = batch.rollout, batch.rows
+        for j in step_indices:
+            step = step_log_prob(model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level)
+            policy, ratio, clipped = clipped_surrogate(
+                step.log_prob, rollout.trajectory.log_probs[chunk, j], batch.advantages, clip_range
+            )
+            kl = torch.zeros_like(policy)
+            if kl_beta > 0:
+                with torch.no_grad(), reference_policy(model.transformer):
+                    ref = step_log_prob(
+                        model, rollout.conditioning, rollout.trajectory, chunk, j, noise_level=noise_level
+                    )
+                kl = kl_to_reference(step, ref, kl_form)
+            loss = policy + kl_beta * kl
+            (loss.sum() / norm).backward()
+            stats.terms += len(chunk)
+            stats.loss += float(loss.detach().sum())
+            stats.policy_loss += float(policy.detach().sum())
+            stats.kl += float(kl.detach().sum())
+            stats.clipped += float(clipped.float().sum())
+            stats.max_ratio_deviation = max(stats.max_ratio_deviation, float((ratio.detach() - 1).abs().max()))
 
 
 class GRPO(Algorithm):

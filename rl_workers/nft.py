@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rl_workers.algorithm import Algorithm, Rollout, TrainingStats
+from rl_workers.algorithm import Algorithm, Rollout, TrainingStats, micro_batches
 from rl_workers.dpm_solver import sample_dpm2
 from rl_workers.generators.base import Conditioning, Generator
 from rl_workers.grpo import training_steps
@@ -178,30 +178,22 @@ class NFT(Algorithm):
         """Each micro-batch trains on `int(timestep_fraction * steps)` of its stored timesteps, drawn at
         random (the release draws them per sample; here a micro-batch shares its draw)."""
         assert isinstance(stats, NFTStats) and settings.kl_beta is not None
-        for rollout, selected in zip(rollouts, rows, strict=True):
-            if len(selected) == 0:
-                continue
-            assert rollout.advantages is not None
-            trajectory = rollout.trajectory
-            device = trajectory.latents.device
-            selected = selected.to(device)
-            stats.samples += len(selected)
+        for batch in micro_batches(rollouts, rows, stats, settings.batch_size):
+            trajectory, chunk = batch.rollout.trajectory, batch.rows
+            x0 = trajectory.latents[chunk, -1]
+            conditioning = batch.rollout.conditioning.rows(chunk)
             count = len(training_steps(trajectory.steps, settings.timestep_fraction))
-            for chunk in torch.split(selected, settings.batch_size):
-                x0 = trajectory.latents[chunk, -1]
-                advantages = rollout.advantages.advantages.to(device)[chunk]
-                conditioning = rollout.conditioning.rows(chunk)
-                for j in torch.randperm(trajectory.steps, generator=self.rng)[:count].tolist():
-                    sigma = trajectory.sigmas[j]
-                    noise = torch.randn(x0.shape, generator=self.rng, dtype=torch.float32).to(device)
-                    x_t = (1.0 - sigma) * x0 + sigma * noise
-                    v, v_old, v_ref = self._velocities(x_t, trajectory.timesteps[j], conditioning, settings.kl_beta > 0)
-                    terms = nft_loss(
-                        v, v_old, v_ref, x_t, x0, sigma, advantages,
-                        beta=settings.nft_beta, adv_clip=settings.adv_clip, kl_beta=settings.kl_beta,
-                    )  # fmt: skip
-                    (terms.loss.sum() / norm).backward()
-                    stats.add(terms)
+            for j in torch.randperm(trajectory.steps, generator=self.rng)[:count].tolist():
+                sigma = trajectory.sigmas[j]
+                noise = torch.randn(x0.shape, generator=self.rng, dtype=torch.float32).to(x0.device)
+                x_t = (1.0 - sigma) * x0 + sigma * noise
+                v, v_old, v_ref = self._velocities(x_t, trajectory.timesteps[j], conditioning, settings.kl_beta > 0)
+                terms = nft_loss(
+                    v, v_old, v_ref, x_t, x0, sigma, batch.advantages,
+                    beta=settings.nft_beta, adv_clip=settings.adv_clip, kl_beta=settings.kl_beta,
+                )  # fmt: skip
+                (terms.loss.sum() / norm).backward()
+                stats.add(terms)
 
     def after_step(self, settings: RolloutSettings, optimizer_steps: int) -> dict[str, float]:
         """Blend the old adapter toward the trained one, as the release does after each epoch."""
