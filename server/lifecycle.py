@@ -70,7 +70,7 @@ class Lifecycle:
         self.models = dict(models)
         self.provisioner = provisioner  # fetches and checks checkpoints first; None: engines load on their own
         self.draining = False
-        self.abandoned: list[str] = []  # downloads and loads cut short by shutdown, whose threads run on
+        self.abandoned: list[str] = []  # preparations, downloads and loads cut short by shutdown, whose threads run on
         self.degraded: set[Task] = set()  # tasks whose canaries drifted (`server.watch.canary`)
         # the first canary run is taking its reference: loaded models say `loading` and take no traffic yet
         self.taking_reference = False
@@ -124,6 +124,10 @@ class Lifecycle:
             )
         except Exception as exc:  # noqa: BLE001 - logged and shown in /readyz by _fail_by
             self._fail_by(sharing, f"{first.engine.model} could not be prepared", exc)
+        except BaseException:  # cancelled: the server is stopping while the hub is asked
+            log.warning("preparing %s abandoned", first.engine.model)
+            self.abandoned.append(f"preparation of {first.engine.model}")
+            raise
         return None
 
     async def _bring_up(self, sharing: list[TaskModel], checkpoint: Checkpoint | None) -> None:

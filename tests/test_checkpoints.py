@@ -490,6 +490,58 @@ def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_lo
     assert "the cache folder is unreadable" in lifecycle.failures()[task]
 
 
+def test_a_stop_while_the_hub_is_asked_or_the_weights_download_is_recorded_as_abandoned(tiny_checkpoint: Path) -> None:
+    """The process then exits without waiting for those threads (a download pool among them)."""
+    import asyncio
+    import threading
+
+    from server.checkpoints.hub import Listing
+    from server.checkpoints.provision import Checkpoint, Provisioner
+    from server.engines.transformers import TransformersEngine
+    from server.lifecycle import Lifecycle, TaskModel
+    from server.tasks import SERVER_TASKS
+
+    release = threading.Event()
+    entered: list[str] = []
+
+    class Stalled(Provisioner):
+        def __init__(self, stall_in: str) -> None:
+            super().__init__(HubAccess())
+            self.stall_in = stall_in
+
+        def _stall(self, phase: str) -> None:
+            if phase == self.stall_in:
+                entered.append(phase)
+                release.wait(60)
+
+        def prepare(self, tasks: object, engine: object) -> Checkpoint:  # type: ignore[override]
+            self._stall("prepare")
+            return Checkpoint("edit", "org/edit", Listing("org/edit", "abc", {"model.safetensors": 10}), None)
+
+        def download(self, checkpoint: Checkpoint) -> Path | None:
+            self._stall("download")
+            return None
+
+    async def stopped_during(phase: str) -> list[str]:
+        task = next(iter(SERVER_TASKS.values()))
+        engine = TransformersEngine(str(tiny_checkpoint), ["1"], device="cpu")
+        model = TaskModel(task=task, name="tiny", engine=engine, runner=None, judges=())  # type: ignore[arg-type]
+        lifecycle = Lifecycle({task.name: model}, Stalled(phase))
+        starting = asyncio.create_task(lifecycle.start())
+        while phase not in entered:  # the start is in the phase's thread, as the hub keeps it
+            await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        return lifecycle.abandoned
+
+    try:
+        assert asyncio.run(stopped_during("prepare")) == [f"preparation of {tiny_checkpoint}"]
+        assert asyncio.run(stopped_during("download")) == ["download of org/edit"]
+    finally:
+        release.set()
+
+
 def test_a_download_that_breaks_off_the_hub_fails_the_critic_with_the_reason(tiny_checkpoint: Path) -> None:
     from server.checkpoints.hub import Listing
     from server.checkpoints.provision import Checkpoint, Provisioner
