@@ -269,6 +269,7 @@ def test_a_download_reports_progress_then_loads_and_serves(heavy_checkpoint: Pat
     said = [str(m["message"]) for m in lines]
     for phase in ("download took", "warm-up took", "load to cpu took"):  # each phase, with its duration
         assert any(phase in m for m in said), (phase, said)
+    assert "loading org/tiny on cpu" in said, said  # loaded from the fetched files, named as the user named it
     # HF_HUB_OFFLINE=1 with the cache now filled, and no hub at all: served from the cache alone
     offline = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "1"}
     with serving(tmp_path, *args, env=offline, name="offline") as (_, url, log_path):

@@ -110,7 +110,8 @@ class Engine(abc.ABC):
         **options: Any,
     ) -> None:
         """`options` holds the server's engine settings (device, dtype, ...); take what you need."""
-        self.model = model
+        self.model = model  # as the user named it (a hub id or a folder): what logs and messages say
+        self.load_from = model  # where the weights are read: the server's fetched folder once it has one
         self.watch_tokens = tuple(watch_tokens)
         self._revision = revision
         # On only where asked for and honoured: the server refuses the setting for an engine that cannot.
@@ -132,7 +133,7 @@ class Engine(abc.ABC):
     def use_files(self, folder: Path, commit: str | None) -> None:
         """Load from `folder`, where the server has fetched the checkpoint, rather than from the hub again;
         `commit` is the revision those files are, echoed in responses."""
-        self.model = str(folder)
+        self.load_from = str(folder)
         self._revision = self._revision or commit
 
     def memory_plan(self) -> MemoryPlan | None:

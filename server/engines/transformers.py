@@ -126,10 +126,10 @@ class TransformersEngine(Engine):
             # leave a core to the event loop, which parses requests and refuses overload meanwhile
             torch.set_num_threads(cores - 1)
         log.info("loading %s on %s", self.model, self.device)
-        processor = AutoProcessor.from_pretrained(self.model, revision=self._revision)
+        processor = AutoProcessor.from_pretrained(self.load_from, revision=self._revision)
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(
-            self.model, revision=self._revision, dtype=resolve_dtype(self.dtype_name, self.device)
+            self.load_from, revision=self._revision, dtype=resolve_dtype(self.dtype_name, self.device)
         )
         model.to(self.device).eval()
         watch_ids = single_token_ids(processor.tokenizer, self.watch_tokens, self.model)

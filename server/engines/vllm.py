@@ -228,7 +228,6 @@ class VLLMEngine(Engine):
             share=gpu_memory_utilization if on_gpu else None,
         )
         self.group_prefill = group_prefill and prefix_caching
-        self.checkpoint = model  # the name its figures carry, also once it loads from the fetched files
         self._llm: Any = None
         self._tokenizer: Any = None
         self._block_tokens = 0
@@ -265,24 +264,24 @@ class VLLMEngine(Engine):
                 # The step limits `LLM.generate` gets, not the smaller ones of an embedded engine: a reward
                 # server scores batches, as offline (docs/operations.md lists them).
                 usage_context=UsageContext.LLM_CLASS,
-                stat_loggers=[_stat_logger(self._series, self.checkpoint)],
+                stat_loggers=[_stat_logger(self._series, self.model)],
             ),
-            name=f"load {self.checkpoint}",
+            name=f"load {self.model}",
         )
         # The checkpoint's own chat template renders the prompt, as the transformers engine does.
         self._processor = await run_in_daemon(
-            functools.partial(AutoProcessor.from_pretrained, self.model, revision=self.engine_args["revision"]),
-            name=f"processor {self.checkpoint}",
+            functools.partial(AutoProcessor.from_pretrained, self.load_from, revision=self.engine_args["revision"]),
+            name=f"processor {self.model}",
         )
         self._tokenizer = self._llm.get_tokenizer()
         self._watch_ids = single_token_ids(self._tokenizer, self.watch_tokens, self.model)
         self._block_tokens = self._llm.vllm_config.cache_config.block_size
         scheduler = self._llm.vllm_config.scheduler_config
-        self._series.max_num_seqs.labels(model=self.checkpoint).set(scheduler.max_num_seqs)
-        self._series.max_num_batched_tokens.labels(model=self.checkpoint).set(scheduler.max_num_batched_tokens)
+        self._series.max_num_seqs.labels(model=self.model).set(scheduler.max_num_seqs)
+        self._series.max_num_batched_tokens.labels(model=self.model).set(scheduler.max_num_batched_tokens)
         log.info(
             "vLLM for %s runs up to %d requests and %d tokens a step",
-            self.checkpoint, scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
+            self.model, scheduler.max_num_seqs, scheduler.max_num_batched_tokens,
         )  # fmt: skip
         # Qwen-VL processors: a token per merged patch, up to their pixel limit; another: every image fills a block
         images = getattr(self._processor, "image_processor", None)
@@ -296,7 +295,7 @@ class VLLMEngine(Engine):
         """Refuse, in words, a context longer than the model's own, which vLLM would refuse in a traceback."""
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(self.model, revision=self.engine_args["revision"])
+        config = AutoConfig.from_pretrained(self.load_from, revision=self.engine_args["revision"])
         longest = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
         wanted = self.engine_args["max_model_len"]
         if longest is not None and wanted > longest:
