@@ -80,7 +80,7 @@ def test_the_watch_page_shows_scored_items_and_flags_an_unchanged_edit(
     browser: webdriver.Chrome, cache_dir: Path, tmp_path: Path
 ) -> None:
     env = {"FIRM_SIM_A": "0", "FIRM_SIM_B": "0"}
-    with running_server(cache_dir, *SIM, tiny=False, env=env) as url:
+    with running_server(cache_dir, *SIM, "--watch-baseline-s", "600", tiny=False, env=env) as url:
         edits = _traffic(url)
         browser.get(f"{url}/watch")
         _wait(browser, "its data", "return document.body.dataset.loaded === 'yes'")
@@ -92,6 +92,8 @@ def test_the_watch_page_shows_scored_items_and_flags_an_unchanged_edit(
         bars = chart.find_elements(By.CSS_SELECTOR, "rect.bar-window")
         assert [bar.get_attribute("data-n") for bar in bars] == ["0", "0", "0", str(edits), "0"]
         assert browser.find_elements(By.CSS_SELECTOR, "svg.histogram[data-task=gen]")
+        legend = browser.find_element(By.CSS_SELECTOR, ".legend[data-task=edit]").text
+        assert "baseline (first 10 min, still filling)" in legend, legend  # --watch-baseline-s, as set
 
         # recent items: the scored ones, with thumbnails; the unchanged edit is flagged, and alone
         samples = browser.find_elements(By.CSS_SELECTOR, "#samples .sample")

@@ -148,6 +148,7 @@ class Windows:
             "window": self.window(now).view(),
             "baseline": self.baseline.view(),
             "baseline_kind": "pinned" if self.pinned_at is not None else "first",
+            "baseline_s": self.baseline_s,  # how long after start the first baseline fills (--watch-baseline-s)
             "baseline_open": self.in_baseline(now),
             "timeline": [
                 {"time": start, "items": t.items, "reward_mean": m, "reward_std": s}
