@@ -2,8 +2,8 @@
 
 `observe` runs on the event loop after each scoring request, on what the request already made: the
 results, and the `Looks` the decoding thread made of its images. It only adds to counters and, when
-the ring is on, appends one sample per item it can hold (a request's last `size` items); the windows'
-gauges are refreshed at most once a second.
+the ring is on, appends one sample per item it can hold (a request's last `size` items). The windows'
+gauges are read from the windows when a scrape collects them, so they hold as of the scrape, traffic or none.
 
 The signals:
 - an unchanged edit: the output is within `UNCHANGED_DISTANCE` of its input (`server.watch.looks`);
@@ -14,6 +14,7 @@ The signals:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,6 @@ from server.watch.windows import MAX_SCORE, Tally, Windows
 FOOLED_SCORE = 4  # an unchanged edit scored this high on its primary dimension is flagged
 LOW_SCORE = 2  # an item whose weakest dimension is at most this is listed under "low"
 HIGH_SCORE = 4  # an item whose weakest dimension is at least this is listed under "high"
-GAUGE_REFRESH_S = 1.0
 
 
 def _dimensions(result: Any, names: Sequence[str]) -> dict[str, DimensionScore | None]:
@@ -71,7 +71,18 @@ class Watch:
             task.name: Windows(task.spec.dimensions, started=self.started, window_s=window_s, baseline_s=baseline_s)
             for task in tasks
         }
-        self._refreshed = 0.0
+        self._gauges()
+
+    def _gauges(self) -> None:
+        """Each window's saturation and disagreement gauges, read from the windows as a scrape collects them."""
+        figures = ((self.metrics.max_score_share, "max_share"), (self.metrics.score_disagreement, "disagreement"))
+        for name, windows in self.windows.items():
+            for dimension in windows.dimensions:
+                for which in ("last", "baseline"):
+                    labels = {"task": name, "dimension": dimension, "window": which}
+                    for gauge, figure in figures:
+                        read = functools.partial(self._figure, windows, dimension, which, figure)
+                        gauge.labels(**labels).set_function(read)
 
     def look(self, task: ServerTask, images: Sequence[Any]) -> list[Looks]:
         """Looks of each item (its decoded images, or None for an item that failed to decode); for the
@@ -110,9 +121,6 @@ class Watch:
                 tally.zero_spread += zero
             if zero:
                 self.metrics.zero_spread_groups.labels(task=task.name).inc()
-        if now - self._refreshed >= GAUGE_REFRESH_S:
-            self._refreshed = now
-            self._refresh_gauges(now)
 
     def _item(
         self,
@@ -192,29 +200,21 @@ class Watch:
             tags=_tags(dims, error, flagged),
         )
 
-    def _refresh_gauges(self, now: float) -> None:
-        for name, windows in self.windows.items():
-            for which, tally in (("last", windows.window(now)), ("baseline", windows.baseline)):
-                for dimension, dim in tally.dimensions.items():
-                    view = dim.view()
-                    labels = {"task": name, "dimension": dimension, "window": which}
-                    # a window with no scores reads NaN, not the last value it had while traffic flowed
-                    share, disagreement = view["max_share"], view["disagreement"]
-                    self.metrics.max_score_share.labels(**labels).set(math.nan if share is None else share)
-                    self.metrics.score_disagreement.labels(**labels).set(
-                        math.nan if disagreement is None else disagreement
-                    )
+    def _figure(self, windows: Windows, dimension: str, which: str, figure: str) -> float:
+        """A window's figure for one dimension as of now, for its gauge; NaN while the window holds no
+        score, not the last value it had while traffic flowed."""
+        tally = windows.window(self.clock()) if which == "last" else windows.baseline
+        value = tally.dimensions[dimension].view()[figure]
+        return math.nan if value is None else value
 
     def pin_baseline(self) -> None:
         now = self.clock()
         for windows in self.windows.values():
             windows.pin(now)
-        self._refresh_gauges(now)
 
     def view(self, *, limit: int | None = None, tag: str | None = None) -> dict[str, Any]:
         """The page's data: each task's windows and timeline, and the recent samples (newest first)."""
         now = self.clock()
-        self._refresh_gauges(now)
         tasks: dict[Task, Any] = {}
         for name, windows in self.windows.items():
             tasks[name] = {
