@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from foundation.flags import flag
 from server.assembly import Source, engine_for, engine_groups, model_sources, provisioner
 from server.checkpoints.hub import CheckpointUnavailable, cached_snapshot, is_local
-from server.checkpoints.memory import Available, available, gb
+from server.checkpoints.memory import Available, gb, read_memory
 from server.checkpoints.progress import size
 from server.checkpoints.provision import Checkpoint, Provisioner
 from server.engines import resolve_engine_name
@@ -91,10 +91,7 @@ def _models(settings: Settings, engine_name: str, sources: dict[str, Source]) ->
         found.append(Finding(f"{label} model", f"{source[0]}: {where}{_to_fetch(provisioning, checkpoint)}"))
         if (plan := engine.memory_plan()) is not None:
             if plan.device not in devices:
-                try:
-                    devices[plan.device] = available(plan.device)
-                except (RuntimeError, AssertionError, ValueError) as exc:  # a CUDA device not there, or not usable
-                    devices[plan.device] = f"{type(exc).__name__}: {exc}"
+                devices[plan.device] = read_memory(plan.device)
             has = devices[plan.device]
             if isinstance(has, str):
                 found.append(Finding(f"{label} device", f"{plan.device}: {has}", ok=False))
@@ -124,13 +121,10 @@ def _memory(
     settings: Settings, provisioning: Provisioner, checkpoints: list[Checkpoint], devices: dict[str, Available | str]
 ) -> list[Finding]:
     """The estimate for the critics on each device whose memory was read; a line for each that was not."""
-    unread = sorted(device for device, has in devices.items() if isinstance(has, str))
-    found = [Finding("memory", f"no estimate for {device} (its memory could not be read)") for device in unread]
-    read = {device: has for device, has in devices.items() if isinstance(has, Available)}
-    estimable = [c for c in checkpoints if c.need is None or c.need.plan.device in read]
-    verdict = provisioning.verdict(estimable, offered=read)
+    verdict = provisioning.verdict(checkpoints, offered=devices)
     if verdict is None:
-        return found or [Finding("memory", "no estimate (no critic whose weights are held here could be read)")]
+        return [Finding("memory", "no estimate (no critic whose weights are held here could be read)")]
+    found = [Finding("memory", f"no estimate for {d} (its memory could not be read)") for d in sorted(verdict.unread)]
     found += [Finding("memory", line) for line in verdict.lines]
     if verdict.refuse is not None:
         if settings.force:

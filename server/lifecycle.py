@@ -104,8 +104,8 @@ class Lifecycle:
                     checkpoint = checkpoints.get(id(sharing[0].engine))
                     if checkpoint is not None and checkpoint.label in exc.labels:
                         self._fail(sharing, f"refused by the memory check: {exc}")
-            except Exception:  # the device's memory could not be read (a CUDA fault, a device not there)
-                log.exception("memory check skipped: the device's memory could not be read")
+            except Exception:  # a fault the check does not foresee (an unreadable device it does): loading goes on
+                log.exception("memory check skipped: it failed")
         for sharing in groups:
             if sharing[0].state == ModelState.LOADING:
                 await self._bring_up(sharing, checkpoints.get(id(sharing[0].engine)))

@@ -370,6 +370,7 @@ def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_t
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import server.check as check
+    import server.checkpoints.memory as memory
     from server.settings import Settings
 
     gen = tmp_path / "gen-critic"  # a second critic, so two engines ask for the same device
@@ -388,7 +389,7 @@ def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_t
         reads.append(device)
         return Available(device, free=64 << 30, total=64 << 30)
 
-    monkeypatch.setattr(check, "available", plenty)
+    monkeypatch.setattr(memory, "available", plenty)
     found = check.findings(settings)
     assert reads == ["cpu"], "each device's memory is read once"
     assert [f.ok for f in found if f.topic.endswith("device")] == [True, True]
@@ -402,7 +403,7 @@ def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_t
         raise RuntimeError("CUDA error: no CUDA-capable device is detected")
 
     reads.clear()
-    monkeypatch.setattr(check, "available", unreadable)
+    monkeypatch.setattr(memory, "available", unreadable)
     found = check.findings(settings)
     assert reads == ["cpu"]
     topics = {f.topic: f for f in found}
@@ -428,6 +429,30 @@ def test_a_device_whose_memory_cannot_be_read_leaves_the_estimate_for_the_others
     assert any(text.startswith("edit critic org/edit") for text in said), said  # the read device is estimated
     assert not any("org/gen" in text for text in said), said  # nothing made up for the unread one
     assert all(f.ok for f in found)
+
+
+def test_at_start_a_device_whose_memory_cannot_be_read_leaves_the_check_of_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As `firm-serve check` says: the critic on the readable device is still refused when it cannot fit."""
+    import server.checkpoints.memory as memory
+    from server.checkpoints.memory import MemoryRefusal
+    from server.checkpoints.provision import Checkpoint, Provisioner
+
+    def memory_of(device: str) -> Available:
+        if device.startswith("cuda"):
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        return Available(device, free=8 * GB, total=8 * GB)
+
+    monkeypatch.setattr(memory, "available", memory_of)
+    critics = [
+        Checkpoint("edit", "org/edit", None, _need("edit", 10**13, device="cpu")),  # 40 TB: cannot fit 8 GB
+        Checkpoint("gen", "org/gen", None, _need("gen", 1_000_000, device="cuda:1")),
+    ]
+    with caplog.at_level("WARNING"), pytest.raises(MemoryRefusal) as refused:
+        Provisioner(HubAccess()).check(critics)
+    assert refused.value.labels == {"edit"}
+    assert any("no memory check for the critics on cuda:1" in r.getMessage() for r in caplog.records)
 
 
 def test_a_progress_line_is_a_bar_in_text_and_fields_in_json() -> None:

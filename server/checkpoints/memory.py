@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,15 @@ def available(device: str) -> Available:
     return Available(device="cpu", free=free, total=total)
 
 
+def read_memory(device: str) -> Available | str:
+    """`available(device)`, or why it could not be read (a CUDA device not there, or not usable): the
+    critics on such a device get no estimate, and those on the others still do."""
+    try:
+        return available(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _meminfo() -> dict[str, int]:
     try:
         lines = Path("/proc/meminfo").read_text().splitlines()
@@ -167,6 +176,7 @@ class Verdict:
     lines: list[str]
     refuse: str | None  # the refusal, when the critics cannot fit
     refused: frozenset[str] = frozenset()  # the labels of the critics that cannot
+    unread: dict[str, str] = field(default_factory=dict)  # device -> why its memory could not be read
 
 
 def judge(needs: Sequence[Need], *, offered: dict[str, Available]) -> Verdict:

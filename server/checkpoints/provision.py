@@ -3,6 +3,7 @@ config first (seconds), then the memory check over all of them, then the weights
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,10 +16,10 @@ from server.checkpoints.memory import (
     MemoryRefusal,
     Need,
     Verdict,
-    available,
     count,
     estimate,
     judge,
+    read_memory,
 )
 from server.checkpoints.progress import DownloadProgress, size
 from server.engines.base import Engine
@@ -84,23 +85,28 @@ class Provisioner:
         return max(s[0] for s in sizes), max(s[1] for s in sizes)
 
     def verdict(
-        self, checkpoints: Sequence[Checkpoint], offered: Mapping[str, Available] | None = None
+        self, checkpoints: Sequence[Checkpoint], offered: Mapping[str, Available | str] | None = None
     ) -> Verdict | None:
-        """What the memory check finds for these critics on their devices (`offered`: the devices' memory
-        when already read); None when none can be estimated."""
+        """What the memory check finds for these critics on their devices (`offered`: the devices already
+        read, a device that could not be read as why); None when none can be estimated. The critics on a
+        device whose memory cannot be read are left out, and the device named in `unread`."""
         needs = [c.need for c in checkpoints if c.need is not None]
         if not needs:
             return None
         known = offered or {}
-        read = {d: known[d] if d in known else available(d) for d in dict.fromkeys(n.plan.device for n in needs)}
-        return judge(needs, offered=read)
+        devices = {d: known[d] if d in known else read_memory(d) for d in dict.fromkeys(n.plan.device for n in needs)}
+        read = {d: has for d, has in devices.items() if isinstance(has, Available)}
+        verdict = judge([n for n in needs if n.plan.device in read], offered=read)
+        return dataclasses.replace(verdict, unread={d: has for d, has in devices.items() if isinstance(has, str)})
 
     def check(self, checkpoints: Sequence[Checkpoint]) -> None:
-        """Refuse (MemoryRefusal) when the critics cannot fit their devices, unless forced."""
+        """Refuse (MemoryRefusal) the critics that cannot fit their devices, unless forced."""
         verdict = self.verdict(checkpoints)
         if verdict is None:
             return
         needs = [c.need for c in checkpoints if c.need is not None]
+        for device, why in verdict.unread.items():
+            log.warning("no memory check for the critics on %s: its memory could not be read (%s)", device, why)
         for line in verdict.lines:
             log.info("memory: %s", line)
         if verdict.refuse is not None:
