@@ -78,18 +78,15 @@ class MicroBatch:
     advantages: torch.Tensor
 
 
-def micro_batches(
-    rollouts: Sequence[Rollout], rows: Sequence[torch.Tensor], stats: TrainingStats, size: int
-) -> Iterator[MicroBatch]:
-    """Rollout `i`'s samples `rows[i]` in micro-batches of at most `size`, each counted in `stats.samples`
-    as its rollout is reached; a rollout with none is skipped, never forwarded."""
+def micro_batches(rollouts: Sequence[Rollout], rows: Sequence[torch.Tensor], size: int) -> Iterator[MicroBatch]:
+    """Rollout `i`'s samples `rows[i]` in micro-batches of at most `size`; a rollout with none is skipped,
+    never forwarded."""
     for rollout, selected in zip(rollouts, rows, strict=True):
         if len(selected) == 0:
             continue
         assert rollout.advantages is not None
         device = rollout.trajectory.latents.device
         selected = selected.to(device)
-        stats.samples += len(selected)
         for chunk in torch.split(selected, size):
             yield MicroBatch(rollout, chunk, rollout.advantages.advantages.to(device)[chunk])
 

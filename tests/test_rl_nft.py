@@ -19,7 +19,7 @@ from rl_workers.generators.base import Condition
 from rl_workers.nft import OLD_DECAY_SCHEDULES, NFTStats, nft_loss, old_decay
 from rl_workers.prompts import endless
 from rl_workers.rewards import RemoteCritic
-from rl_workers.settings import RolloutSettings
+from rl_workers.settings import RECIPE_SETTINGS, RolloutSettings
 from rl_workers.tasks import ROLLOUT_TASKS
 from rl_workers.tiny import ensure_tiny_pipeline
 from rl_workers.worker import RolloutWorker, Timings
@@ -54,6 +54,9 @@ def test_the_recipes_are_the_releases(tmp_path: Path) -> None:
     assert (grpo.algorithm, grpo.group_size, grpo.guidance, grpo.kl_beta, grpo.ema_decay) == ("grpo", 16, 4.5, 0.04, 0)
     assert RolloutSettings(task="gen", algorithm="nft", prompts=prompts, group_size=8).group_size == 8  # flags win
     assert OLD_DECAY_SCHEDULES[1] == (0, 0.001, 0.5)
+    # each recipe field is the default of the rollout setting of its name, a setting left unset (None) until then
+    for name in RECIPE_SETTINGS:
+        assert name in RolloutSettings.model_fields and RolloutSettings.model_fields[name].default is None, name
 
 
 def test_dpm2_step_is_dpm_solver_pp_2m_when_the_clean_estimate_moves() -> None:

@@ -202,7 +202,8 @@ class Watch:
 
     def _figure(self, windows: Windows, dimension: str, which: str, figure: str) -> float:
         """A window's figure for one dimension as of now, for its gauge; NaN while the window holds no
-        score, not the last value it had while traffic flowed."""
+        score, not the last value it had while traffic flowed. Collected on the event loop only (the
+        /metrics route, the Ray replica's push), where the windows are also written: they have no lock."""
         tally = windows.window(self.clock()) if which == "last" else windows.baseline
         value = tally.dimensions[dimension].view()[figure]
         return math.nan if value is None else value
