@@ -31,18 +31,34 @@ Every flag can also be set as an environment variable: --max-batch-size 32 is FI
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+_CHECK_DESCRIPTION = (
+    "Say what `firm-serve` would do with the same flags, loading nothing: engine, device, prompts, each model's "
+    "source and whether it is cached, the memory estimate, keys and bind address. Exits 1 when firm-serve would "
+    "not serve everything, 2 for settings it would refuse. It takes every flag firm-serve takes."
+)
+_CHECK_EPILOG = """\
+examples:
+  firm-serve check                            # the defaults: both critics from the hub
+  firm-serve check --engine vllm --gen-model none
+  firm-serve check --tiny                     # builds the tiny critic on its first run (about a minute)
+"""
+
+
+def build_parser(checking: bool = False) -> argparse.ArgumentParser:
+    """`firm-serve`'s parser, or with `checking` the one of `firm-serve check`, which takes the same flags."""
     return settings_parser(
         Settings,
-        prog="firm-serve",
-        description="Serve the FIRM reward models (FIRM-Edit: execution + consistency -> CME reward; "
+        prog="firm-serve check" if checking else "firm-serve",
+        description=_CHECK_DESCRIPTION
+        if checking
+        else "Serve the FIRM reward models (FIRM-Edit: execution + consistency -> CME reward; "
         "FIRM-Gen: instruction following + quality -> QMA reward) over HTTP for RL training.",
-        epilog=_EPILOG,
+        epilog=_CHECK_EPILOG if checking else _EPILOG,
     )
 
 
-def load_settings(argv: Sequence[str] | None = None) -> Settings:
-    return parse_settings(build_parser(), Settings, argv)
+def load_settings(argv: Sequence[str] | None = None, *, checking: bool = False) -> Settings:
+    return parse_settings(build_parser(checking), Settings, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -53,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(prompts_main(argv[1:]))
     checking = argv[:1] == ["check"]
     try:
-        settings = load_settings(argv[1:] if checking else argv)
+        settings = load_settings(argv[1:] if checking else argv, checking=checking)
     except ValidationError as exc:
         print(f"firm-serve: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         sys.exit(2)  # as argparse exits for a flag it cannot parse
@@ -61,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from server.check import main as check_main
 
         configure_logging("warning", "text")  # library warnings on stderr, once; the findings on stdout
+        logging.getLogger("server.tiny").setLevel(logging.INFO)  # a first --tiny check builds it: show its progress
         sys.exit(check_main(settings))
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("firm-serve")

@@ -365,6 +365,10 @@ def test_check_says_what_would_happen_and_exits_by_it(tiny_checkpoint: Path, tmp
     invalid = _check(tmp_path, "--port", "-1")
     assert invalid.returncode == 2 and "invalid settings" in invalid.stderr
 
+    helped = _check(tmp_path, "--help")  # its own help, naming what it does, over the same flags
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: firm-serve check"), helped.stdout[:300]
+    assert "loading nothing" in helped.stdout and "--edit-model" in helped.stdout
+
 
 def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_the_report(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
