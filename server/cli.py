@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from foundation.flags import describe_errors, parse_settings, settings_parser
 from server.logs import configure_logging
 from server.settings import Settings
+from server.torch_stack import torchvision_problem
 
 _EPILOG = """\
 examples:
@@ -73,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         print(f"firm-serve: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         sys.exit(2)  # as argparse exits for a flag it cannot parse
+    if settings.engine != "openai" and (problem := torchvision_problem()) is not None:
+        print(f"firm-serve: cannot {'check' if checking else 'start'}: {problem}", file=sys.stderr)
+        sys.exit(2)  # before any critic loads, rather than a processor's import error from deep inside it
     if checking:
         from server.check import main as check_main
 

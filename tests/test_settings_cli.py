@@ -52,9 +52,9 @@ def test_invalid_settings_are_refused(values: dict) -> None:
         Settings(**values)
 
 
-def _firm_serve(*args: str) -> subprocess.CompletedProcess[str]:
+def _firm_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120, check=False, env=env
     )
 
 
@@ -106,3 +106,20 @@ def test_a_public_address_with_an_empty_key_file_still_needs_keys(tmp_path: Path
         Settings(host="0.0.0.0", api_key_file=empty)
     with pytest.raises(ValidationError, match="cannot read the API key file"):
         Settings(api_key_file=tmp_path / "missing.txt")
+
+
+def test_a_torchvision_built_for_another_torch_stops_start_and_check_with_what_to_install(tmp_path: Path) -> None:
+    """As a CPU torch beside a CUDA torchvision fails on import; said before any critic loads."""
+    import os
+
+    mismatched = tmp_path / "torchvision"
+    mismatched.mkdir()
+    (mismatched / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for command in ([], ["check"]):
+        result = _firm_serve(*command, "--tiny", "--port", "0", env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "does not work with torch" in result.stderr and "operator torchvision::nms" in result.stderr
+        assert "--index-url https://download.pytorch.org/whl/cpu" in result.stderr and "Traceback" not in result.stderr
+    remote = _firm_serve("check", "--engine", "openai", "--port", "0", env=env)  # needs neither: not refused for it
+    assert "does not work with torch" not in remote.stderr

@@ -1,0 +1,35 @@
+"""Whether the installed torch and torchvision work together, said before anything loads.
+
+pip installs torch and torchvision independently: a CPU torch beside a CUDA torchvision (or two
+releases apart) passes the install, then fails deep inside transformers when a critic's processor is
+built, with an error that names a processor class rather than the mismatch.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+CPU_INSTALL = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+
+
+def _installed(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
+def torchvision_problem() -> str | None:
+    """What is wrong with the installed torchvision for the installed torch; None when it imports, or
+    when either is not installed (an engine that needs them says so itself)."""
+    try:
+        import torchvision  # noqa: F401  (its operators register against torch on import)
+    except ImportError:
+        return None
+    except RuntimeError as exc:  # e.g. "operator torchvision::nms does not exist": built for another torch
+        return (
+            f"torchvision {_installed('torchvision')} does not work with torch {_installed('torch')} "
+            f"({str(exc).splitlines()[0]}): install the two together from one index, the same build of each "
+            f"(CPU or CUDA); on a machine without a GPU: {CPU_INSTALL}"
+        )
+    return None
