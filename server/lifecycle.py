@@ -265,7 +265,8 @@ class Lifecycle:
             )
         if model.state != ModelState.READY:
             why = f": {model.failure}" if model.failure else ""
-            raise NotReady(f"the {task.name} model is {model.state}{why}", retry_after=model.state.retry_after)
+            state = "failed to load" if model.state == ModelState.FAILED else f"is {model.state}"
+            raise NotReady(f"the {task.name} model {state}{why}", retry_after=model.state.retry_after)
         if self.taking_reference:
             raise NotReady(
                 f"the {task.name} model is loading: its canaries are taking their reference answers",

@@ -507,6 +507,7 @@ def _started(provisioner: Provisioner, tiny_checkpoint: Path, name: str) -> Life
 
 def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_loading(tiny_checkpoint: Path) -> None:
     from server.checkpoints.provision import Provisioner
+    from server.errors import NotReady
     from server.lifecycle import ModelState
     from server.tasks import SERVER_TASKS
 
@@ -518,6 +519,8 @@ def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_lo
     lifecycle = _started(Broken(HubAccess()), tiny_checkpoint, "tiny")
     assert lifecycle.state(task) == ModelState.FAILED
     assert "the cache folder is unreadable" in lifecycle.failures()[task]
+    with pytest.raises(NotReady, match=f"the {task} model failed to load: .*the cache folder is unreadable"):
+        lifecycle.ready_model(SERVER_TASKS[task])  # what a scoring request is refused with
 
 
 def test_a_stop_while_the_hub_is_asked_or_the_weights_download_is_recorded_as_abandoned(tiny_checkpoint: Path) -> None:
