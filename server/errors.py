@@ -98,10 +98,21 @@ def _not_json(exc: RequestValidationError) -> str | None:
     return None
 
 
-async def _on_validation(_: Request, exc: Exception) -> JSONResponse:
+def _not_sent_as_json(request: Request, exc: RequestValidationError) -> str | None:
+    """Why a body was not read at all: it was not sent as JSON (curl's -d without a content-type header sends
+    a form), so FastAPI hands the model the raw text, which reads as "not a dictionary"."""
+    sent = request.headers.get("content-type", "")
+    if "json" in sent.split(";")[0] or not any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+        return None
+    return f"the body was not sent as JSON (content-type: {sent or 'none'}); send it as application/json"
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     if (not_json := _not_json(exc)) is not None:
         return error_response(400, "invalid_json", not_json)
+    if (not_sent := _not_sent_as_json(request, exc)) is not None:
+        return error_response(422, "invalid_request", not_sent)
     problems = [f"{_location(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:20]]
     return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
 

@@ -143,6 +143,14 @@ class Contract:
         error = _error(response).error
         assert error.code == "invalid_json" and "not valid JSON" in error.message
 
+    def test_a_body_not_sent_as_json_gets_422_naming_the_content_type(self, target: Target) -> None:
+        body = b'{"items": [{"image": "eA==", "prompt": "p"}]}'  # JSON, sent as curl -d sends it: a form
+        for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):
+            response = httpx.post(f"{target.url}/v1/gen/score", content=body, headers=headers)
+            assert response.status_code == 422
+            error = _error(response).error
+            assert error.code == "invalid_request" and "send it as application/json" in error.message, error.message
+
     def test_more_items_than_the_server_allows_get_413_with_the_limit(self, target: Target) -> None:
         items = [{"image": "eA==", "prompt": "p"}] * (MAX_ITEMS + 1)
         response = httpx.post(f"{target.url}/v1/gen/score", json={"items": items})
