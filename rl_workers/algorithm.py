@@ -130,7 +130,8 @@ class Algorithm(ABC):
         norm: float,
     ) -> None:
         """Backpropagate the loss of samples `rows[i]` of `rollouts[i]`, divided by `norm` (gradients add up
-        over micro-batches and denoising steps), and add its figures to `stats`."""
+        over micro-batches and denoising steps), and add its loss figures to `stats` (the worker counts the
+        samples and optimizer steps)."""
 
     def after_step(self, settings: RolloutSettings, optimizer_steps: int) -> dict[str, float]:
         """Called once per training step, after its update, with the run's optimizer steps so far; returns

@@ -87,7 +87,6 @@ def accumulate_gradients(
 ) -> None:
     """Backpropagate the loss of samples `rows[i]` of `rollouts[i]` at `step_indices`, divided by `norm`
     (gradients add up over micro-batches and steps); add the figures to `stats`."""
-    stats.samples += sum(len(selected) for selected in rows)
     for batch in micro_batches(rollouts, rows, batch_size):
         rollout, chunk = batch.rollout, batch.rows
         for j in step_indices:

@@ -178,7 +178,6 @@ class NFT(Algorithm):
         """Each micro-batch trains on `int(timestep_fraction * steps)` of its stored timesteps, drawn at
         random (the release draws them per sample; here a micro-batch shares its draw)."""
         assert isinstance(stats, NFTStats) and settings.kl_beta is not None
-        stats.samples += sum(len(selected) for selected in rows)
         for batch in micro_batches(rollouts, rows, settings.batch_size):
             trajectory, chunk = batch.rollout.trajectory, batch.rows
             x0 = trajectory.latents[chunk, -1]

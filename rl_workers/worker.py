@@ -171,6 +171,7 @@ class RolloutWorker:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             norm = total * terms_per_sample / self.ranks.world  # the mean over every rank's terms
+            stats.samples += count  # this rank's, whatever the algorithm
             self.algorithm.accumulate(s, rollouts, rows, stats, norm=norm)
             average_gradients(self.params, self.ranks)
             stats.grad_norm += float(torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm))

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from foundation.flags import describe_errors, parse_settings, settings_parser
+from server.engines import resolve_engine_name
 from server.logs import configure_logging
 from server.settings import Settings
-from server.torch_stack import torchvision_problem
+from server.torch_stack import TORCH_ENGINES, torchvision_problem
 
 _EPILOG = """\
 examples:
@@ -35,7 +36,8 @@ Every flag can also be set as an environment variable: --max-batch-size 32 is FI
 _CHECK_DESCRIPTION = (
     "Say what `firm-serve` would do with the same flags, loading nothing: engine, device, prompts, each model's "
     "source and whether it is cached, the memory estimate, keys and bind address. Exits 1 when firm-serve would "
-    "not serve everything, 2 for settings it would refuse. It takes every flag firm-serve takes."
+    "not serve everything, 2 for settings it would refuse or a torchvision built for another torch. It takes "
+    "every flag firm-serve takes."
 )
 _CHECK_EPILOG = """\
 examples:
@@ -74,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         print(f"firm-serve: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         sys.exit(2)  # as argparse exits for a flag it cannot parse
-    if settings.engine != "openai" and (problem := torchvision_problem()) is not None:
+    local = settings.tiny or resolve_engine_name(settings.engine)[0] in TORCH_ENGINES
+    if local and (problem := torchvision_problem()) is not None:
         print(f"firm-serve: cannot {'check' if checking else 'start'}: {problem}", file=sys.stderr)
         sys.exit(2)  # before any critic loads, rather than a processor's import error from deep inside it
     if checking:

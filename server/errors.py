@@ -99,11 +99,11 @@ def _not_json(exc: RequestValidationError) -> str | None:
 
 
 def _not_sent_as_json(request: Request, exc: RequestValidationError) -> str | None:
-    """Why a body was not read at all: it was not sent as JSON (curl's -d without a content-type header sends
-    a form), so FastAPI hands the model the raw text, which reads as "not a dictionary"."""
-    sent = request.headers.get("content-type", "")
-    if "json" in sent.split(";")[0] or not any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+    """Why a body was not read at all: FastAPI parses a body as JSON only under a JSON content type, and
+    hands the model the raw bytes otherwise (curl's -d without a content-type header sends a form)."""
+    if not isinstance(exc.body, bytes) or not any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
         return None
+    sent = request.headers.get("content-type", "")
     return f"the body was not sent as JSON (content-type: {sent or 'none'}); send it as application/json"
 
 

@@ -265,7 +265,7 @@ class Lifecycle:
             )
         if model.state != ModelState.READY:
             why = f": {model.failure}" if model.failure else ""
-            state = "failed to load" if model.state == ModelState.FAILED else f"is {model.state}"
+            state = "cannot be served" if model.state == ModelState.FAILED else f"is {model.state}"
             raise NotReady(f"the {task.name} model {state}{why}", retry_after=model.state.retry_after)
         if self.taking_reference:
             raise NotReady(

@@ -7,9 +7,13 @@ built, with an error that names a processor class rather than the mismatch.
 
 from __future__ import annotations
 
+import importlib.util
 from importlib.metadata import PackageNotFoundError, version
 
 CPU_INSTALL = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+# The engines that run the critic in this process, on torch and transformers (a plug-in or a remote
+# server's engine is not checked: it may need neither).
+TORCH_ENGINES = ("transformers", "vllm")
 
 
 def _installed(package: str) -> str:
@@ -21,15 +25,15 @@ def _installed(package: str) -> str:
 
 def torchvision_problem() -> str | None:
     """What is wrong with the installed torchvision for the installed torch; None when it imports, or
-    when either is not installed (an engine that needs them says so itself)."""
+    when it is not installed (transformers then says what it lacks itself)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
     try:
         import torchvision  # noqa: F401  (its operators register against torch on import)
-    except ImportError:
-        return None
-    except RuntimeError as exc:  # e.g. "operator torchvision::nms does not exist": built for another torch
+    except Exception as exc:  # noqa: BLE001 - said, with what to install: RuntimeError for another build, AttributeError or ImportError for another release
         return (
             f"torchvision {_installed('torchvision')} does not work with torch {_installed('torch')} "
-            f"({str(exc).splitlines()[0]}): install the two together from one index, the same build of each "
-            f"(CPU or CUDA); on a machine without a GPU: {CPU_INSTALL}"
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): install the two together "
+            f"from one index, the same build of each (CPU or CUDA); on a machine without a GPU: {CPU_INSTALL}"
         )
     return None

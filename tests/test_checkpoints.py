@@ -359,7 +359,8 @@ def test_check_says_what_would_happen_and_exits_by_it(tiny_checkpoint: Path, tmp
     assert not any("model.safetensors" in r for r in hub.requests)  # nothing but the config was fetched
 
     # what firm-serve would refuse at start is a failure here too, not an "ok"
-    refused = _check(tmp_path, "--tiny", "--structured-outputs", "--prompts", "own")
+    local = ("--edit-model", str(tiny_checkpoint), "--gen-model", "none")  # built once: no critic is built here
+    refused = _check(tmp_path, *local, "--structured-outputs", "--prompts", "own")
     assert refused.returncode == 1 and "--structured-outputs needs an engine" in refused.stdout, refused.stdout
 
     invalid = _check(tmp_path, "--port", "-1")
@@ -519,7 +520,7 @@ def test_a_critic_whose_preparation_breaks_is_failed_with_the_reason_not_left_lo
     lifecycle = _started(Broken(HubAccess()), tiny_checkpoint, "tiny")
     assert lifecycle.state(task) == ModelState.FAILED
     assert "the cache folder is unreadable" in lifecycle.failures()[task]
-    with pytest.raises(NotReady, match=f"the {task} model failed to load: .*the cache folder is unreadable"):
+    with pytest.raises(NotReady, match=f"the {task} model cannot be served: .*the cache folder is unreadable"):
         lifecycle.ready_model(SERVER_TASKS[task])  # what a scoring request is refused with
 
 

@@ -145,11 +145,18 @@ class Contract:
 
     def test_a_body_not_sent_as_json_gets_422_naming_the_content_type(self, target: Target) -> None:
         body = b'{"items": [{"image": "eA==", "prompt": "p"}]}'  # JSON, sent as curl -d sends it: a form
-        for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):
+        for sent in ("application/x-www-form-urlencoded", "text/json", None):
+            headers = {"content-type": sent} if sent else {}
             response = httpx.post(f"{target.url}/v1/gen/score", content=body, headers=headers)
             assert response.status_code == 422
             error = _error(response).error
             assert error.code == "invalid_request" and "send it as application/json" in error.message, error.message
+            assert f"content-type: {sent or 'none'}" in error.message
+        # read as JSON, though not a request: the field is named, not the content type
+        listed = httpx.post(f"{target.url}/v1/gen/score", content=b"[1]", headers={"content-type": "Application/JSON"})
+        assert listed.status_code == 422 and "application/json" not in _error(listed).error.message
+        empty = httpx.post(f"{target.url}/v1/gen/score")
+        assert empty.status_code == 422 and "application/json" not in _error(empty).error.message
 
     def test_more_items_than_the_server_allows_get_413_with_the_limit(self, target: Target) -> None:
         items = [{"image": "eA==", "prompt": "p"}] * (MAX_ITEMS + 1)

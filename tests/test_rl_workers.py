@@ -195,8 +195,10 @@ def test_masked_items_contribute_nothing(server_url: str, cache_dir: Path, promp
     rollout.advantages = type(rollout.advantages)(
         torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([False, True, True, True]), False
     )
-    base, stats = _gradients(worker, [rollout])
-    assert stats.samples == 3 and any(float(g.abs().sum()) > 0 for g in base)
+    base, _ = _gradients(worker, [rollout])
+    (rows,) = worker._mini_batches([rollout])
+    assert [r.tolist() for r in rows] == [[1, 2, 3]]  # the masked sample is never selected
+    assert any(float(g.abs().sum()) > 0 for g in base)
 
     garbage = copy.copy(rollout)
     garbage.trajectory = copy.copy(rollout.trajectory)

@@ -114,12 +114,20 @@ def test_a_torchvision_built_for_another_torch_stops_start_and_check_with_what_t
 
     mismatched = tmp_path / "torchvision"
     mismatched.mkdir()
-    (mismatched / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    for command in ([], ["check"]):
-        result = _firm_serve(*command, "--tiny", "--port", "0", env=env)
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert "does not work with torch" in result.stderr and "operator torchvision::nms" in result.stderr
-        assert "--index-url https://download.pytorch.org/whl/cpu" in result.stderr and "Traceback" not in result.stderr
-    remote = _firm_serve("check", "--engine", "openai", "--port", "0", env=env)  # needs neither: not refused for it
-    assert "does not work with torch" not in remote.stderr
+    # another build (CPU beside CUDA) and another release (an API torch does not have yet)
+    for error in ("RuntimeError('operator torchvision::nms does not exist')", "AttributeError('no register_fake')"):
+        (mismatched / "__init__.py").write_text(f"raise {error}\n")
+        for command in ([], ["check"]):
+            result = _firm_serve(*command, "--tiny", "--port", "0", env=env)
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert "does not work with torch" in result.stderr and error.split("(")[0] in result.stderr
+            assert "--index-url https://download.pytorch.org/whl/cpu" in result.stderr
+            assert "Traceback" not in result.stderr
+    # a remote server's engine and a plug-in run no critic here: not refused for it
+    for engine in ("openai", "bench.sim_engine:SimulatedEngine"):
+        others = ("--openai-base-urls", "http://127.0.0.1:1", "--prompts", "own", "--cache-dir", str(tmp_path))
+        remote = _firm_serve("check", "--engine", engine, *others, env=env)
+        assert "does not work with torch" not in remote.stderr, remote.stderr[-2000:]
+        engine_line = next(line for line in remote.stdout.splitlines() if line.split()[1:2] == ["engine"])
+        assert engine_line.startswith("ok") and engine in engine_line, remote.stdout
