@@ -125,8 +125,7 @@ class Lifecycle:
         except Exception as exc:  # noqa: BLE001 - logged and shown in /readyz by _fail_by
             self._fail_by(sharing, f"{first.engine.model} could not be prepared", exc)
         except BaseException:  # cancelled: the server is stopping while the hub is asked
-            log.warning("preparing %s abandoned", first.engine.model)
-            self.abandoned.append(f"preparation of {first.engine.model}")
+            self._stopped_during(f"preparation of {first.engine.model}")
             raise
         return None
 
@@ -142,8 +141,7 @@ class Lifecycle:
                 self._fail_by(sharing, f"{checkpoint.model} could not be downloaded", exc)
                 return
             except BaseException:  # cancelled: the server is stopping
-                log.warning("download of %s abandoned (the next start resumes it)", checkpoint.model)
-                self.abandoned.append(f"download of {checkpoint.model}")
+                self._stopped_during(f"download of {checkpoint.model}", " (the next start resumes it)")
                 raise
             if folder is not None:  # the engine loads what was fetched, without asking the hub again
                 first.engine.use_files(folder, checkpoint.listing.commit)
@@ -158,9 +156,8 @@ class Lifecycle:
         except Exception as exc:  # noqa: BLE001 - a failed load: logged, shown by /readyz, the process serves on
             self._fail_by(sharing, f"{first.name} failed to load", exc)
             return
-        except BaseException:
-            log.warning("loading %s abandoned", first.name)
-            self.abandoned.append(f"load of {first.name}")
+        except BaseException:  # cancelled: the server is stopping
+            self._stopped_during(f"load of {first.name}")
             raise
         self._set(sharing, ModelState.READY)
         plan = first.engine.memory_plan()
@@ -175,6 +172,12 @@ class Lifecycle:
                 loaded - phase,
                 time.monotonic() - began,
             )
+
+    def _stopped_during(self, what: str, note: str = "") -> None:
+        """A start cut short by shutdown in `what`: said, and kept so that the process exits without waiting
+        for the thread still doing it."""
+        log.warning("%s abandoned%s", what, note)
+        self.abandoned.append(what)
 
     def _fail_by(self, sharing: list[TaskModel], what: str, exc: Exception) -> None:
         """Failed by `exc`: a checkpoint that cannot be had says why in its own words (with what to do), any
