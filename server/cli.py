@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from foundation.flags import describe_errors, parse_settings, settings_parser
-from server.engines import resolve_engine_name
+from server.engines import BUILT_IN, engine_class, resolve_engine_name
 from server.logs import configure_logging
 from server.settings import Settings
-from server.torch_stack import TORCH_ENGINES, torchvision_problem
+from server.torch_stack import torchvision_problem
 
 _EPILOG = """\
 examples:
@@ -43,7 +43,7 @@ _CHECK_EPILOG = """\
 examples:
   firm-serve check                            # the defaults: both critics from the hub
   firm-serve check --engine vllm --gen-model none
-  firm-serve check --tiny                     # builds the tiny critic on its first run (about a minute)
+  firm-serve check --tiny                     # builds the tiny critic on its first run
 """
 
 
@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as exc:
         print(f"firm-serve: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         sys.exit(2)  # as argparse exits for a flag it cannot parse
-    local = settings.tiny or resolve_engine_name(settings.engine)[0] in TORCH_ENGINES
+    engine = resolve_engine_name(settings.engine)[0]  # a plug-in is not checked: it may need neither package
+    local = settings.tiny or (engine in BUILT_IN and engine_class(engine).loads_checkpoint)
     if local and (problem := torchvision_problem()) is not None:
         print(f"firm-serve: cannot {'check' if checking else 'start'}: {problem}", file=sys.stderr)
         sys.exit(2)  # before any critic loads, rather than a processor's import error from deep inside it

@@ -11,9 +11,6 @@ import importlib.util
 from importlib.metadata import PackageNotFoundError, version
 
 CPU_INSTALL = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
-# The engines that run the critic in this process, on torch and transformers (a plug-in or a remote
-# server's engine is not checked: it may need neither).
-TORCH_ENGINES = ("transformers", "vllm")
 
 
 def _installed(package: str) -> str:

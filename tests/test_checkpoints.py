@@ -416,6 +416,7 @@ def test_check_reads_each_device_once_and_an_unreadable_one_leaves_the_rest_of_t
     devices = [f for f in found if f.topic.endswith("device")]
     assert len(devices) == 2 and not any(f.ok for f in devices) and "no CUDA-capable device" in devices[1].text
     assert "could not be read" in topics["memory"].text
+    assert {"keys", "bind"} <= set(topics)  # what follows the models is still said
 
 
 def test_a_device_whose_memory_cannot_be_read_leaves_the_estimate_for_the_others() -> None:
